@@ -1,0 +1,643 @@
+"""The training loop: `train(config)` on one machine or many, read top to bottom in one sitting.
+
+Exactness is designed in, not tested in afterwards:
+- the data order of an epoch is a function of (seed, epoch) alone, and every random stream is
+  saved in the checkpoint, so a run resumed from an epoch-end checkpoint repeats the
+  uninterrupted run bit for bit on CPU;
+- the learning rate is a pure function of the optimizer step (plus the plateau state, saved);
+- under DDP each rank takes a strided shard of the same permutation and the loss is a mean, so
+  2 processes with batch b/2 step exactly like 1 process with batch b.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from hybridmednet.config import Config, load_config
+from hybridmednet.engine.checkpoint import (FORMAT, export_weights, load_checkpoint, preprocessing, rng_state,
+                                            save_checkpoint, set_rng_state)
+from hybridmednet.engine.losses import build_loss
+
+OOM_REMEDIES = """CUDA ran out of memory (TRAIN.batch_size={batch}, MODEL.backbone={backbone}). Remedies:
+  - a smaller batch with the same effective batch: TRAIN.batch_size={half} TRAIN.gradient_accumulation_steps={accum2}
+  - a smaller backbone: MODEL.backbone=convnext_tiny (or efficientnetv2_s)
+  - cross-scale attention off: MODEL.use_cross_scale_attention=false
+  - mixed precision on (if off): TRAIN.mixed_precision=true"""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says what to change."""
+
+
+# -- learning rate ---------------------------------------------------------------------------------
+class LRSchedule:
+    """Learning-rate factor per optimizer step: linear warmup, then cosine / step decay, or plateau cuts.
+
+    A pure function of the step (plus the plateau bookkeeping in `state_dict`), so a resumed run
+    sees the same rates as an uninterrupted one.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int, steps_per_epoch: int,
+                 step_size: int = 10, gamma: float = 0.1, patience: int = 3):
+        self.kind, self.total, self.steps_per_epoch = kind, max(total_steps, 1), max(steps_per_epoch, 1)
+        self.warmup = min(warmup_steps, self.total - 1) if kind != 'none' else 0
+        self.step_size, self.gamma, self.patience = step_size, gamma, patience
+        self.scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == 'cosine':
+            progress = (step - self.warmup) / max(self.total - self.warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if self.kind == 'step':
+            return self.gamma ** (step // (self.step_size * self.steps_per_epoch))
+        return self.scale     # plateau (cut in epoch_end) or none
+
+    def epoch_end(self, metric: float) -> None:
+        """Plateau: cut the rate by `gamma` after `patience` epochs without a better metric."""
+        if self.kind != 'plateau':
+            return
+        if metric > self.best:
+            self.best, self.bad_epochs = metric, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs > self.patience:
+                self.scale, self.bad_epochs = self.scale * self.gamma, 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {'scale': self.scale, 'best': self.best, 'bad_epochs': self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale, self.best, self.bad_epochs = state['scale'], state['best'], state['bad_epochs']
+
+
+def build_schedule(config: Config, steps_per_epoch: int) -> LRSchedule:
+    t = config.TRAIN
+    return LRSchedule(t['lr_scheduler'], t['epochs'] * steps_per_epoch, round(t['warmup_epochs'] * steps_per_epoch),
+                      steps_per_epoch, t['step_size'], t['gamma'], t['plateau_patience'])
+
+
+# -- processes, devices, precision -------------------------------------------------------------------
+@dataclass
+class Dist:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+
+def setup_device(config: Config) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1."""
+    want = config.TRAIN['device']
+    if want == 'auto':
+        want = 'cuda' if torch.cuda.is_available() else 'cpu'
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return Dist(), torch.device(want)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if want.startswith('cuda') else 'cpu')
+    owns = not dist.is_initialized()
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if owns:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return Dist(dist.get_rank(), dist.get_world_size(), owns), device
+
+
+def precision(enabled: bool, device: torch.device, log: Callable[[str], None]):
+    """(autocast context factory, GradScaler): fp16 + scaling on CUDA, bf16 on a CPU that has it."""
+    if enabled and device.type == 'cuda':
+        return partial(torch.autocast, 'cuda', dtype=torch.float16), torch.amp.GradScaler('cuda')
+    off = torch.amp.GradScaler(device.type, enabled=False)
+    if enabled and device.type == 'cpu' and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return partial(torch.autocast, 'cpu', dtype=torch.bfloat16), off
+    if enabled:
+        log(f"note: mixed precision off: no fp16/bf16 support on {device.type}")
+    return nullcontext, off
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(_: int) -> None:
+    """DataLoader workers: numpy and random follow the worker's torch seed (set from the loop's RNG)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Everything about where the run is, saved in each checkpoint (plain values only)."""
+    epoch: int = 0                 # epochs completed
+    step: int = 0                  # optimizer steps taken (skipped NaN steps included)
+    batch_in_epoch: int = 0        # micro-batches of the current epoch done (non-zero after Ctrl-C)
+    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])   # sum, count in the current epoch
+    best_auc: float = -math.inf
+    bad_epochs: int = 0            # epochs without a better val AUC (early stopping)
+    bad_steps: int = 0             # NaN/Inf losses skipped in all
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Holds the pieces of one run; `fit()` is the loop. Build it through `train()`."""
+
+    def __init__(self, config: Config, dist_info: Dist, device: torch.device, model: nn.Module | None = None,
+                 datasets: dict[str, Dataset] | None = None):
+        self.config, t = config, config.TRAIN
+        self.dist, self.device = dist_info, device
+        seed_everything(t['seed'] + self.dist.rank)
+        self.datasets = datasets or self._build_datasets()
+        self.model = (model or self._build_model()).to(self.device)
+        self.net = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == 'cuda' else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.hierarchical = bool(config.MODEL['hierarchical'])
+        self.criterion = build_loss(config, self._pos_weight()).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t['learning_rate'],
+                                           weight_decay=t['weight_decay'])
+        self.autocast, self.scaler = precision(t['mixed_precision'], self.device, self.log)
+        self.batch_size, self.accum = t['batch_size'], t['gradient_accumulation_steps']
+        shard = len(self.datasets['train']) // self.dist.world
+        self.steps_per_epoch = (shard // self.batch_size) // self.accum
+        if t['max_steps_per_epoch']:
+            self.steps_per_epoch = min(self.steps_per_epoch, t['max_steps_per_epoch'])
+        if self.steps_per_epoch == 0:
+            raise TrainingError(f"the training set ({len(self.datasets['train'])} images) is smaller than one "
+                                f"step (batch {self.batch_size} x accumulation {self.accum} x {self.dist.world} "
+                                f"processes); lower TRAIN.batch_size")
+        self.schedule = build_schedule(config, self.steps_per_epoch)
+        self.ema = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    if t['ema_decay'] > 0 else None)
+        self.progress = Progress()
+        self.ckpt_dir = Path(config.CHECKPOINT['dir'])
+        self.log_dir = Path(config.LOGGING['log_dir'])
+        self.writer = None
+        self.stop_requested = False
+        self.bad_in_a_row = 0          # consecutive NaN/Inf losses
+
+    # -- building ----------------------------------------------------------------------------------
+    def _build_datasets(self) -> dict[str, Dataset]:
+        from hybridmednet.data.datasets import build_datasets
+        # Rank 0 first: it may generate the sample dataset, which the others then read.
+        if not self.dist.main:
+            self.dist.barrier()
+        datasets = build_datasets(self.config)
+        if self.dist.main:
+            self.dist.barrier()
+        return datasets
+
+    def _build_model(self) -> nn.Module:
+        from hybridmednet.models.hybrid import HybridMedNet
+        return HybridMedNet(self.config)
+
+    def _pos_weight(self) -> torch.Tensor | None:
+        if self.config.LOSS['pos_weight'] != 'auto':
+            return None
+        from hybridmednet.data.datasets import compute_pos_weight
+        return compute_pos_weight(self.datasets['train'])
+
+    def log(self, message: str) -> None:
+        if self.dist.main:
+            print(message, flush=True)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The full checkpoint: tensors and plain values only (weights_only-loadable)."""
+        rng = [rng_state()]
+        if self.dist.world > 1:          # every rank's streams (dropout differs per rank)
+            rng = [None] * self.dist.world
+            dist.all_gather_object(rng, rng_state())
+        return {
+            'format': FORMAT,
+            'model_state_dict': self.model.state_dict(),
+            'optimizer_state_dict': self.optimizer.state_dict(),
+            'scheduler_state_dict': self.schedule.state_dict(),
+            'scaler_state_dict': self.scaler.state_dict(),
+            'ema_state_dict': self.ema,
+            **asdict(self.progress),
+            'rng_states': rng,
+            'world_size': self.dist.world,
+            'config': self.config.to_dict(),
+            'class_names': self.config.class_names,
+            'preprocessing': preprocessing(self.config),
+        }
+
+    def save(self, name: str) -> Path:
+        state = self.state()            # collective under DDP: every rank builds it, rank 0 writes
+        path = self.ckpt_dir / f'{name}.pth'
+        if self.dist.main:
+            save_checkpoint(path, state)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        ckpt = load_checkpoint(path, self.device)
+        self.model.load_state_dict(ckpt['model_state_dict'], strict=True)
+        self.optimizer.load_state_dict(ckpt['optimizer_state_dict'])
+        self.schedule.load_state_dict(ckpt['scheduler_state_dict'])
+        self.scaler.load_state_dict(ckpt['scaler_state_dict'])
+        if (self.ema is None) != (ckpt['ema_state_dict'] is None):
+            raise TrainingError(f"{path}: TRAIN.ema_decay must stay on/off as it was when the checkpoint was written")
+        self.ema = ckpt['ema_state_dict']
+        self.progress = Progress(**{k: ckpt[k] for k in Progress.__dataclass_fields__})
+        if ckpt['world_size'] == self.dist.world:
+            set_rng_state(ckpt['rng_states'][self.dist.rank])
+        else:
+            self.log(f"note: {path} was written by {ckpt['world_size']} processes, this run has "
+                     f"{self.dist.world}: the data order is kept, random augmentations are reseeded")
+            seed_everything(self.config.TRAIN['seed'] + 1000 * self.progress.epoch + self.dist.rank)
+        self.log(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")
+
+    # -- data ----------------------------------------------------------------------------------------
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's training images for `epoch`: a function of (seed, epoch, rank) only."""
+        ds, seed = self.datasets['train'], self.config.TRAIN['seed']
+        if self.config.TRAIN['weighted_sampler']:
+            from hybridmednet.data.datasets import make_weighted_sampler
+            order = list(make_weighted_sampler(ds, seed=seed + epoch))
+            usable = len(order) - len(order) % self.dist.world
+            return order[self.dist.rank:usable:self.dist.world]
+        sampler = DistributedSampler(ds, self.dist.world, self.dist.rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    def loader(self, dataset: Dataset, indices: list[int], drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=indices, drop_last=drop_last,
+                          num_workers=self.config.DATA['num_workers'], worker_init_fn=_seed_worker,
+                          pin_memory=self.device.type == 'cuda')
+
+    def forward(self, net: nn.Module, images: torch.Tensor):
+        return net(images, return_coarse=True) if self.hierarchical else net(images)
+
+    # -- one epoch of training -----------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> float | None:
+        """Train one epoch; the mean training loss, or None when a stop was requested mid-epoch."""
+        p, t = self.progress, self.config.TRAIN
+        n_micro = self.steps_per_epoch * self.accum
+        indices = self.epoch_indices(epoch)[p.batch_in_epoch * self.batch_size:n_micro * self.batch_size]
+        self.net.train()
+        bar = _progress_bar(len(indices) * self.dist.world, f"epoch {epoch + 1}/{t['epochs']}", self.dist.main)
+        group_ok = True
+        for micro, (images, target, mask) in enumerate(self.loader(self.datasets['train'], indices, True),
+                                                       start=p.batch_in_epoch):
+            images, target, mask = (x.to(self.device, non_blocking=True) for x in (images, target, mask))
+            last_micro = (micro + 1) % self.accum == 0
+            # Under DDP, gradients are all-reduced only on the last micro-batch of a step.
+            sync = self.net.no_sync() if self.dist.world > 1 and not last_micro else nullcontext()
+            with sync:
+                with self.autocast():
+                    loss = self.criterion(self.forward(self.net, images), target, mask)
+                finite = self.dist.all_reduce([float(torch.isfinite(loss))], dist.ReduceOp.MIN)[0] == 1.0
+                if finite:
+                    self.scaler.scale(loss / self.accum).backward()
+                    p.epoch_loss = [p.epoch_loss[0] + loss.item(), p.epoch_loss[1] + 1]
+                group_ok &= finite
+            p.batch_in_epoch = micro + 1
+            bar.update(images.shape[0] * self.dist.world)
+            if not last_micro:
+                continue
+            self.optimizer_step(group_ok)
+            group_ok = True
+            if p.step % self.config.LOGGING['log_freq'] == 0 and p.epoch_loss[1]:
+                self.log_scalars({'train/loss_running': p.epoch_loss[0] / p.epoch_loss[1],
+                                  'train/lr': self.optimizer.param_groups[0]['lr']}, p.step)
+                bar.set_postfix(loss=f"{p.epoch_loss[0] / p.epoch_loss[1]:.4f}",
+                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            if self.dist.all_reduce([float(self.stop_requested)], dist.ReduceOp.MAX)[0]:
+                bar.close()
+                return None
+        bar.close()
+        total, count = self.dist.all_reduce(p.epoch_loss)
+        return total / max(count, 1)
+
+    def optimizer_step(self, ok: bool) -> None:
+        """One optimizer step at the scheduled rate, or a counted skip when a loss was NaN/Inf."""
+        p, t = self.progress, self.config.TRAIN
+        for group in self.optimizer.param_groups:
+            group['lr'] = t['learning_rate'] * self.schedule.factor(p.step)
+        p.step += 1
+        if not ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            p.bad_steps += 1
+            self.bad_in_a_row += 1
+            self.log(f"warning: NaN/Inf loss at step {p.step}: step skipped ({self.bad_in_a_row} in a row, "
+                     f"{p.bad_steps} in all)")
+            if self.bad_in_a_row >= t['max_bad_steps']:
+                raise TrainingError(
+                    f"{self.bad_in_a_row} steps in a row had a NaN/Inf loss (step {p.step}); the run is "
+                    f"diverging. Lower TRAIN.learning_rate, keep TRAIN.grad_clip_norm > 0, or try "
+                    f"TRAIN.mixed_precision=false, then resume from the last checkpoint.")
+            return
+        self.bad_in_a_row = 0
+        if t['grad_clip_norm']:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), t['grad_clip_norm'])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for key, value in self.model.state_dict().items():
+                    if value.is_floating_point():
+                        self.ema[key].lerp_(value, 1.0 - t['ema_decay'])
+                    else:
+                        self.ema[key].copy_(value)
+
+    # -- validation -------------------------------------------------------------------------------------
+    def eval_model(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The model to validate: the live one, or a copy holding `weights` (EMA, best)."""
+        weights = weights if weights is not None else self.ema
+        if weights is None:
+            return self.model
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(weights, strict=True)
+        return model
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, dataset: Dataset) -> dict[str, torch.Tensor]:
+        """Logits, targets and masks for a whole dataset, gathered from every rank in dataset order."""
+        indices = list(range(self.dist.rank, len(dataset), self.dist.world))
+        model.eval()
+        parts: dict[str, list[torch.Tensor]] = {'logits': [], 'coarse': [], 'target': [], 'mask': []}
+        for images, target, mask in self.loader(dataset, indices, False):
+            with self.autocast():
+                out = self.forward(model, images.to(self.device))
+            logits, coarse = out if self.hierarchical else (out, None)
+            for key, value in (('logits', logits), ('coarse', coarse), ('target', target), ('mask', mask)):
+                if value is not None:
+                    parts[key].append(value.float().cpu())
+        result = {k: torch.cat(v) for k, v in parts.items() if v}
+        result['index'] = torch.tensor(indices)
+        if self.dist.world > 1:
+            gathered: list[Any] = [None] * self.dist.world
+            dist.all_gather_object(gathered, result)
+            order = torch.cat([g['index'] for g in gathered]).argsort()
+            result = {k: torch.cat([g[k] for g in gathered])[order] for k in result}
+        return result
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> dict[str, Any]:
+        from hybridmednet.evaluation.metrics import roc_auc
+        out = self.predict(model, self.datasets['val'])
+        dev = self.device
+        outputs = (out['logits'].to(dev), out['coarse'].to(dev)) if self.hierarchical else out['logits'].to(dev)
+        loss = self.criterion(outputs, out['target'].to(dev), out['mask'].to(dev))
+        probs = torch.sigmoid(out['logits']).numpy()
+        aucs = roc_auc(out['target'].numpy(), probs, out['mask'].numpy())
+        valid = aucs[np.isfinite(aucs)]
+        return {'loss': float(loss), 'mean_auc': float(valid.mean()) if len(valid) else math.nan,
+                'aucs': aucs, 'probs': probs, 'target': out['target'].numpy(), 'mask': out['mask'].numpy()}
+
+    # -- logging ------------------------------------------------------------------------------------------
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def record_epoch(self, row: dict[str, Any]) -> None:
+        """History in the checkpoint, history.json / history.csv and TensorBoard."""
+        self.progress.history.append(row)
+        if not self.dist.main:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.log_dir / 'history.json').write_text(json.dumps(self.progress.history, indent=1))
+        with open(self.log_dir / 'history.csv', 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerows(self.progress.history)
+        self.log_scalars({f'epoch/{k}': v for k, v in row.items() if k != 'epoch'}, self.progress.step)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        t, p = self.config.TRAIN, self.progress
+        names = self.config.class_names
+        if self.dist.main and self.config.LOGGING['tensorboard']:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=p.step or None)
+        n_params = sum(x.numel() for x in self.model.parameters())
+        self.log(f"training {type(self.model).__name__} ({n_params / 1e6:.2f}M params) on {self.device} "
+                 f"x{self.dist.world}: {len(self.datasets['train'])} train / {len(self.datasets['val'])} val "
+                 f"images, {self.steps_per_epoch} steps/epoch, {t['epochs']} epochs")
+        best_path, last_path = self.ckpt_dir / 'best.pth', self.ckpt_dir / 'last.pth'
+        stopped_early = interrupted = False
+        with _stop_on_sigint(self):
+            while p.epoch < t['epochs'] and not stopped_early:
+                epoch, start = p.epoch, time.perf_counter()
+                train_loss = self.train_epoch(epoch)
+                if train_loss is None:
+                    interrupted = True
+                    self.save('last')
+                    self.log(f"interrupted: resumable checkpoint {last_path}\n"
+                             f"  continue with: hybridmednet train --resume {last_path}")
+                    break
+                val = self.validate(self.eval_model())
+                self.schedule.epoch_end(val['mean_auc'])
+                score = val['mean_auc'] if math.isfinite(val['mean_auc']) else -1.0
+                improved = score > p.best_auc
+                p.best_auc, p.bad_epochs = (score, 0) if improved else (p.best_auc, p.bad_epochs + 1)
+                p.epoch, p.batch_in_epoch, p.epoch_loss = epoch + 1, 0, [0.0, 0.0]
+                seconds = time.perf_counter() - start
+                self.record_epoch({'epoch': epoch + 1, 'train_loss': train_loss, 'val_loss': val['loss'],
+                                   'val_mean_auc': val['mean_auc'], 'lr': self.optimizer.param_groups[0]['lr'],
+                                   'seconds': round(seconds, 2), 'bad_steps': p.bad_steps,
+                                   **{f'auc_{n}': float(a) for n, a in zip(names, val['aucs'])}})
+                self.log(f"epoch {epoch + 1}/{t['epochs']}  train {train_loss:.4f}  val {val['loss']:.4f}  "
+                         f"mean AUC {val['mean_auc']:.4f}{'  (best)' if improved else ''}  {seconds:.1f}s")
+                patience = t['early_stopping_patience']
+                stopped_early = bool(patience) and p.bad_epochs >= patience
+                if improved:
+                    self.save('best')
+                    if self.dist.main:
+                        export_weights(best_path.with_suffix('.safetensors'), self.ema or self.model.state_dict(),
+                                       self.config, {'epoch': p.epoch, 'val_mean_auc': val['mean_auc']})
+                if p.epoch % self.config.CHECKPOINT['save_freq'] == 0 or p.epoch == t['epochs'] or stopped_early:
+                    self.save('last')
+                if stopped_early:
+                    self.log(f"early stopping: no better val mean AUC for {patience} epochs "
+                             f"(best {p.best_auc:.4f})")
+        if not interrupted:
+            self.finish(best_path)
+        if self.writer is not None:
+            self.writer.close()
+        return {'history': p.history, 'best_auc': p.best_auc, 'best_checkpoint': best_path,
+                'last_checkpoint': last_path, 'best_export': best_path.with_suffix('.safetensors'),
+                'epochs': p.epoch, 'steps': p.step, 'bad_steps': p.bad_steps,
+                'stopped_early': stopped_early, 'interrupted': interrupted}
+
+    def finish(self, best_path: Path) -> None:
+        """training_curves.png, and roc_curves.png of the best model on the validation set."""
+        self.dist.barrier()
+        if not best_path.is_file():
+            return
+        best = load_checkpoint(best_path, self.device)
+        val = self.validate(self.eval_model(best['ema_state_dict'] or best['model_state_dict']))
+        if self.dist.main:
+            plot_training_curves(self.progress.history, self.log_dir / 'training_curves.png')
+            plot_roc_curves(val, self.config.class_names, self.log_dir / 'roc_curves.png')
+            self.log(f"best val mean AUC {val['mean_auc']:.4f}: {best_path} (+ .safetensors); "
+                     f"plots in {self.log_dir}")
+
+
+@contextmanager
+def _stop_on_sigint(trainer: Trainer):
+    """Ctrl-C (or SIGTERM from a scheduler): finish the step, write a resumable checkpoint, exit.
+
+    Repeated signals do not abort harder: torchrun forwards the terminal's SIGINT to workers that
+    already got it, and a half-written step must not be the result.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        if not trainer.stop_requested:
+            trainer.log(f"\n{signal.Signals(signum).name}: finishing this step, then writing a resumable "
+                        f"checkpoint (kill -9 aborts at once)")
+        trainer.stop_requested = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """tqdm in images, so its rate is throughput (img/s) and its ETA is the epoch's."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit='img', disable=not enabled, leave=False, dynamic_ncols=True,
+                mininterval=1.0)
+
+
+# -- plots (matplotlib's object API: no pyplot, no global backend switch) ------------------------------------
+def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+    epochs = [h['epoch'] for h in history]
+    fig = Figure(figsize=(10, 4))
+    loss_ax, auc_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [h['train_loss'] for h in history], marker='o', label='train')
+    loss_ax.plot(epochs, [h['val_loss'] for h in history], marker='o', label='validation')
+    loss_ax.set(xlabel='epoch', ylabel='loss', title='Loss')
+    loss_ax.legend()
+    auc_ax.plot(epochs, [h['val_mean_auc'] for h in history], marker='o', color='tab:green')
+    auc_ax.set(xlabel='epoch', ylabel='mean ROC AUC', title='Validation mean AUC')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_roc_curves(val: dict[str, Any], class_names: list[str], path: Path) -> None:
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+    fig = Figure(figsize=(7, 7))
+    ax = fig.subplots()
+    for k, name in enumerate(class_names):
+        known = val['mask'][:, k] > 0
+        y = val['target'][known, k]
+        if len(np.unique(y)) < 2:        # no ROC without both positives and negatives
+            continue
+        fpr, tpr, _ = roc_curve(y, val['probs'][known, k])
+        ax.plot(fpr, tpr, linewidth=1, label=f"{name} ({val['aucs'][k]:.3f})")
+    ax.plot([0, 1], [0, 1], 'k--', linewidth=0.5)
+    ax.set(xlabel='false positive rate', ylabel='true positive rate',
+           title=f"Validation ROC (mean AUC {val['mean_auc']:.3f})")
+    ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# -- entry points --------------------------------------------------------------------------------------------
+def train(config: Config, resume: str | Path | None = None, *, model: nn.Module | None = None,
+          datasets: dict[str, Dataset] | None = None) -> dict[str, Any]:
+    """Train from `config` (any nn.Module mapping [B,3,H,W] to logits when `model` is given).
+
+    Returns the history, best/last checkpoint paths and how the run ended. Under torchrun
+    (WORLD_SIZE > 1) every process calls this; only rank 0 writes files.
+    """
+    dist_info, device = setup_device(config)
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        if device.type == 'cpu':
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        trainer = Trainer(config, dist_info, device, model, datasets)
+        if resume:
+            trainer.resume(resume)
+        return trainer.fit()
+    except torch.OutOfMemoryError as exc:
+        t = config.TRAIN
+        raise TrainingError(OOM_REMEDIES.format(
+            batch=t['batch_size'], backbone=config.MODEL['backbone'], half=max(t['batch_size'] // 2, 1),
+            accum=t['gradient_accumulation_steps'], accum2=2 * t['gradient_accumulation_steps'])) from exc
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        if dist_info.owns_group:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None, base: type[Config] | None = None) -> int:
+    """`hybridmednet train [--config FILE] [--resume PATH] [KEY=VALUE ...]` (and the root train.py)."""
+    from hybridmednet.config import ConfigError
+    from hybridmednet.data.datasets import DataError
+    from hybridmednet.data.io import ImageReadError
+    from hybridmednet.engine.checkpoint import CheckpointError
+    parser = argparse.ArgumentParser(prog='hybridmednet train', description=(
+        'Train a HybridMedNet. Without DATA.data_dir it trains on the built-in sample dataset.'))
+    parser.add_argument('--config', metavar='FILE', help='YAML file applied over the defaults')
+    parser.add_argument('--resume', metavar='PATH', help="continue exactly from a checkpoint "
+                        "(with the checkpoint's own config unless --config is given)")
+    parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
+                        help='e.g. TRAIN.epochs=5 MODEL.backbone=convnext_tiny')
+    args = parser.parse_args(argv)
+    base = base or Config
+    try:
+        if args.resume and not args.config:
+            saved = load_checkpoint(args.resume)['config']
+            config = base.from_dict(saved).apply_overrides(args.overrides).validate()
+        else:
+            config = load_config(args.config, args.overrides, base=base)
+        result = train(config, args.resume)
+    except (ConfigError, CheckpointError, DataError, ImageReadError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 130 if result['interrupted'] else 0
