@@ -146,11 +146,11 @@ def test_checkpoint_contents_logs_and_plots(tmp_path):
         assert (tmp_path / 'logs' / name).stat().st_size > 0
 
 
-class _InterruptAt(Dataset):
-    """Sends this process SIGINT (a Ctrl-C) when item number `at` is read."""
+class SignalAt(Dataset):
+    """Sends this process `sig` (SIGINT: a Ctrl-C) when item number `at` is read."""
 
-    def __init__(self, base: Dataset, at: int):
-        self.base, self.at, self.reads = base, at, 0
+    def __init__(self, base: Dataset, at: int, sig: int = signal.SIGINT):
+        self.base, self.at, self.sig, self.reads = base, at, sig, 0
 
     def __len__(self) -> int:
         return len(self.base)
@@ -158,14 +158,14 @@ class _InterruptAt(Dataset):
     def __getitem__(self, i):
         self.reads += 1
         if self.reads == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.sig)
         return self.base[i]
 
 
 def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path):
     _, reference = run(tmp_path / 'ref', epochs=3, ema_decay=0.5)
     data = tiny_datasets()
-    interrupted_data = {'train': _InterruptAt(data['train'], at=48 + 4 * 5 + 2), 'val': data['val']}
+    interrupted_data = {'train': SignalAt(data['train'], at=48 + 4 * 5 + 2), 'val': data['val']}
     result, _ = run(tmp_path / 'run', datasets=interrupted_data, epochs=3, ema_decay=0.5)
     assert result['interrupted']
     last = tmp_path / 'run' / 'ckpt' / 'last.pth'
