@@ -1,0 +1,390 @@
+"""Vision Mamba (Zhu et al., 2024): bidirectional state-space blocks over image patches.
+
+Pure PyTorch, so it trains and runs on CPU. The selective scan is chunked: the linear
+recurrence runs step by step only inside short chunks (all chunks at once), and the
+chunk boundary states are carried in a second short loop, so the Python loop is
+`chunk + L / chunk` steps long instead of `L`. On a GPU with `mamba-ssm` installed the
+fused CUDA kernel runs each direction instead.
+
+Module and parameter names follow the official hustvl/Vim code, so its checkpoints load
+key for key (`load_vim_checkpoint`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d, lecun_normal_, trunc_normal_
+from torch import Tensor, nn
+
+from hybridmednet.models.backbones import PretrainedWeightsError, read_state_dict
+
+VIM_VARIANTS: dict[str, dict[str, Any]] = {
+    'vim_tiny': dict(embed_dim=192),
+    'vim_small': dict(embed_dim=384),
+    'vim_base': dict(embed_dim=768),
+}
+
+
+# --------------------------------------------------------------------------- selective scan
+
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                       z: Tensor | None = None, delta_bias: Tensor | None = None,
+                       delta_softplus: bool = False) -> Tensor:
+    """Sequential reference: one Python step per token (the algorithm of mamba-ssm's `selective_scan_ref`).
+
+    Shapes as in mamba-ssm: u, delta, z [b, d, l]; A [d, n]; B, C [b, n, l]; D, delta_bias [d].
+    """
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    decay = torch.exp(torch.einsum('bdl,dn->bdln', delta, A))
+    drive = torch.einsum('bdl,bnl->bdln', delta * u, B)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for a_t, x_t, c_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(2)):
+        h = a_t * h + x_t
+        ys.append(torch.einsum('bdn,bn->bd', h, c_t))
+    return _finish(torch.stack(ys, 2), u, D, z)
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   chunk: int = 8) -> Tensor:
+    """Chunked selective scan, same arguments and result as `selective_scan_ref`.
+
+    The states live time-major as [b, l, d*n] so each step of the chunk loop touches
+    contiguous rows; the sequence is padded to a multiple of `chunk` with delta = 0
+    (decay 1, no input), which leaves the real tokens untouched.
+    """
+    b, d, length = u.shape
+    n = A.shape[1]
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    pad = -length % chunk
+    time_major = lambda t: F.pad(t, (0, pad)).transpose(1, 2).contiguous()
+    dt, dtu, Bt, Ct = time_major(delta), time_major(delta * u), time_major(B), time_major(C)
+    decay = torch.exp(dt.unsqueeze(-1) * A).view(b, length + pad, d * n)
+    drive = (dtu.unsqueeze(-1) * Bt.unsqueeze(2)).view(b, length + pad, d * n)
+    h = _LinearScan.apply(decay, drive, chunk).view(b, length + pad, d, n)
+    y = torch.matmul(h, Ct.unsqueeze(-1)).squeeze(-1)[:, :length].transpose(1, 2)
+    return _finish(y, u, D, z)
+
+
+def _prepare_delta(delta: Tensor, bias: Tensor | None, softplus: bool) -> Tensor:
+    if bias is not None:
+        delta = delta + bias[:, None]
+    return F.softplus(delta) if softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    if D is not None:
+        y = y + u * D[:, None]
+    return y * F.silu(z) if z is not None else y
+
+
+class _LinearScan(torch.autograd.Function):
+    """h_t = a_t * h_{t-1} + x_t along dim 1 of [b, l, m]; the gradient is the same scan run backwards."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, x: Tensor, chunk: int) -> Tensor:
+        h = _chunked_scan(a, x, chunk, reverse=False)
+        ctx.save_for_backward(a, h)
+        ctx.chunk = chunk
+        return h
+
+    @staticmethod
+    def backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, Tensor, None]:
+        a, h = ctx.saved_tensors
+        # dL/dh_t = grad_h_t + a_{t+1} dL/dh_{t+1}
+        a_next = torch.cat([a[:, 1:], a.new_zeros(a.shape[0], 1, a.shape[2])], 1)
+        grad_x = _chunked_scan(a_next, grad_h.contiguous(), ctx.chunk, reverse=True)
+        grad_a = torch.zeros_like(a)
+        torch.mul(grad_x[:, 1:], h[:, :-1], out=grad_a[:, 1:])
+        return grad_a, grad_x, None
+
+
+def _chunked_scan(a: Tensor, x: Tensor, chunk: int, reverse: bool, segment: int = 64) -> Tensor:
+    """The recurrence in chunks, `segment` tokens at a time so the working set stays in cache."""
+    b, length, m = x.shape
+    out = torch.empty_like(x)
+    carry = x.new_zeros(b, m)
+    seg = max(segment // chunk, 1) * chunk
+    starts = range(0, length, seg)
+    for s in (reversed(starts) if reverse else starts):
+        e = min(s + seg, length)
+        carry = _scan_segment(a[:, s:e], x[:, s:e], out[:, s:e], carry, chunk, reverse)
+    return out
+
+
+def _scan_segment(a: Tensor, x: Tensor, out: Tensor, carry: Tensor, chunk: int, reverse: bool) -> Tensor:
+    b, length, m = x.shape
+    k = length // chunk
+    a, x, h = (t.view(b, k, chunk, m) for t in (a, x, out))
+    p = torch.empty_like(a)  # decay accumulated from the chunk's first step (in scan order) to each step
+    steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
+    first, prev = steps[0], steps[0]
+    h[:, :, first] = x[:, :, first]
+    p[:, :, first] = a[:, :, first]
+    for t in steps[1:]:  # every chunk at once, one step at a time
+        torch.addcmul(x[:, :, t], a[:, :, t], h[:, :, prev], out=h[:, :, t])
+        torch.mul(a[:, :, t], p[:, :, prev], out=p[:, :, t])
+        prev = t
+    carries = torch.empty(b, k, m, dtype=x.dtype, device=x.device)
+    for c in (range(k - 1, -1, -1) if reverse else range(k)):  # state entering each chunk
+        carries[:, c] = carry
+        carry = torch.addcmul(h[:, c, prev], p[:, c, prev], carry)
+    h.addcmul_(p, carries.unsqueeze(2))
+    return carry
+
+
+@functools.cache
+def _mamba_ssm_scan() -> Callable[..., Tensor] | None:
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn
+
+
+def scan_function(device: torch.device) -> Callable[..., Tensor]:
+    """The fused mamba-ssm kernel for CUDA tensors when it is installed, else the PyTorch scan."""
+    kernel = _mamba_ssm_scan() if device.type == 'cuda' else None
+    return kernel or selective_scan
+
+
+# --------------------------------------------------------------------------- model
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class BiMamba(nn.Module):
+    """Vim's bidirectional Mamba mixer ("v2"): one input and output projection, and for each scan
+    direction its own conv1d, x/dt projections, A and D. The backward direction scans the flipped
+    sequence; both outputs are averaged before `out_proj`."""
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        self.d_inner = expand * dim
+        self.d_state = d_state
+        self.dt_rank = math.ceil(dim / 16)
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        for suffix in ('', '_b'):
+            conv = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
+            x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+            dt_proj = nn.Linear(self.dt_rank, self.d_inner)
+            nn.init.uniform_(dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            with torch.no_grad():  # softplus(bias) = dt
+                dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+            setattr(self, f'conv1d{suffix}', conv)
+            setattr(self, f'x_proj{suffix}', x_proj)
+            setattr(self, f'dt_proj{suffix}', dt_proj)
+            setattr(self, 'A_log' if not suffix else 'A_b_log', nn.Parameter(torch.log(A)))
+            setattr(self, f'D{suffix}', nn.Parameter(torch.ones(self.d_inner)))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [b, d_inner, l] each
+        forward = self.scan_direction(x, z, backward=False)
+        backward = self.scan_direction(x.flip(-1), z.flip(-1), backward=True).flip(-1)
+        return self.out_proj(((forward + backward) / 2).transpose(1, 2))
+
+    def scan_direction(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
+        """One causal selective scan over x [b, d_inner, l] gated by z; `backward` picks the _b parameters
+        (the caller flips the sequence)."""
+        s = '_b' if backward else ''
+        conv, x_proj, dt_proj = getattr(self, f'conv1d{s}'), getattr(self, f'x_proj{s}'), getattr(self, f'dt_proj{s}')
+        A = -torch.exp(getattr(self, 'A_b_log' if backward else 'A_log').float())
+        x = F.silu(conv(x)[..., :x.shape[-1]])
+        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)
+        scan = scan_function(x.device)
+        return scan(x.contiguous(), delta.contiguous(), A, B.transpose(1, 2).contiguous(),
+                    C.transpose(1, 2).contiguous(), getattr(self, f'D{s}').float(), z=z.contiguous(),
+                    delta_bias=dt_proj.bias.float(), delta_softplus=True)
+
+
+class VimBlock(nn.Module):
+    """Pre-norm residual block: x + drop_path(mixer(RMSNorm(x)))."""
+
+    def __init__(self, dim: int, d_state: int = 16, drop_path: float = 0.0, eps: float = 1e-5):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.mixer = BiMamba(dim, d_state)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.drop_path(self.mixer(self.norm(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class VisionMamba(nn.Module):
+    """The Vim classifier: patch embedding, a class token in the middle of the sequence, absolute
+    position embedding, `depth` bidirectional Mamba blocks, a final RMSNorm and a linear head on the
+    class token. Keys match the official checkpoints."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 192, depth: int = 24,
+                 d_state: int = 16, num_classes: int = 0, drop_path_rate: float = 0.0, in_chans: int = 3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, in_chans)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, embed_dim))
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.layers = nn.ModuleList(VimBlock(embed_dim, d_state, rate) for rate in rates)
+        self.norm_f = RMSNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        self._init_weights(depth)
+
+    def _init_weights(self, depth: int) -> None:
+        # as in the Vim code: lecun-normal patch conv, truncated-normal tokens and head, zero Linear
+        # biases except dt_proj (set above), out_proj scaled down by sqrt(depth)
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        for layer in self.layers:
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(depth)
+
+    def tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int], int]:
+        """Embedded token sequence [b, h*w + 1, d] with the class token at index h*w // 2."""
+        x = self.patch_embed(x)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        mid = x.shape[1] // 2
+        x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], 1)
+        return x + resize_pos_embed(self.pos_embed, self.grid, grid), grid, mid
+
+    def forward_intermediates(self, x: Tensor, indices: list[int]) -> tuple[list[Tensor], tuple[int, int], int]:
+        """Token sequences after the blocks at 1-based depths `indices`, each passed through norm_f."""
+        x, grid, mid = self.tokens(x)
+        taps = {}
+        for depth, layer in enumerate(self.layers, 1):
+            x = layer(x)
+            if depth in indices:
+                taps[depth] = self.norm_f(x)
+        return [taps[i] for i in indices], grid, mid
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The normalised class token [b, d]."""
+        (x,), _, mid = self.forward_intermediates(x, [len(self.layers)])
+        return x[:, mid]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+
+def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """Bicubic resize of the patch position embeddings; the class token's entry (middle index) is kept."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    old_mid, new_mid = old_grid[0] * old_grid[1] // 2, new_grid[0] * new_grid[1] // 2
+    cls = pos_embed[:, old_mid:old_mid + 1]
+    patches = torch.cat([pos_embed[:, :old_mid], pos_embed[:, old_mid + 1:]], 1)
+    patches = patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=new_grid, mode='bicubic', align_corners=False)
+    patches = patches.to(pos_embed.dtype).flatten(2).transpose(1, 2)
+    return torch.cat([patches[:, :new_mid], cls, patches[:, new_mid:]], 1)
+
+
+class VimBackbone(nn.Module):
+    """Vim as a 4-scale pyramid: tokens after 1/4, 2/4, 3/4 and all of the blocks, reshaped to
+    stride-16 maps and resampled to strides 4, 8, 16, 32 (ViTDet's simple feature pyramid:
+    two 2x deconvolutions, one, none, a 2x max-pool)."""
+
+    def __init__(self, img_size: int = 224, embed_dim: int = 192, depth: int = 24, **options: Any):
+        super().__init__()
+        self.trunk = VisionMamba(img_size=img_size, embed_dim=embed_dim, depth=depth, **options)
+        if self.trunk.patch_size != 16:
+            raise ValueError("the Vim pyramid expects 16x16 patches (strides 4..32 are resampled from 16)")
+        self.indices = [max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)]
+        d = embed_dim
+        self.channels = [d // 4, d // 2, d, d]
+        self.reductions = [4, 8, 16, 32]
+        self.resample = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
+                          nn.ConvTranspose2d(d // 2, d // 4, 2, 2)),
+            nn.ConvTranspose2d(d, d // 2, 2, 2),
+            nn.Identity(),
+            nn.MaxPool2d(2),
+        ])
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        taps, (h, w), mid = self.trunk.forward_intermediates(x, self.indices)
+        maps = []
+        for tokens, resample in zip(taps, self.resample):
+            patches = torch.cat([tokens[:, :mid], tokens[:, mid + 1:]], 1)  # drop the class token
+            maps.append(resample(patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)))
+        return maps
+
+    def load_pretrained(self, path: str | Path) -> None:
+        load_vim_checkpoint(self.trunk, path)
+
+
+def load_vim_checkpoint(model: VisionMamba, path: str | Path) -> None:
+    """Load an official hustvl/Vim checkpoint (.pth with a 'model' entry, a plain state dict, or
+    .safetensors). The layouts match key for key; the position embedding is resized to the model's
+    grid, the classifier is dropped when the model has none, and anything else that does not fit
+    is an error listing the keys."""
+    state = read_state_dict(path)
+    if not isinstance(model.head, nn.Linear):
+        state = {k: v for k, v in state.items() if not k.startswith('head.')}
+    if 'pos_embed' in state:
+        old = state['pos_embed']
+        side = math.isqrt(old.shape[1] - 1)
+        if side * side != old.shape[1] - 1:
+            raise ValueError(f"{path}: pos_embed has {old.shape[1]} entries, not a square grid plus a class token")
+        state['pos_embed'] = resize_pos_embed(old, (side, side), model.grid)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                   for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"Vim checkpoint {path} does not fit a Vim with embed_dim={model.embed_dim}, "
+                         f"depth={len(model.layers)}: {len(missing)} missing keys {missing[:8]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:8]}, "
+                         f"{len(wrong)} shape mismatches {wrong[:8]}")
+    model.load_state_dict(state, strict=True)
+
+
+def build_vim_backbone(spec: Any, pretrained: bool | str = False, img_size: int = 224,
+                       **options: Any) -> VimBackbone:
+    """Registry builder for vim_tiny / vim_small / vim_base; `pretrained` is False or a local checkpoint path."""
+    if pretrained is True:
+        raise PretrainedWeightsError(
+            f"{spec.name}: there is no hub source for Vision Mamba weights. Download an official checkpoint "
+            "from https://github.com/hustvl/Vim and set MODEL['pretrained'] = '/path/to/vim_checkpoint.pth', "
+            "or MODEL['pretrained'] = False to train from scratch.")
+    model = VimBackbone(img_size=img_size, **{**VIM_VARIANTS[spec.name], **options})
+    if pretrained:
+        model.load_pretrained(pretrained)
+    return model
