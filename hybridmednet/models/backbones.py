@@ -1,0 +1,144 @@
+"""timm-backed feature pyramids: 4 NCHW maps at strides 4, 8, 16, 32.
+
+The timm classifier is built whole, weights are loaded into it under its own
+key names (hub, Hugging Face cache or a local file), then its head is pruned and
+`forward_intermediates` gives the maps, NCHW for every family (Swin included).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights were asked for but cannot be had; never replaced by a random init."""
+
+
+class TimmPyramid(nn.Module):
+    """A timm model cut after the stages named by `indices`."""
+
+    def __init__(self, model: nn.Module, indices: tuple[int, ...]):
+        super().__init__()
+        model.prune_intermediate_layers(list(indices), prune_head=True, prune_norm=True)
+        self.model = model
+        self.indices = list(indices)
+        info = [model.feature_info[i] for i in indices]
+        self.channels = [f['num_chs'] for f in info]
+        self.reductions = [f['reduction'] for f in info]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True,
+                                                output_fmt='NCHW')
+
+
+class ResNetFPN(nn.Module):
+    """The classic configuration: ResNet stages merged top-down by a feature pyramid network."""
+
+    def __init__(self, pyramid: TimmPyramid, fpn_channels: int):
+        super().__init__()
+        self.body = pyramid
+        self.fpn = FeaturePyramidNetwork(pyramid.channels, fpn_channels)
+        self.channels = [fpn_channels] * len(pyramid.channels)
+        self.reductions = pyramid.reductions
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = self.body(x)
+        return list(self.fpn({str(i): m for i, m in enumerate(maps)}).values())
+
+
+def build_timm_backbone(spec: Any, pretrained: bool | str = False, img_size: int = 224,
+                        drop_path_rate: float = 0.0, **options: Any) -> TimmPyramid:
+    kwargs = dict(options)
+    if drop_path_rate:
+        kwargs['drop_path_rate'] = drop_path_rate
+    if spec.family == 'swin':
+        kwargs.update(img_size=img_size, window_size=swin_window_size(spec.name, img_size))
+    model = create_timm_model(spec.timm_name, pretrained, **kwargs)
+    return TimmPyramid(model, spec.out_indices)
+
+
+def build_resnet_fpn(spec: Any, pretrained: bool | str = False, img_size: int = 224,
+                     fpn_channels: int = 256, drop_path_rate: float = 0.0, **options: Any) -> ResNetFPN:
+    return ResNetFPN(build_timm_backbone(spec, pretrained, img_size, drop_path_rate, **options), fpn_channels)
+
+
+def swin_window_size(name: str, img_size: int) -> int:
+    """Swin's last stage is img_size/32 tokens wide; one window across it divides every stage."""
+    if img_size % 32:
+        raise ValueError(f"{name}: image size {img_size} is not a multiple of 32; Swin's windows must "
+                         f"divide every stage (try {img_size // 32 * 32} or {img_size // 32 * 32 + 32})")
+    return img_size // 32
+
+
+def create_timm_model(timm_name: str, pretrained: bool | str, **kwargs: Any) -> nn.Module:
+    """Build a timm classifier with ImageNet weights (True), a local weights file (a path) or none (False)."""
+    if pretrained is True:
+        try:
+            return timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as exc:  # hub, cache and network errors all land here, re-raised in plain words
+            raise PretrainedWeightsError(
+                f"could not load ImageNet weights for {timm_name!r} (no network and no cached copy?): "
+                f"{type(exc).__name__}: {exc}\n"
+                "Fix it with one of:\n"
+                "  1. MODEL['pretrained'] = False  (train from scratch)\n"
+                "  2. MODEL['pretrained'] = '/path/to/weights.safetensors'  (a local .safetensors/.pth file)\n"
+                "  3. populate the Hugging Face cache (HF_HOME) on a machine with network, e.g. "
+                f"python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\", "
+                "and copy it here") from exc
+    model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if pretrained:
+        load_local_weights(model, pretrained)
+    return model
+
+
+def load_local_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a timm-layout state dict from a local file, strictly except for the classifier."""
+    state = read_state_dict(path)
+    filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
+    if filter_fn is not None:  # timm's own remapping: window or position-table resizing, old key names
+        try:
+            state = filter_fn(state, model)
+        except Exception as exc:
+            raise ValueError(f"weights file {path} does not fit {type(model).__name__}: "
+                             f"timm's key conversion failed ({type(exc).__name__}: {exc})") from exc
+    head = model.pretrained_cfg.get('classifier') or ''
+    heads = [head] if isinstance(head, str) else list(head)
+    is_head = lambda k: any(h and (k == h or k.startswith(h + '.')) for h in heads)
+    own = {k: v for k, v in model.state_dict().items() if not is_head(k)}
+    state = {k: v for k, v in state.items() if not is_head(k)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"weights file {path} does not fit {type(model).__name__}: "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
+            f"{len(wrong)} shape mismatches {wrong[:5]}")
+    model.load_state_dict(state, strict=False)  # strictness checked above; only the head is left out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from .safetensors or a torch file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read weights file {path} as a tensor-only torch file: {exc}") from exc
+    for key in ('state_dict', 'model_state_dict', 'model', 'module'):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix('module.'): v for k, v in state.items()}

@@ -1,0 +1,68 @@
+"""Classifier heads. They return logits; the loss and `predict` apply the sigmoid."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybridmednet.config import NIH_FINDINGS
+
+# Coarse groups for the hierarchical head on the 14 NIH findings.
+NIH_COARSE_GROUPS = {
+    'lung_parenchyma': ['Atelectasis', 'Infiltration', 'Mass', 'Nodule', 'Pneumonia', 'Consolidation',
+                        'Edema', 'Emphysema', 'Fibrosis'],
+    'pleura': ['Effusion', 'Pneumothorax', 'Pleural_Thickening'],
+    'cardiomediastinal': ['Cardiomegaly', 'Hernia'],
+}
+
+
+class MultiLabelHead(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(x))
+
+
+class HierarchicalHead(nn.Module):
+    """Coarse group logits first; the fine logits read the features and the coarse probabilities.
+
+    `group_matrix[g, k]` is 1 when finding k belongs to group g: coarse targets
+    (any finding of the group present) and the consistency loss use it.
+    """
+
+    def __init__(self, in_features: int, class_names: list[str], groups: dict[str, list[str]], dropout: float):
+        super().__init__()
+        matrix = torch.zeros(len(groups), len(class_names))
+        for g, members in enumerate(groups.values()):
+            for name in members:
+                if name not in class_names:
+                    raise ValueError(f"MODEL['coarse_groups'] group {list(groups)[g]!r} names {name!r}, "
+                                     f"which is not a class ({', '.join(class_names)})")
+                matrix[g, class_names.index(name)] = 1.0
+        orphans = [n for n, col in zip(class_names, matrix.sum(0)) if col != 1]
+        if orphans:
+            raise ValueError(f"MODEL['coarse_groups'] must put every class in exactly one group: {orphans}")
+        self.group_names = list(groups)
+        self.register_buffer('group_matrix', matrix, persistent=False)
+        self.dropout = nn.Dropout(dropout)
+        self.coarse = nn.Linear(in_features, len(groups))
+        self.fine = nn.Linear(in_features + len(groups), len(class_names))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.dropout(x)
+        coarse = self.coarse(x)
+        return self.fine(torch.cat([x, torch.sigmoid(coarse)], dim=1)), coarse
+
+
+def coarse_targets(targets: torch.Tensor, group_matrix: torch.Tensor) -> torch.Tensor:
+    """A group is positive when any of its findings is."""
+    return (targets @ group_matrix.T > 0).to(targets.dtype)
+
+
+def default_groups(class_names: list[str], num_coarse: int) -> dict[str, list[str]]:
+    if sorted(class_names) != sorted(NIH_FINDINGS) or num_coarse != len(NIH_COARSE_GROUPS):
+        raise ValueError("MODEL['hierarchical'] with classes other than the 14 NIH findings (or a "
+                         "num_coarse_classes other than 3) needs MODEL['coarse_groups'] = {group: [class, ...]}")
+    return NIH_COARSE_GROUPS

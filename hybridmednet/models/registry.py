@@ -1,0 +1,82 @@
+"""One registry: every backbone name maps to a spec; `list_backbones()` and the docs come from here.
+
+A builder takes `(spec, pretrained, img_size, **options)` and returns a module whose
+`forward(x)` gives a list of 4 NCHW feature maps (strides 4, 8, 16, 32) and whose
+`channels` / `reductions` attributes describe them.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str
+    builder: str                      # 'module:function', imported when the backbone is built
+    timm_name: str | None = None      # the timm classifier this backbone is cut from
+    out_indices: tuple[int, ...] | None = None
+    spec_params_m: float | None = None  # whole-model parameters the SPEC states (millions)
+    experimental: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> nn.Module:
+        module_name, _, func_name = self.builder.partition(':')
+        builder: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), func_name)
+        return builder(self, pretrained=pretrained, img_size=img_size, **{**self.options, **options})
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ''
+        raise ValueError(f"unknown backbone {name!r}; {hint}available: {', '.join(_REGISTRY)}") from None
+
+
+def list_backbones(family: str | None = None) -> list[str]:
+    return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
+
+
+def build_backbone(name: str, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> nn.Module:
+    return get_backbone_spec(name).build(pretrained=pretrained, img_size=img_size, **options)
+
+
+_TIMM = 'hybridmednet.models.backbones:build_timm_backbone'
+_RESNET = 'hybridmednet.models.backbones:build_resnet_fpn'
+_VIM = 'hybridmednet.models.mamba:build_vim_backbone'
+
+for _name, _params in (('resnet34', None), ('resnet50', 25.0), ('resnet101', None)):
+    register(BackboneSpec(_name, 'resnet', _RESNET, f'{_name}.tv_in1k', (1, 2, 3, 4), _params))
+for _size, _params in (('tiny', 28.0), ('small', 50.0), ('base', 89.0), ('large', 198.0)):
+    register(BackboneSpec(f'convnext_{_size}', 'convnext', _TIMM, f'convnext_{_size}.fb_in22k_ft_in1k',
+                          (0, 1, 2, 3), _params))
+for _size, _params in (('tiny', 28.0), ('small', 50.0), ('base', 88.0)):
+    register(BackboneSpec(f'swin_{_size}', 'swin', _TIMM, f'swin_{_size}_patch4_window7_224.ms_in22k_ft_in1k',
+                          (0, 1, 2, 3), _params))
+# EfficientNetV2 has 5 feature stages (strides 2..32); the pyramid takes strides 4..32.
+for _size, _params in (('s', 21.0), ('m', 54.0), ('l', 119.0)):
+    register(BackboneSpec(f'efficientnetv2_{_size}', 'efficientnetv2', _TIMM,
+                          f'tf_efficientnetv2_{_size}.in21k_ft_in1k', (1, 2, 3, 4), _params))
+# Small backbones beyond the SPEC, for CPU quickstarts and fast tests.
+register(BackboneSpec('resnet18', 'resnet', _RESNET, 'resnet18.tv_in1k', (1, 2, 3, 4)))
+register(BackboneSpec('convnext_atto', 'convnext', _TIMM, 'convnext_atto.d2_in1k', (0, 1, 2, 3)))
+register(BackboneSpec('efficientnet_b0', 'efficientnet', _TIMM, 'efficientnet_b0.ra_in1k', (1, 2, 3, 4)))
+for _size, _params in (('tiny', 7.0), ('small', 26.0), ('base', 98.0)):
+    register(BackboneSpec(f'vim_{_size}', 'mamba', _VIM, None, None, _params, experimental=True))

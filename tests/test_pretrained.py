@@ -1,0 +1,95 @@
+"""Pretrained weights: local files for real, the Hugging Face cache for real, and a plain offline error."""
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from hybridmednet import create_model
+from hybridmednet.models.backbones import PretrainedWeightsError
+
+
+def _trunk(model):
+    return getattr(model.backbone, 'body', model.backbone).model
+
+
+@pytest.mark.parametrize('name,suffix', [('convnext_atto', '.safetensors'), ('resnet18', '.pth'),
+                                         ('efficientnet_b0', '.pth')])
+def test_local_weights_file_loads_exactly(tmp_path, name, suffix):
+    from hybridmednet.models.registry import get_backbone_spec
+    reference = timm.create_model(get_backbone_spec(name).timm_name, pretrained=False)
+    path = tmp_path / f'weights{suffix}'
+    if suffix == '.safetensors':
+        save_file(reference.state_dict(), str(path))
+    else:
+        torch.save({'state_dict': reference.state_dict()}, path)
+    model = create_model(name, pretrained=str(path))
+    ref = reference.state_dict()
+    loaded = _trunk(model).state_dict()
+    assert loaded and all(torch.equal(v, ref[k]) for k, v in loaded.items())
+
+
+def test_local_swin_weights_resize_to_other_image_sizes(tmp_path):
+    reference = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False)
+    path = tmp_path / 'swin.safetensors'
+    save_file(reference.state_dict(), str(path))
+    model = create_model('swin_tiny', pretrained=str(path), image_size=256)  # window 8: bias tables resized
+    ref = reference.state_dict()
+    same = [k for k, v in _trunk(model).state_dict().items() if 'relative_position' not in k and 'attn_mask' not in k]
+    assert same and all(torch.equal(_trunk(model).state_dict()[k], ref[k]) for k in same)
+    assert model(torch.randn(1, 3, 256, 256)).shape == (1, 14)
+
+
+def test_wrong_weights_file_is_a_loud_error(tmp_path):
+    path = tmp_path / 'other.safetensors'
+    save_file(timm.create_model('resnet18', pretrained=False).state_dict(), str(path))
+    with pytest.raises(ValueError, match='does not fit'):
+        create_model('convnext_atto', pretrained=str(path))
+    save_file(timm.create_model('resnet34', pretrained=False).state_dict(), str(path))
+    with pytest.raises(ValueError, match='does not fit.*missing keys'):
+        create_model('resnet18', pretrained=str(path))
+    with pytest.raises(FileNotFoundError, match='nothing.pth'):
+        create_model('convnext_atto', pretrained=str(tmp_path / 'nothing.pth'))
+
+
+def _run_offline(code: str, hf_home) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'HF_HOME': str(hf_home), 'HF_HUB_OFFLINE': '1'}
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_no_weights_offline_names_the_three_fixes(tmp_path):
+    out = _run_offline("from hybridmednet import create_model; create_model('convnext_atto', pretrained=True)",
+                       tmp_path / 'empty_cache')
+    assert out.returncode != 0
+    assert 'PretrainedWeightsError' in out.stderr
+    for fix in ("MODEL['pretrained'] = False", "MODEL['pretrained'] = '/path/to/weights.safetensors'",
+                'Hugging Face cache'):
+        assert fix in out.stderr
+    assert issubclass(PretrainedWeightsError, RuntimeError)
+
+
+def test_pretrained_true_reads_a_populated_hugging_face_cache(tmp_path):
+    """The real timm hub path, served from a cache laid out as huggingface_hub writes it."""
+    reference = timm.create_model('convnext_atto', pretrained=False)
+    commit = 'a' * 40
+    repo = tmp_path / 'hf' / 'hub' / 'models--timm--convnext_atto.d2_in1k'
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    (repo / 'snapshots' / commit).mkdir(parents=True)
+    save_file(reference.state_dict(), str(repo / 'snapshots' / commit / 'model.safetensors'))
+    torch.save(reference.state_dict(), tmp_path / 'ref.pt')
+    code = f'''
+import torch
+from hybridmednet import create_model
+model = create_model('convnext_atto', pretrained=True)
+ref = torch.load({str(tmp_path / 'ref.pt')!r})
+trunk = model.backbone.model.state_dict()
+assert all(torch.equal(v, ref[k]) for k, v in trunk.items())
+print('loaded', len(trunk))
+'''
+    out = _run_offline(code, tmp_path / 'hf')
+    assert out.returncode == 0, out.stderr
+    assert 'loaded' in out.stdout
