@@ -1,0 +1,261 @@
+"""`hybridmednet evaluate` / `python evaluate.py`: the numbers a paper can state, with their uncertainty.
+
+Thresholds (and temperatures, when asked) are fitted on the validation split, stored with the
+model for predict, and applied unchanged to the test split. Every interval resamples patients
+when patient IDs exist.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from hybridmednet.evaluation import metrics
+from hybridmednet.evaluation.calibration import apply_temperature, expected_calibration_error
+from hybridmednet.evaluation.operating_point import OperatingPoint, store
+from hybridmednet.evaluation.report import RATES, fmt, fmt_ci, report_paths, write_report
+
+AGE_BANDS = (0, 20, 40, 60, 80, 200)
+SUBGROUP_COLUMNS = ('view', 'sex', 'age_band')
+MIN_SUBGROUP_IMAGES = 20
+N_BINS = 10
+
+
+def age_band(age: pd.Series) -> pd.Series:
+    labels = [f'{lo}-{hi - 1}' if hi < 200 else f'{lo}+' for lo, hi in zip(AGE_BANDS[:-1], AGE_BANDS[1:])]
+    return pd.cut(pd.to_numeric(age, errors='coerce'), AGE_BANDS, right=False, labels=labels).astype(str)
+
+
+def split_hash(records: pd.DataFrame, root: str | Path | None = None) -> str:
+    """A short fingerprint of which images (and patients) a split holds, independent of where the data lives."""
+    paths = records['path'].astype(str)
+    if root is not None:
+        paths = paths.map(lambda p: os.path.relpath(p, root))
+    lines = sorted(f"{p}\t{q}" for p, q in zip(paths, records['patient_id'].astype(str)))
+    return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:16]
+
+
+def per_finding(stats: dict, class_names: Sequence[str]) -> dict[str, dict]:
+    """metrics.evaluate_predictions output ({stat: arrays over findings}) as {finding: {stat: ...}}."""
+    out = {}
+    for k, name in enumerate(class_names):
+        row = {'n_pos': int(stats['n_pos'][k]), 'n_neg': int(stats['n_neg'][k])}
+        for key, value in stats.items():
+            if isinstance(value, dict) and np.ndim(value['value']) == 1:
+                row[key] = {part: float(v[k]) for part, v in value.items()}
+        out[name] = row
+    return out
+
+
+def subgroup_tables(records: pd.DataFrame, y: np.ndarray, probs: np.ndarray, mask: np.ndarray,
+                    class_names: Sequence[str], n_boot: int, level: float, seed: int) -> dict[str, dict]:
+    """Per-finding AUC and mean AUC (with its interval) in each view / sex / age band with enough images."""
+    frame = records.copy()
+    if 'age' in frame:
+        frame['age_band'] = age_band(frame['age'])
+    tables = {}
+    for column in SUBGROUP_COLUMNS:
+        if column not in frame:
+            continue
+        values = frame[column].astype(str)
+        groups = {}
+        for value in sorted(values.unique()):
+            keep = (values == value).to_numpy()
+            if value in ('nan', 'None', '') or keep.sum() < MIN_SUBGROUP_IMAGES:
+                continue
+            stats = metrics.evaluate_predictions(y[keep], probs[keep], mask[keep], None,
+                                                 frame['patient_id'][keep].to_numpy(), n_boot, level, seed)
+            groups[value] = {'n_images': int(keep.sum()), 'n_patients': int(frame['patient_id'][keep].nunique()),
+                             'mean_auc': stats['mean_auc'],
+                             'auc': dict(zip(class_names, stats['auc']['value'].tolist()))}
+        if len(groups) > 1:
+            tables[column] = groups
+    return tables
+
+
+def compare_with(other_path: str | Path, paths: Sequence[str], y: np.ndarray, mask: np.ndarray, probs: np.ndarray,
+                 patient_ids: np.ndarray | None, class_names: Sequence[str], n_boot: int, level: float,
+                 seed: int) -> dict[str, Any]:
+    """Paired bootstrap against another evaluate run's results.json, on the images both runs scored."""
+    other = json.loads(Path(other_path).read_text())
+    pred = other.get('predictions')
+    if not pred:
+        raise ValueError(f"{other_path} holds no per-image predictions (was it written by `evaluate --save_results`?)")
+    if list(other['model']['class_names']) != list(class_names):
+        raise ValueError(f"{other_path} scores other findings: {other['model']['class_names']}")
+    row = {p: i for i, p in enumerate(pred['path'])}
+    mine = np.array([i for i, p in enumerate(paths) if p in row])
+    if len(mine) == 0:
+        raise ValueError(f"{other_path} scored none of these images; compare runs on the same split")
+    theirs = np.array([row[paths[i]] for i in mine])
+    other_labels = np.asarray(pred['labels'], dtype=np.float64)[theirs]
+    if not np.array_equal(other_labels * mask[mine], y[mine] * mask[mine]):
+        raise ValueError(f"{other_path} has other labels for the same images; the runs used different label files")
+    other_probs = np.asarray(pred['probabilities'], dtype=np.float64)[theirs]
+    groups = None if patient_ids is None else patient_ids[mine]
+    out = metrics.compare_mean_auc(y[mine], probs[mine], other_probs, mask[mine], groups, n_boot, level, seed)
+    out['auc_diff'] = {n: {part: float(v[k]) for part, v in out['auc_diff'].items()} for k, n in enumerate(class_names)}
+    return {'other': str(other_path), 'other_model': other['model']['path'], 'n_images': int(len(mine)), **out}
+
+
+def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config_file: str | None = None,
+                   split: str = 'test', eval_options: dict[str, Any] | None = None, device: str = 'cpu',
+                   batch_size: int | None = None, out_dir: str | Path | None = None,
+                   compare: str | Path | None = None, store_thresholds: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Evaluate a checkpoint on its dataset's `split`; returns the results dict (and writes files when asked).
+
+    `eval_options` overrides the checkpoint's EVAL section. With `out_dir`, the report, figures
+    and results.json go there. With `store_thresholds`, the operating point is written into the
+    model files.
+    """
+    from hybridmednet.data.datasets import build_datasets, resolve_data_dir
+    from hybridmednet.engine.checkpoint import load_model
+    from hybridmednet.evaluation.inference import dataset_logits
+    from hybridmednet.evaluation.plots import plot_pr_curves, plot_reliability, plot_roc_curves
+
+    model, config, meta = load_model(model_path, map_location=device)
+    if config_file:
+        config.merge_yaml(config_file)
+    config.apply_overrides(overrides)
+    config.EVAL.update(eval_options or {})
+    config.validate()
+    ev, names = config.EVAL, meta['class_names']
+    datasets = build_datasets(config)
+    data, val = datasets[split], datasets['val']
+    if list(data.class_names) != list(names):
+        raise ValueError(f"the dataset's findings {data.class_names} are not the model's {names}")
+    if len(data) == 0:
+        raise ValueError(f"the {split} split is empty")
+    root = resolve_data_dir(config)
+    hashes = {s: split_hash(d.records, root) for s, d in datasets.items()}
+    batch_size = batch_size or config.TRAIN['batch_size']
+    run = lambda ds, desc: dataset_logits(model, ds, batch_size, device, ev['tta'], 0, desc)
+
+    if len(val):
+        op = OperatingPoint.fit(run(val, 'validation'), val.labels, val.mask, names, ev['threshold_method'],
+                                ev['target_sensitivity'], ev['temperature_scaling'],
+                                {'split': 'val', 'n_images': len(val), 'hash': hashes['val']})
+    else:
+        print("warning: the validation split is empty; using the thresholds stored with the model", file=sys.stderr)
+        op = OperatingPoint.of_model(meta)
+    if split == 'val':
+        print("warning: thresholds are fitted on the split being evaluated; its operating-point metrics are "
+              "optimistic", file=sys.stderr)
+    logits = run(data, split)
+    probs = op.probabilities(logits)
+    y, mask, records = data.labels.astype(np.float64), data.mask.astype(np.float64), data.records
+    has_patients = 'patient_id' in records and records['patient_id'].notna().all()
+    groups = records['patient_id'].astype(str).to_numpy() if has_patients else None
+    n_boot, level = int(ev['bootstrap_samples']), float(ev['confidence_level'])
+
+    stats = metrics.evaluate_predictions(y, probs, mask, op.thresholds, groups, n_boot, level, seed)
+    findings = per_finding(stats, names)
+    for name, t in zip(names, op.thresholds):
+        findings[name]['threshold'] = float(t)
+    results: dict[str, Any] = {
+        'model': {'path': str(model_path), 'backbone': config.MODEL['backbone'], 'class_names': names,
+                  'epoch': meta.get('epoch')},
+        'data': {'dataset': config.DATA['dataset'], 'data_dir': str(root), 'split': split, 'n_images': len(data),
+                 'n_patients': int(records['patient_id'].nunique()) if has_patients else len(data),
+                 'resampling': 'patient' if has_patients else 'image', 'split_hashes': hashes,
+                 'split_sizes': {s: len(d) for s, d in datasets.items()}},
+        'settings': {**ev, 'bootstrap_samples': n_boot, 'confidence_level': level, 'seed': seed},
+        'operating_point': op.to_meta(),
+        'metrics': {'mean_auc': stats['mean_auc'], 'per_finding': findings},
+        'calibration': {'n_bins': N_BINS,
+                        'ece': dict(zip(names, expected_calibration_error(y, probs, mask, N_BINS))),
+                        'ece_uncalibrated': dict(zip(names, expected_calibration_error(
+                            y, apply_temperature(logits), mask, N_BINS)))},
+        'subgroups': subgroup_tables(records, y, probs, mask, names, n_boot, level, seed),
+        'figures': {},
+    }
+    if compare:
+        results['comparison'] = compare_with(compare, records['path'].astype(str).tolist(), y, mask, probs, groups,
+                                             names, n_boot, level, seed)
+    if store_thresholds and op.fitted:
+        results['stored_in'] = [str(p) for p in store(model_path, op)]
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        figures = {'roc': plot_roc_curves(y, probs, mask, names, out_dir / 'roc_curves.png', op.thresholds),
+                   'pr': plot_pr_curves(y, probs, mask, names, out_dir / 'pr_curves.png'),
+                   'reliability': plot_reliability(y, probs, mask, names, out_dir / 'reliability.png', N_BINS)}
+        results['figures'] = {k: p.name for k, p in figures.items()}
+        results['predictions'] = {'path': records['path'].astype(str).tolist(),
+                                  'patient_id': records['patient_id'].astype(str).tolist() if has_patients else None,
+                                  'labels': y, 'mask': mask, 'probabilities': np.round(probs, 6)}
+        results['written'] = {k: str(p) for k, p in report_paths(out_dir).items()}
+        write_report(results, out_dir)
+    return results
+
+
+def summary_table(results: dict) -> str:
+    """Plain-text table for the terminal."""
+    per, level = results['metrics']['per_finding'], round(100 * results['settings']['confidence_level'])
+    head = f"{'finding':20s} {'n+':>5s} {'AUC (' + str(level) + '% CI)':>22s} {'thr':>6s} " + \
+           ' '.join(f'{r[:4]:>5s}' for r in RATES)
+    lines = [head, '-' * len(head)]
+    for name, row in per.items():
+        lines.append(f"{name:20s} {row['n_pos']:5d} {fmt_ci(row['auc']):>22s} {fmt(row['threshold']):>6s} "
+                     + ' '.join(f"{fmt(row[r]['value'], 2):>5s}" for r in RATES))
+    lines.append(f"mean AUC {fmt_ci(results['metrics']['mean_auc'])} over {results['data']['n_images']} images, "
+                 f"{results['data']['n_patients']} patients ({results['data']['split']} split)")
+    if 'comparison' in results:
+        d = results['comparison']['mean_auc_diff']
+        lines.append(f"vs {results['comparison']['other']}: mean AUC difference {fmt_ci(d)}, p = {fmt(d['p_value'])}")
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`hybridmednet evaluate --model_path PATH [--save_results] [options] [KEY=VALUE ...]`."""
+    from hybridmednet.config import ConfigError
+    from hybridmednet.data.datasets import DataError
+    from hybridmednet.data.io import ImageReadError
+    from hybridmednet.engine.checkpoint import CheckpointError
+    p = argparse.ArgumentParser(prog='hybridmednet evaluate', description=(
+        'Per-finding AUC, AP and operating-point metrics with bootstrap confidence intervals; thresholds '
+        'fitted on the validation split and stored with the model.'))
+    p.add_argument('--model_path', required=True, help='training checkpoint (.pth) or .safetensors export')
+    p.add_argument('--save_results', action='store_true', help='write report (md, html), figures and results.json')
+    p.add_argument('--output_dir', metavar='DIR', help='where --save_results writes (default results/<model name>)')
+    p.add_argument('--split', default='test', choices=('test', 'val'))
+    p.add_argument('--threshold_method', choices=metrics.THRESHOLD_METHODS)
+    p.add_argument('--target_sensitivity', type=float)
+    p.add_argument('--bootstrap_samples', type=int)
+    p.add_argument('--confidence_level', type=float)
+    p.add_argument('--temperature_scaling', action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None, help='test-time augmentation')
+    p.add_argument('--compare', metavar='OTHER_RESULTS.json', help='paired bootstrap against another run')
+    p.add_argument('--no_store_thresholds', action='store_true', help='leave the model files untouched')
+    p.add_argument('--config', metavar='FILE', help="YAML applied over the checkpoint's config (e.g. other data)")
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--batch_size', type=int)
+    p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
+    p.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='e.g. DATA.data_dir=/data/nih')
+    args = p.parse_args(argv)
+    options = {k: getattr(args, k) for k in ('threshold_method', 'target_sensitivity', 'bootstrap_samples',
+                                              'confidence_level', 'temperature_scaling', 'tta')
+               if getattr(args, k) is not None}
+    out_dir = (args.output_dir or Path('results') / Path(args.model_path).stem) if args.save_results else None
+    try:
+        results = evaluate_model(args.model_path, args.overrides, args.config, args.split, options, args.device,
+                                 args.batch_size, out_dir, args.compare, not args.no_store_thresholds, args.seed)
+    except (CheckpointError, ConfigError, DataError, ImageReadError, ValueError, FileNotFoundError) as exc:
+        print(f"hybridmednet evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary_table(results))
+    if results.get('stored_in'):
+        print(f"thresholds ({results['operating_point']['method']}) stored in: {', '.join(results['stored_in'])}")
+    if out_dir is not None:
+        print(f"report: {results['written']['html']} (+ .md, results.json, figures) in {out_dir}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

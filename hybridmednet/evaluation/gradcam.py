@@ -1,0 +1,74 @@
+"""Grad-CAM on the model's attended feature pyramid, for every backbone family.
+
+`HybridMedNet.forward_features` returns the four scales as NCHW maps after attention, Swin and
+Mamba included (each backbone converts its token layout at its own boundary). Grad-CAM weighs
+each map's channels by the mean gradient of one finding's logit, keeps the positive evidence and
+sums the scales at input resolution: the fused head draws on all four, so the heatmap does too.
+No pytorch-grad-cam needed, and no reshape_transform per family.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+
+def grad_cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int],
+             scales: Sequence[int] | None = None) -> np.ndarray:
+    """Heatmaps [len(classes), H, W] in [0, 1] for one preprocessed image [3, H, W].
+
+    `scales` picks pyramid levels (0 = stride 4 ... 3 = stride 32); all four by default.
+    A class with no positive evidence anywhere gets an all-zero map.
+    """
+    x = image.unsqueeze(0) if image.dim() == 3 else image
+    if x.shape[0] != 1:
+        raise ValueError(f"grad_cam takes one image, got a batch of {x.shape[0]}")
+    size = x.shape[-2:]
+    with torch.enable_grad():
+        maps = model.forward_features(x)
+        chosen = [maps[i] for i in (range(len(maps)) if scales is None else scales)]
+        logits = model.forward_head(maps)
+        cams = []
+        for c in classes:
+            grads = torch.autograd.grad(logits[0, c], chosen, retain_graph=True)
+            cam = sum(F.interpolate(F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)),
+                                    size=size, mode='bilinear', align_corners=False)
+                      for a, g in zip(chosen, grads))
+            cams.append(cam[0, 0].detach())
+    out = torch.stack(cams) if cams else torch.zeros(0, *size)
+    peak = out.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return (out / peak).cpu().numpy()
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str | None = None) -> Image.Image:
+    """The grey image [H, W] in [0, 1] with the heatmap (any size, resized) blended on top in 'jet'."""
+    from matplotlib import colormaps
+    h, w = image.shape
+    cam = F.interpolate(torch.from_numpy(np.asarray(cam, dtype=np.float32))[None, None], size=(h, w),
+                        mode='bilinear', align_corners=False)[0, 0].clamp(0, 1).numpy()
+    heat = colormaps['jet'](cam)[..., :3]
+    grey = np.repeat(image[..., None], 3, axis=2)
+    blended = (1 - alpha * cam[..., None]) * grey + alpha * cam[..., None] * heat
+    picture = Image.fromarray(np.clip(blended * 255, 0, 255).astype(np.uint8))
+    if label:
+        draw = ImageDraw.Draw(picture)
+        draw.rectangle((0, 0, 8 + 7 * len(label), 16), fill=(0, 0, 0))
+        draw.text((4, 2), label, fill=(255, 255, 255))
+    return picture
+
+
+def save_overlays(model: torch.nn.Module, tensor: torch.Tensor, image: np.ndarray, classes: Sequence[int],
+                  labels: Sequence[str], paths: Sequence[str | Path]) -> list[Path]:
+    """One overlay PNG per class: `labels[i]` is written on it, `paths[i]` is where it goes."""
+    cams = grad_cam(model, tensor, classes)
+    out = []
+    for cam, label, path in zip(cams, labels, paths):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        overlay(image, cam, label=label).save(path)
+        out.append(path)
+    return out

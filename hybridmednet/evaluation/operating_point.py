@@ -1,0 +1,120 @@
+"""The operating point stored with a model: per-finding thresholds and temperatures.
+
+Fitted on the validation split by `evaluate`, written into the model files (the training
+checkpoint's `thresholds` entry and the `.json` sidecar of the safetensors export) so that
+`load_model(...)[2]['thresholds']` returns it and `predict` needs no other file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hybridmednet.evaluation.calibration import apply_temperature, fit_temperature
+from hybridmednet.evaluation.metrics import choose_thresholds
+
+DEFAULT_THRESHOLD = 0.5
+PTH_SUFFIXES = ('.pth', '.pt', '.ckpt')
+
+
+@dataclass
+class OperatingPoint:
+    class_names: list[str]
+    thresholds: np.ndarray                  # [K]; positive iff probability >= threshold
+    temperatures: np.ndarray | None = None  # [K]; logits are divided by these before the sigmoid
+    method: str = 'default'                 # youden | f1 | sensitivity | default (0.5, nothing fitted)
+    target_sensitivity: float | None = None
+    fitted_on: dict[str, Any] | None = None  # the split it was fitted on: name, images, hash
+
+    @property
+    def fitted(self) -> bool:
+        return self.method != 'default'
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return apply_temperature(logits, self.temperatures)
+
+    def positives(self, probabilities: np.ndarray) -> np.ndarray:
+        return np.asarray(probabilities) >= self.thresholds
+
+    @classmethod
+    def default(cls, class_names: Sequence[str]) -> 'OperatingPoint':
+        return cls(list(class_names), np.full(len(class_names), DEFAULT_THRESHOLD))
+
+    @classmethod
+    def fit(cls, logits: np.ndarray, y_true: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
+            method: str = 'youden', target_sensitivity: float = 0.9, temperature_scaling: bool = False,
+            fitted_on: dict[str, Any] | None = None) -> 'OperatingPoint':
+        """Temperatures first (when asked), then thresholds on the probabilities predict will report."""
+        temperatures = fit_temperature(logits, y_true, mask) if temperature_scaling else None
+        probs = apply_temperature(logits, temperatures)
+        thresholds = choose_thresholds(y_true, probs, mask, method, target_sensitivity, DEFAULT_THRESHOLD)
+        return cls(list(class_names), thresholds, temperatures, method,
+                   target_sensitivity if method == 'sensitivity' else None, fitted_on)
+
+    # -- the record stored with the model ----------------------------------------------------------
+    def to_meta(self) -> dict[str, Any]:
+        by_name = lambda values: {n: float(v) for n, v in zip(self.class_names, values)}
+        return {'values': by_name(self.thresholds),
+                'temperatures': None if self.temperatures is None else by_name(self.temperatures),
+                'method': self.method, 'target_sensitivity': self.target_sensitivity, 'fitted_on': self.fitted_on}
+
+    @classmethod
+    def from_meta(cls, record: Any, class_names: Sequence[str]) -> 'OperatingPoint':
+        """From a model's meta['thresholds']: our record, a plain list of K floats, or None (0.5 each)."""
+        if record is None:
+            return cls.default(class_names)
+        if isinstance(record, (list, tuple)):
+            record = {'values': dict(zip(class_names, record)), 'method': 'stored list'}
+            if len(record['values']) != len(class_names):
+                raise ValueError(f"stored thresholds have {len(record['values'])} values for {len(class_names)} classes")
+        values, temps = record.get('values') or {}, record.get('temperatures')
+        missing = [n for n in class_names if n not in values or (temps and n not in temps)]
+        if missing:
+            raise ValueError(f"the stored thresholds lack the classes {missing}; re-run evaluate for this model")
+        return cls(list(class_names), np.array([values[n] for n in class_names], dtype=np.float64),
+                   None if not temps else np.array([temps[n] for n in class_names], dtype=np.float64),
+                   record.get('method', 'stored'), record.get('target_sensitivity'), record.get('fitted_on'))
+
+    @classmethod
+    def of_model(cls, meta: dict[str, Any]) -> 'OperatingPoint':
+        """The operating point in `load_model`'s meta, warning when none was fitted."""
+        op = cls.from_meta(meta.get('thresholds'), meta['class_names'])
+        if not op.fitted:
+            warnings.warn("this model has no fitted thresholds (run `hybridmednet evaluate` on it); "
+                          f"using {DEFAULT_THRESHOLD} for every finding", stacklevel=2)
+        return op
+
+
+def model_files(model_path: str | Path) -> list[Path]:
+    """The training checkpoint and/or safetensors sidecar that describe this model (those that exist)."""
+    path = Path(model_path)
+    candidates = [path.with_suffix('.json')] if path.suffix == '.safetensors' else [path]
+    candidates += [path.with_suffix(s) for s in PTH_SUFFIXES if path.suffix == '.safetensors']
+    if path.suffix in PTH_SUFFIXES and path.with_suffix('.safetensors').is_file():
+        candidates.append(path.with_suffix('.json'))
+    return [p for p in dict.fromkeys(candidates) if p.is_file()]
+
+
+def store(model_path: str | Path, op: OperatingPoint) -> list[Path]:
+    """Write `op` as the `thresholds` entry of every file describing the model; returns those files."""
+    from hybridmednet.engine.checkpoint import load_checkpoint, save_checkpoint
+    record = op.to_meta()
+    written = []
+    for path in model_files(model_path):
+        if path.suffix == '.json':
+            sidecar = json.loads(path.read_text())
+            sidecar['thresholds'] = record
+            tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+            tmp.write_text(json.dumps(sidecar, indent=2))
+            os.replace(tmp, path)     # atomic: a crash leaves the old sidecar
+        else:
+            state = load_checkpoint(path)
+            state['thresholds'] = record
+            save_checkpoint(path, state)
+        written.append(path)
+    return written
