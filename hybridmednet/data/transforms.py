@@ -1,0 +1,71 @@
+"""Image transforms: float [H, W] in [0, 1] -> normalised FloatTensor [3, S, S].
+
+torchvision.transforms.v2 by default; `DATA['use_albumentations']` swaps in a stronger
+training pipeline (adds rotation, gamma, blur/noise). The default leaves rotation out:
+a rotation is a grid_sample, which alone costs more than the rest of the pipeline on a CPU,
+while the random resized crop already varies position and scale. Evaluation is always the same deterministic resize, whatever trained the model.
+Horizontal flips are off unless asked for: the heart is on the patient's left.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from hybridmednet.config import Config
+
+# Grey is copied to 3 channels and normalised with ImageNet statistics, as timm backbones expect.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """float [H, W] -> FloatTensor [1, H, W] (shares memory)."""
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+
+
+def grey_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    return image.expand(3, -1, -1)
+
+
+def build_transforms(config: Config, train: bool) -> Callable[[np.ndarray], torch.Tensor]:
+    """The pipeline for one split; picklable, so DataLoader workers can use it."""
+    size = config.DATA['image_size']
+    tail = [v2.Lambda(grey_to_rgb), v2.Normalize(MEAN, STD)]
+    if train and config.DATA['use_albumentations']:
+        return _AlbumentationsPipeline(size, config.DATA['horizontal_flip'], v2.Compose(tail))
+    if not train:
+        return v2.Compose([v2.Lambda(to_tensor), v2.Resize((size, size), antialias=True), *tail])
+    flip = [v2.RandomHorizontalFlip()] if config.DATA['horizontal_flip'] else []
+    return v2.Compose([
+        v2.Lambda(to_tensor),
+        v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.ColorJitter(brightness=0.2, contrast=0.2),
+        *flip, *tail,
+    ])
+
+
+class _AlbumentationsPipeline:
+    """Stronger training augmentation (rotation, gamma, blur/noise) on the float image."""
+
+    def __init__(self, size: int, flip: bool, tail: Callable[[torch.Tensor], torch.Tensor]):
+        try:
+            import albumentations as A
+        except ImportError:
+            raise ImportError("DATA.use_albumentations needs albumentations: "
+                              "pip install 'hybridmednet[albumentations]'") from None
+        self.pipeline = A.Compose([
+            A.RandomResizedCrop(size=(size, size), scale=(0.7, 1.0), ratio=(0.85, 1.15)),
+            A.Affine(rotate=(-10, 10), translate_percent=(-0.06, 0.06), scale=(0.9, 1.1), p=0.7),
+            A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.8),
+            A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.01, 0.04))], p=0.3),
+            *([A.HorizontalFlip()] if flip else []),
+        ])
+        self.tail = tail
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        out = self.pipeline(image=np.ascontiguousarray(image, dtype=np.float32))['image']
+        return self.tail(to_tensor(np.clip(out, 0.0, 1.0)))

@@ -1,0 +1,113 @@
+"""read_image: exact values for every format, and errors that name the file."""
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
+
+from hybridmednet.data.io import ImageReadError, read_image
+
+
+def write_dicom(path, pixels, syntax=ExplicitVRLittleEndian, pixel_data=None, **attrs):
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME2'
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixel_data if pixel_data is not None else pixels.astype(np.uint16).tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_png_8bit_exact(tmp_path):
+    pixels = np.array([[0, 255], [128, 64]], dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / 'a.png')
+    image = read_image(tmp_path / 'a.png')
+    assert image.dtype == np.float32 and image.shape == (2, 2)
+    np.testing.assert_allclose(image, pixels / 255.0, atol=1e-7)
+
+
+def test_png_16bit_keeps_precision(tmp_path):
+    pixels = np.array([[0, 65535], [32768, 1]], dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / 'a.png')
+    np.testing.assert_allclose(read_image(tmp_path / 'a.png'), pixels / 65535.0, atol=1e-7)
+
+
+@pytest.mark.parametrize('mode', ['RGB', 'RGBA'])
+def test_colour_png_becomes_luminance(tmp_path, mode):
+    grey = np.array([[10, 200], [90, 255]], dtype=np.uint8)
+    channels = [grey] * 3 + ([np.zeros_like(grey)] if mode == 'RGBA' else [])
+    Image.fromarray(np.stack(channels, -1), mode).save(tmp_path / 'a.png')
+    np.testing.assert_allclose(read_image(tmp_path / 'a.png'), grey / 255.0, atol=1 / 255)
+
+
+def test_jpeg(tmp_path):
+    Image.fromarray(np.full((16, 16), 100, np.uint8)).save(tmp_path / 'a.jpg', quality=95)
+    image = read_image(tmp_path / 'a.jpg')
+    assert image.shape == (16, 16) and abs(image.mean() - 100 / 255) < 2 / 255
+
+
+def test_dicom_without_window_is_min_max_scaled(tmp_path):
+    path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 100, 200]]))
+    np.testing.assert_allclose(read_image(path), [[0.0, 0.5, 1.0]])
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 100, 200]]), PhotometricInterpretation='MONOCHROME1')
+    np.testing.assert_allclose(read_image(path), [[1.0, 0.5, 0.0]])
+
+
+def test_dicom_window_centre_width(tmp_path):
+    path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 50, 100, 150, 200]]), WindowCenter=100.5, WindowWidth=101)
+    np.testing.assert_allclose(read_image(path), [[0.0, 0.0, 0.5, 1.0, 1.0]], atol=1e-6)
+
+
+def test_dicom_rescale_then_window_in_physical_units(tmp_path):
+    # stored 0, 512, 1024 -> -1024, 0, 1024 after slope 2 / intercept -1024; window [-1024, 1024]
+    path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 512, 1024]]), RescaleSlope=2, RescaleIntercept=-1024,
+                       WindowCenter=0.5, WindowWidth=2049)
+    np.testing.assert_allclose(read_image(path), [[0.0, 0.5, 1.0]], atol=1e-6)
+
+
+def test_dicom_found_by_marker_without_suffix(tmp_path):
+    path = write_dicom(tmp_path / 'IM0001', np.array([[0, 10]]))
+    np.testing.assert_allclose(read_image(path), [[0.0, 1.0]])
+
+
+def test_dicom_multiframe_refused(tmp_path):
+    path = write_dicom(tmp_path / 'a.dcm', np.zeros((2, 2, 2)), NumberOfFrames=2)
+    with pytest.raises(ImageReadError, match=r'a\.dcm: multi-frame'):
+        read_image(path)
+
+
+def test_compressed_dicom_without_decoders_names_the_extra(tmp_path):
+    pytest.importorskip('pydicom')
+    try:
+        import pylibjpeg  # noqa: F401
+        pytest.skip('pylibjpeg is installed')
+    except ImportError:
+        pass
+    from pydicom.encaps import encapsulate
+    path = write_dicom(tmp_path / 'a.dcm', np.zeros((2, 2)), syntax=JPEG2000Lossless,
+                       pixel_data=encapsulate([b'\xff\x4f\xff\x51' + b'\x00' * 12]))
+    with pytest.raises(ImageReadError, match=r"a\.dcm: compressed DICOM .*hybridmednet\[dicom\]"):
+        read_image(path)
+
+
+def test_bad_files_name_the_file(tmp_path):
+    Image.fromarray(np.zeros((64, 64), np.uint8) + 7).save(tmp_path / 'full.png')
+    data = (tmp_path / 'full.png').read_bytes()
+    (tmp_path / 'truncated.png').write_bytes(data[: len(data) // 2])
+    (tmp_path / 'empty.png').write_bytes(b'')
+    (tmp_path / 'text.png').write_text('not an image')
+    for name, why in [('truncated.png', 'cannot read'), ('empty.png', 'empty'), ('text.png', 'not a recognised'),
+                      ('missing.png', 'not found')]:
+        with pytest.raises(ImageReadError, match=f"{name}: .*{why}"):
+            read_image(tmp_path / name)
