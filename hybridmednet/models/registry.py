@@ -80,3 +80,7 @@ register(BackboneSpec('convnext_atto', 'convnext', _TIMM, 'convnext_atto.d2_in1k
 register(BackboneSpec('efficientnet_b0', 'efficientnet', _TIMM, 'efficientnet_b0.ra_in1k', (1, 2, 3, 4)))
 for _size, _params in (('tiny', 7.0), ('small', 26.0), ('base', 98.0)):
     register(BackboneSpec(f'vim_{_size}', 'mamba', _VIM, None, None, _params, experimental=True))
+# MambaOut (Yu & Wang, 2024): gated-CNN stages from the Mamba line of work, strides 4..32, CPU-friendly.
+# EfficientViM is not registered: its 3 timm stages sit at strides 16/32/64, not 4..32.
+for _size, _params in (('femto', 7.3), ('kobe', 9.1), ('tiny', 26.5), ('small', 48.5), ('base', 84.8)):
+    register(BackboneSpec(f'mambaout_{_size}', 'mambaout', _TIMM, f'mambaout_{_size}.in1k', (0, 1, 2, 3), _params))
