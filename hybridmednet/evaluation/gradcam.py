@@ -44,9 +44,17 @@ def grad_cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]
     return (out / peak).cpu().numpy()
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str | None = None) -> Image.Image:
-    """The grey image [H, W] in [0, 1] with the heatmap (any size, resized) blended on top in 'jet'."""
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str | None = None,
+            max_side: int = 1024) -> Image.Image:
+    """The grey image [H, W] in [0, 1] with the heatmap (any size, resized) blended on top in 'jet'.
+
+    Images larger than `max_side` (a 3000-pixel DICOM) are shrunk first: the heatmap has far less detail.
+    """
     from matplotlib import colormaps
+    if max(image.shape) > max_side:
+        scale = max_side / max(image.shape)
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = np.asarray(Image.fromarray(image.astype(np.float32), mode='F').resize(size, Image.BILINEAR))
     h, w = image.shape
     cam = F.interpolate(torch.from_numpy(np.asarray(cam, dtype=np.float32))[None, None], size=(h, w),
                         mode='bilinear', align_corners=False)[0, 0].clamp(0, 1).numpy()
