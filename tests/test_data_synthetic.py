@@ -1,0 +1,74 @@
+"""The sample dataset: NIH layout, deterministic, NIH-like label statistics, usable out of the box."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hybridmednet.config import NIH_FINDINGS, Config
+from hybridmednet.data import synthetic
+from hybridmednet.data.datasets import build_datasets, build_index
+from hybridmednet.data.splits import patient_leaks
+
+
+@pytest.fixture(scope='module')
+def sample(tmp_path_factory):
+    return synthetic.generate_sample_dataset(tmp_path_factory.mktemp('s') / 'a', n=60, size=48, seed=3, workers=1)
+
+
+def test_layout_and_official_lists(sample):
+    table = pd.read_csv(sample / 'Data_Entry_2017.csv')
+    assert list(table.columns[:7]) == ['Image Index', 'Finding Labels', 'Follow-up #', 'Patient ID',
+                                       'Patient Age', 'Patient Gender', 'View Position']
+    assert len(table) == 60 and table['Patient ID'].nunique() < 60  # several images per patient
+    assert all((sample / 'images' / name).is_file() for name in table['Image Index'])
+    train_val = (sample / 'train_val_list.txt').read_text().split()
+    test = (sample / 'test_list.txt').read_text().split()
+    assert sorted(train_val + test) == sorted(table['Image Index'])
+    pid = dict(zip(table['Image Index'], table['Patient ID']))
+    assert not {pid[n] for n in train_val} & {pid[n] for n in test}
+    info = json.loads((sample / 'sample_info.json').read_text())
+    assert info['label_counts']['No Finding'] == (table['Finding Labels'] == 'No Finding').sum()
+
+
+def test_deterministic_for_a_seed(sample, tmp_path):
+    again = synthetic.generate_sample_dataset(tmp_path / 'b', n=60, size=48, seed=3, workers=2)
+    assert (again / 'Data_Entry_2017.csv').read_text() == (sample / 'Data_Entry_2017.csv').read_text()
+    for name in ['00000001_000.png', (sample / 'test_list.txt').read_text().split()[0]]:
+        assert (again / 'images' / name).read_bytes() == (sample / 'images' / name).read_bytes()
+    other = synthetic.generate_sample_dataset(tmp_path / 'c', n=60, size=48, seed=4, workers=1)
+    assert (other / 'Data_Entry_2017.csv').read_text() != (sample / 'Data_Entry_2017.csv').read_text()
+
+
+def test_label_statistics_follow_nih_with_a_floor():
+    patients = np.repeat(np.arange(10000), 2)
+    labels = synthetic.sample_labels(patients, np.random.default_rng(0))
+    target = synthetic.prevalences(len(patients))
+    assert target[NIH_FINDINGS.index('Hernia')] == pytest.approx(0.005)  # floor: 100 / 20000
+    np.testing.assert_allclose(labels.mean(0), target, atol=0.01)
+    effusion, atelectasis = labels[:, 2], labels[:, 0]
+    assert effusion[atelectasis].mean() > 2 * effusion.mean()  # NIH co-occurrence kept
+    same_patient = (labels[0::2] == labels[1::2]).all(1).mean()
+    other_patient = (labels[0::2] == np.roll(labels[1::2], 1, axis=0)).all(1).mean()
+    assert same_patient > other_patient  # follow-ups share findings
+
+
+def test_sample_is_the_default_dataset(sample, monkeypatch, tmp_path):
+    monkeypatch.setenv('HYBRIDMEDNET_CACHE', str(tmp_path))
+    config = Config()
+    config.DATA.update(sample_size=30, sample_image_size=32, image_size=32)
+    data = build_datasets(config)
+    assert sum(len(d) for d in data.values()) == 30
+    image, target, mask = data['train'][0]
+    assert image.shape == (3, 32, 32) and target.shape == (14,)
+    folder = synthetic.cached_sample_dataset(30, 32)
+    assert folder.parent == tmp_path and len(list(tmp_path.iterdir())) == 1  # no temporary left behind
+    index = build_index(config)
+    assert patient_leaks(index.records['patient_id'], index.records['split']) == {}
+
+
+def test_cli(tmp_path, capsys):
+    assert synthetic.main([str(tmp_path / 'd'), '--n', '12', '--size', '32', '--workers', '1']) == 0
+    assert 'wrote 12 images' in capsys.readouterr().out
+    with pytest.raises(ValueError, match='n=3 is too small'):
+        synthetic.generate_sample_dataset(tmp_path / 'e', n=3)
