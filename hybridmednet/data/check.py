@@ -39,7 +39,8 @@ def scan_files(paths: list[str], decode: bool = True, workers: int = 1) -> tuple
 
 
 def report(index: DataIndex, missing: list[str], corrupt: list[str], warnings: list[str]) -> str:
-    records, lines = index.records, [f"dataset: {index.source}", f"images: {len(records)}"]
+    records = index.records
+    lines = [f"dataset: {index.source}", f"images: {len(records)}"]
     splits = records['split'].to_numpy()
     header = f"{'':22s}" + ''.join(f"{s:>8s}" for s in SPLITS)
     lines += ['', header,
