@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs what the tests need into .venv, then runs the default (fast) test suite. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test,dicom,albumentations,gradcam,onnx
+export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
