@@ -2,9 +2,10 @@
 
 torchvision.transforms.v2 by default; `DATA['use_albumentations']` swaps in a stronger
 training pipeline (adds rotation, gamma, blur/noise). The default leaves rotation out:
-a rotation is a grid_sample, which alone costs more than the rest of the pipeline on a CPU,
-while the random resized crop already varies position and scale. Evaluation is always the same deterministic resize, whatever trained the model.
-Horizontal flips are off unless asked for: the heart is on the patient's left.
+a rotation is a grid_sample, which alone costs more than the rest of the pipeline on a
+CPU, while the random resized crop already varies position and scale. Evaluation is
+always the same deterministic resize, whatever trained the model. Horizontal flips are
+off unless asked for: the heart is on the patient's left.
 """
 from __future__ import annotations
 
