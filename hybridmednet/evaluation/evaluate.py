@@ -189,7 +189,7 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
         results['figures'] = {k: p.name for k, p in figures.items()}
         results['predictions'] = {'path': records['path'].astype(str).tolist(),
                                   'patient_id': records['patient_id'].astype(str).tolist() if has_patients else None,
-                                  'labels': y, 'mask': mask, 'probabilities': np.round(probs, 6)}
+                                  'labels': y, 'mask': mask, 'probabilities': probs}
         results['written'] = {k: str(p) for k, p in report_paths(out_dir).items()}
         write_report(results, out_dir)
     return results

@@ -28,6 +28,8 @@ def grad_cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]
     if x.shape[0] != 1:
         raise ValueError(f"grad_cam takes one image, got a batch of {x.shape[0]}")
     size = x.shape[-2:]
+    # An input that requires grad gives the maps a graph even when every weight is frozen.
+    x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         maps = model.forward_features(x)
         chosen = [maps[i] for i in (range(len(maps)) if scales is None else scales)]

@@ -1,0 +1,90 @@
+"""Grad-CAM: follows a bright object, has the input's shape for every backbone family, overlays."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hybridmednet import create_model
+from hybridmednet.evaluation.gradcam import grad_cam, overlay
+
+
+class BrightSpotNet(nn.Module):
+    """forward_features/forward_head like HybridMedNet: pyramid of pooled images, logit = pooled brightness.
+
+    The finding's evidence is wherever the image is bright, so a correct Grad-CAM must peak there.
+    """
+
+    def forward_features(self, x):
+        return [nn.functional.avg_pool2d(x, s) for s in (4, 8, 16, 32)]
+
+    def forward_head(self, maps):
+        return torch.stack([m.mean((1, 2, 3)) for m in maps], 1).sum(1, keepdim=True) * torch.ones(1, 2)
+
+
+def square_image(row: int, col: int, size: int = 128, side: int = 16) -> torch.Tensor:
+    x = torch.zeros(3, size, size)
+    x[:, row:row + side, col:col + side] = 1.0
+    return x
+
+
+def peak(cam: np.ndarray) -> tuple[int, int]:
+    return np.unravel_index(int(cam.argmax()), cam.shape)
+
+
+def test_heatmap_follows_the_object():
+    model = BrightSpotNet()
+    for row, col in ((8, 8), (8, 100), (96, 40), (60, 60)):
+        cam = grad_cam(model, square_image(row, col), [0])[0]
+        r, c = peak(cam)
+        assert row - 8 <= r < row + 24 and col - 8 <= c < col + 24
+        inside = cam[row:row + 16, col:col + 16].mean()
+        assert inside > 3 * cam.mean()
+
+
+@pytest.mark.parametrize('backbone,size', [('resnet18', 64), ('convnext_atto', 64), ('efficientnet_b0', 64),
+                                           ('swin_tiny', 224)])
+def test_heatmap_shape_for_every_family(backbone, size):
+    torch.manual_seed(0)
+    model = create_model(backbone, num_classes=3, image_size=size).eval()
+    cams = grad_cam(model, torch.randn(3, size, size), [0, 2])
+    assert cams.shape == (2, size, size)
+    assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() == pytest.approx(1.0)
+    assert not any(p.grad is not None for p in model.parameters())   # no gradients left behind
+
+
+def test_overlay_keeps_the_image_size_and_shrinks_huge_ones():
+    image = np.random.default_rng(0).random((300, 200)).astype(np.float32)
+    cam = np.zeros((7, 7))
+    cam[0, 0] = 1
+    picture = overlay(image, cam, label='Effusion p=0.91')
+    assert picture.size == (200, 300) and picture.mode == 'RGB'
+    assert overlay(np.zeros((3000, 2000), np.float32), cam).size == (683, 1024)
+
+
+@pytest.mark.slow
+def test_trained_model_heatmap_moves_with_the_object():
+    """A real HybridMedNet, its head trained for a bright square: the heatmap peak follows the square."""
+    torch.manual_seed(0)
+    size, side = 64, 12
+    model = create_model('resnet18', num_classes=1, image_size=size, class_names=['square'], dropout=0.0)
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(40):
+        x = torch.rand(16, 1, size, size, generator=g) * 0.3
+        y = (torch.rand(16, generator=g) < 0.5).float()
+        corner = torch.randint(0, size - side, (16, 2), generator=g)
+        for i in torch.nonzero(y).flatten().tolist():
+            x[i, 0, corner[i, 0]:corner[i, 0] + side, corner[i, 1]:corner[i, 1] + side] = 1.0
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x.expand(-1, 3, -1, -1))[:, 0], y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    for row, col in ((4, 4), (4, 48), (48, 4), (48, 48)):
+        x = torch.rand(1, size, size, generator=g) * 0.3
+        x[0, row:row + side, col:col + side] = 1.0
+        r, c = peak(grad_cam(model, x.expand(3, -1, -1), [0])[0])
+        assert abs(r - (row + side / 2)) <= side and abs(c - (col + side / 2)) <= side
