@@ -52,24 +52,20 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   chunk: int = 8) -> Tensor:
+                   chunk: int = 8, segment: int = 64) -> Tensor:
     """Chunked selective scan, same arguments and result as `selective_scan_ref`.
 
-    The states live time-major as [b, l, d*n] so each step of the chunk loop touches
-    contiguous rows; the sequence is padded to a multiple of `chunk` with delta = 0
-    (decay 1, no input), which leaves the real tokens untouched.
+    The sequence is handled `segment` tokens at a time, so the [tokens, d, n] states exist one
+    segment at a time (memory O(l * d), cache-sized work); it is padded to a multiple of `chunk`
+    with delta = 0 (decay 1, no input), which leaves the real tokens untouched.
     """
-    b, d, length = u.shape
-    n = A.shape[1]
+    length = u.shape[-1]
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
     pad = -length % chunk
     time_major = lambda t: F.pad(t, (0, pad)).transpose(1, 2).contiguous()
-    dt, dtu, Bt, Ct = time_major(delta), time_major(delta * u), time_major(B), time_major(C)
-    decay = torch.exp(dt.unsqueeze(-1) * A).view(b, length + pad, d * n)
-    drive = (dtu.unsqueeze(-1) * Bt.unsqueeze(2)).view(b, length + pad, d * n)
-    h = _LinearScan.apply(decay, drive, chunk).view(b, length + pad, d, n)
-    y = (h * Ct.unsqueeze(2)).sum(-1)[:, :length].transpose(1, 2)  # faster on CPU than a batched matvec
-    return _finish(y, u, D, z)
+    y = _SelectiveScan.apply(time_major(delta), time_major(delta * u), A, time_major(B), time_major(C),
+                             chunk, max(segment // chunk, 1) * chunk)
+    return _finish(y[:, :length].transpose(1, 2), u, D, z)
 
 
 def _prepare_delta(delta: Tensor, bias: Tensor | None, softplus: bool) -> Tensor:
@@ -84,50 +80,86 @@ def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
     return y * F.silu(z) if z is not None else y
 
 
-class _LinearScan(torch.autograd.Function):
-    """h_t = a_t * h_{t-1} + x_t along dim 1 of [b, l, m]; the gradient is the same scan run backwards."""
+class _SelectiveScan(torch.autograd.Function):
+    """y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + (dt u)_t B_t, on time-major inputs
+    dt, dtu [b, l, d], A [d, n], B, C [b, l, n]. Only the state entering each segment is kept;
+    the backward pass recomputes a segment's states and runs the same scan backwards in time."""
 
     @staticmethod
-    def forward(ctx: Any, a: Tensor, x: Tensor, chunk: int) -> Tensor:
-        h = _chunked_scan(a, x, chunk, reverse=False)
-        ctx.save_for_backward(a, h)
-        ctx.chunk = chunk
-        return h
+    def forward(ctx: Any, dt: Tensor, dtu: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
+                segment: int) -> Tensor:
+        b, length, d = dt.shape
+        y = dt.new_empty(b, length, d)
+        carry = dt.new_zeros(b, d * A.shape[1])
+        entering = []
+        for s in range(0, length, segment):
+            e = min(s + segment, length)
+            entering.append(carry)
+            h, carry = _segment_states(dt[:, s:e], dtu[:, s:e], A, B[:, s:e], carry, chunk)
+            y[:, s:e] = (h * C[:, s:e, None, :]).sum(-1)
+        ctx.save_for_backward(dt, dtu, A, B, C, torch.stack(entering, 1))
+        ctx.chunk, ctx.segment = chunk, segment
+        return y
 
     @staticmethod
-    def backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, Tensor, None]:
-        a, h = ctx.saved_tensors
-        # dL/dh_t = grad_h_t + a_{t+1} dL/dh_{t+1}
-        a_next = torch.cat([a[:, 1:], a.new_zeros(a.shape[0], 1, a.shape[2])], 1)
-        grad_x = _chunked_scan(a_next, grad_h.contiguous(), ctx.chunk, reverse=True)
-        grad_a = torch.zeros_like(a)
-        torch.mul(grad_x[:, 1:], h[:, :-1], out=grad_a[:, 1:])
-        return grad_a, grad_x, None
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        dt, dtu, A, B, C, entering = ctx.saved_tensors
+        chunk, segment = ctx.chunk, ctx.segment
+        b, length, d = dt.shape
+        n = A.shape[1]
+        grad_dt, grad_dtu = torch.empty_like(dt), torch.empty_like(dtu)
+        grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
+        grad_A = torch.zeros_like(A)
+        grad_y = grad_y.contiguous()
+        after = dt.new_zeros(b, d * n)        # dL/dh at the first token after this segment
+        decay_after = dt.new_zeros(b, 1, d * n)  # and the decay that carries it back one token
+        for i, s in reversed(list(enumerate(range(0, length, segment)))):
+            e = min(s + segment, length)
+            h, _ = _segment_states(dt[:, s:e], dtu[:, s:e], A, B[:, s:e], entering[:, i], chunk)
+            a = torch.exp(dt[:, s:e, :, None] * A).view(b, e - s, d * n)
+            gh = (grad_y[:, s:e, :, None] * C[:, s:e, None, :]).view(b, e - s, d * n)
+            # dL/dh_t = gh_t + a_{t+1} dL/dh_{t+1}, in place of gh
+            a_next = torch.cat([a[:, 1:], decay_after], 1)
+            _scan_segment(a_next, gh, gh, after, chunk, reverse=True)
+            dh = gh
+            after, decay_after = dh[:, 0], a[:, :1]
+            # gradient of the log-decay dt*A: dL/dh_t * h_{t-1} * a_t
+            h_prev = torch.cat([entering[:, i, None], h.view(b, e - s, d * n)[:, :-1]], 1)
+            g_log = (dh * h_prev * a).view(b, e - s, d, n)
+            grad_dt[:, s:e] = (g_log * A).sum(-1)
+            grad_A += (g_log * dt[:, s:e, :, None]).sum((0, 1))
+            dh = dh.view(b, e - s, d, n)
+            grad_dtu[:, s:e] = (dh * B[:, s:e, None, :]).sum(-1)
+            grad_B[:, s:e] = (dh * dtu[:, s:e, :, None]).sum(2)
+            grad_C[:, s:e] = (h * grad_y[:, s:e, :, None]).sum(2)
+        return grad_dt, grad_dtu, grad_A, grad_B, grad_C, None, None
 
 
-def _chunked_scan(a: Tensor, x: Tensor, chunk: int, reverse: bool, segment: int = 64) -> Tensor:
-    """The recurrence in chunks, `segment` tokens at a time so the working set stays in cache."""
-    b, length, m = x.shape
-    out = torch.empty_like(x)
-    carry = x.new_zeros(b, m)
-    seg = max(segment // chunk, 1) * chunk
-    starts = range(0, length, seg)
-    for s in (reversed(starts) if reverse else starts):
-        e = min(s + seg, length)
-        carry = _scan_segment(a[:, s:e], x[:, s:e], out[:, s:e], carry, chunk, reverse)
-    return out
+def _segment_states(dt: Tensor, dtu: Tensor, A: Tensor, B: Tensor, carry: Tensor,
+                    chunk: int) -> tuple[Tensor, Tensor]:
+    """States [b, l, d, n] of one segment from the state entering it; also the state leaving it."""
+    b, length, d = dt.shape
+    n = A.shape[1]
+    a = torch.exp(dt.unsqueeze(-1) * A).view(b, length, d * n)
+    x = (dtu.unsqueeze(-1) * B.unsqueeze(2)).view(b, length, d * n)
+    carry = _scan_segment(a, x, x, carry, chunk, reverse=False)  # in place: x becomes the states
+    return x.view(b, length, d, n), carry
 
 
 def _scan_segment(a: Tensor, x: Tensor, out: Tensor, carry: Tensor, chunk: int, reverse: bool) -> Tensor:
+    """h_t = a_t h_{t-1} + x_t over dim 1 (h_t = a_t h_{t+1} + x_t when reversed), starting from
+    `carry`, written to `out` (which may be x). Steps run one at a time inside chunks, all chunks at
+    once; the chunks' boundary states are then carried in a short loop. Returns the last state."""
     b, length, m = x.shape
     k = length // chunk
     a, x, h = (t.view(b, k, chunk, m) for t in (a, x, out))
     p = torch.empty_like(a)  # decay accumulated from the chunk's first step (in scan order) to each step
     steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
     first, prev = steps[0], steps[0]
-    h[:, :, first] = x[:, :, first]
+    if h is not x:
+        h[:, :, first] = x[:, :, first]
     p[:, :, first] = a[:, :, first]
-    for t in steps[1:]:  # every chunk at once, one step at a time
+    for t in steps[1:]:
         torch.addcmul(x[:, :, t], a[:, :, t], h[:, :, prev], out=h[:, :, t])
         torch.mul(a[:, :, t], p[:, :, prev], out=p[:, :, t])
         prev = t
