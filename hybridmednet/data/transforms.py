@@ -42,7 +42,10 @@ def build_transforms(config: Config, train: bool) -> Callable[[np.ndarray], torc
     flip = [v2.RandomHorizontalFlip()] if config.DATA['horizontal_flip'] else []
     return v2.Compose([
         v2.Lambda(to_tensor),
-        v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+        # Antialiased resize to 8/7 of the size once (a no-op on a 256 px cache at 224 px),
+        # then a crop that rescales by at most ~1.3x needs no antialiasing: half the cost.
+        v2.Resize(round(size * 8 / 7), antialias=True),
+        v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=False),
         v2.ColorJitter(brightness=0.2, contrast=0.2),
         *flip, *tail,
     ])
