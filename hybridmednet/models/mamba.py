@@ -2,9 +2,10 @@
 
 Pure PyTorch, so it trains and runs on CPU. The selective scan is chunked: the linear
 recurrence runs step by step only inside short chunks (all chunks at once), and the
-chunk boundary states are carried in a second short loop, so the Python loop is
-`chunk + L / chunk` steps long instead of `L`. On a GPU with `mamba-ssm` installed the
-fused CUDA kernel runs each direction instead.
+chunk boundary states are carried in a second short loop, so the Python loop has about
+`chunk + L / chunk` steps instead of `L`. The [L, d, n] states exist one segment of tokens
+at a time and the backward pass recomputes them, as the CUDA kernel does, so memory grows
+as L * d. On a GPU with `mamba-ssm` installed the fused kernel runs each direction instead.
 
 Module and parameter names follow the official hustvl/Vim code, so its checkpoints load
 key for key (`load_vim_checkpoint`).
