@@ -76,6 +76,14 @@ def test_dicom_rescale_then_window_in_physical_units(tmp_path):
     np.testing.assert_allclose(read_image(path), [[0.0, 0.5, 1.0]], atol=1e-6)
 
 
+def test_dicom_voi_lut_sequence(tmp_path):
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 8]  # 4 entries, first stored value 0, 8-bit output
+    lut.LUTData = np.array([0, 51, 102, 255], np.uint16).tobytes()
+    path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 1, 2, 3]]), VOILUTSequence=[lut])
+    np.testing.assert_allclose(read_image(path), [[0.0, 0.2, 0.4, 1.0]], atol=1e-6)
+
+
 def test_dicom_found_by_marker_without_suffix(tmp_path):
     path = write_dicom(tmp_path / 'IM0001', np.array([[0, 10]]))
     np.testing.assert_allclose(read_image(path), [[0.0, 1.0]])

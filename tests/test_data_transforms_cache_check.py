@@ -1,4 +1,5 @@
 """Transforms, the memory-mapped cache and check-data."""
+import pickle
 import sys
 
 import numpy as np
@@ -74,6 +75,8 @@ def test_cache_is_used_transparently(tmp_path):
     row = list(data.records['path']).index(str(tmp_path / '3.png'))
     np.testing.assert_allclose(data.load_image(row), np.full((20, 20), 60 / 255, np.float32))
     assert data[row][0].shape == (3, 16, 16)
+    spawned = pickle.loads(pickle.dumps(data))  # as a spawn-started DataLoader worker gets it
+    np.testing.assert_array_equal(spawned.load_image(row), data.load_image(row))
     config.DATA['image_size'] = 32  # cache too small: files are read, and 3.png is missing
     with pytest.raises(Exception, match='3.png'):
         build_datasets(config)

@@ -41,6 +41,14 @@ class ImageCache:
         keys = pd.read_csv(root / 'index.csv', dtype=str, keep_default_na=False)['path']
         self._row = {k: i for i, k in enumerate(keys)}
 
+    def __getstate__(self) -> dict:
+        """DataLoader workers started by spawn (macOS, Windows) reopen the map instead of copying it."""
+        return {**self.__dict__, 'images': None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.images = np.load(self.root / 'images.npy', mmap_mode='r')
+
     def rows(self, paths: Sequence[str]) -> np.ndarray:
         """Cache row of each image path, -1 where the cache does not hold it."""
         return np.array([self._row.get(os.path.relpath(p, self.data_dir), -1) for p in paths], dtype=np.int64)

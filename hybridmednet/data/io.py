@@ -82,15 +82,15 @@ def _read_dicom(path: Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({exc})") from None
     if arr.ndim == 3:  # colour DICOM (rare for X-rays): luminance
         arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    arr = apply_modality_lut(arr, ds).astype(np.float64)  # stored values -> physical (slope/intercept)
+    arr = apply_modality_lut(arr, ds)  # stored values -> physical (LUT or slope/intercept)
     if 'VOILUTSequence' in ds:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         image = apply_voi(arr, ds).astype(np.float64) / (2 ** bits - 1)
     elif 'WindowCenter' in ds and 'WindowWidth' in ds:
-        image = _window(arr, _first(ds.WindowCenter), _first(ds.WindowWidth),
+        image = _window(arr.astype(np.float64), _first(ds.WindowCenter), _first(ds.WindowWidth),
                         str(ds.get('VOILUTFunction', 'LINEAR')).upper())
     else:
-        image = _minmax(arr)
+        image = _minmax(arr.astype(np.float64))
     if ds.get('PhotometricInterpretation') == 'MONOCHROME1':  # low values are white
         image = 1.0 - image
     return np.clip(image, 0.0, 1.0)
