@@ -173,3 +173,17 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path):
     resumed_result, resumed = run(tmp_path / 'run', resume=last, epochs=3, ema_decay=0.5)
     assert not resumed_result['interrupted'] and resumed_result['epochs'] == 3
     assert_same_weights(resumed, reference)
+
+
+class _OutOfMemory(TinyNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+
+
+def test_out_of_memory_names_the_remedies(tmp_path):
+    with pytest.raises(TrainingError) as info:
+        train(tiny_config(tmp_path, batch_size=8), model=_OutOfMemory(), datasets=tiny_datasets())
+    message = str(info.value)
+    for remedy in ('TRAIN.batch_size=4 TRAIN.gradient_accumulation_steps=2', 'MODEL.backbone=convnext_tiny',
+                   'MODEL.use_cross_scale_attention=false'):
+        assert remedy in message

@@ -271,14 +271,14 @@ class Trainer:
         return path
 
     def resume(self, path: str | Path) -> None:
-        ckpt = load_checkpoint(path, self.device)
+        ckpt = load_checkpoint(path, 'cpu')          # RNG states must stay on the CPU; weights are copied over
         self.model.load_state_dict(ckpt['model_state_dict'], strict=True)
         self.optimizer.load_state_dict(ckpt['optimizer_state_dict'])
         self.schedule.load_state_dict(ckpt['scheduler_state_dict'])
         self.scaler.load_state_dict(ckpt['scaler_state_dict'])
         if (self.ema is None) != (ckpt['ema_state_dict'] is None):
             raise TrainingError(f"{path}: TRAIN.ema_decay must stay on/off as it was when the checkpoint was written")
-        self.ema = ckpt['ema_state_dict']
+        self.ema = ckpt['ema_state_dict'] and {k: v.to(self.device) for k, v in ckpt['ema_state_dict'].items()}
         self.progress = Progress(**{k: ckpt[k] for k in Progress.__dataclass_fields__})
         if ckpt['world_size'] == self.dist.world:
             set_rng_state(ckpt['rng_states'][self.dist.rank])
