@@ -11,6 +11,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from hybridmednet.config import Config
@@ -19,6 +20,7 @@ from hybridmednet.engine.checkpoint import export_weights, load_model, save_chec
 from hybridmednet.evaluation import card, evaluate, predict
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
+from test_data_io import write_dicom
 
 
 def make_checkpoint(path, data_dir, seed):
@@ -111,6 +113,10 @@ def test_predict_directory_skips_unreadable_files(workspace, evaluated, tmp_path
     shutil.copy(sources[0], images / 'a.png')
     shutil.copy(sources[1], images / 'nested' / 'b.png')
     shutil.copy(sources[2], images / 'c.png')
+    pixels = (np.asarray(Image.open(sources[0])).astype(np.uint16) * 257)
+    write_dicom(images / 'd.dcm', pixels)
+    write_dicom(images / 'nested' / 'pacs_export', pixels)          # no suffix
+    (images / 'notes.txt').write_text('not an image, not listed')
     (images / 'broken.png').write_bytes(b'not an image')
     (images / 'truncated.png').write_bytes(sources[0].read_bytes()[:200])
     out = tmp_path / 'out'
@@ -119,10 +125,12 @@ def test_predict_directory_skips_unreadable_files(workspace, evaluated, tmp_path
     assert rc == 0
     result = json.loads((out / 'predictions.json').read_text())
     assert sorted(e['path'].split('/')[-1] for e in result['errors']) == ['broken.png', 'truncated.png']
-    assert len(result['images']) == 3
+    assert len(result['images']) == 5
+    by_name = {i['path'].split('/')[-1]: i['probabilities'] for i in result['images']}
+    assert by_name['pacs_export'] == by_name['d.dcm']      # DICOM found by its marker, scored alike
     assert 'broken.png' in capsys.readouterr().err
     rows = (out / 'predictions.csv').read_text().splitlines()
-    assert len(rows) == 4 and rows[0].startswith('path,Atelectasis')
+    assert len(rows) == 6 and rows[0].startswith('path,Atelectasis')
     thresholds = result['operating_point']['values']
     for image in result['images']:
         expected = [n for n, p in image['probabilities'].items() if p >= thresholds[n]]

@@ -161,3 +161,20 @@ def test_temperature_scaling_recovers_overconfidence():
     before = calibration.expected_calibration_error(y, calibration.apply_temperature(3 * true_logits))
     after = calibration.expected_calibration_error(y, calibration.apply_temperature(3 * true_logits, temperatures))
     assert np.all(after < before / 2)
+
+
+# -- the operating point stored with a model -------------------------------------------------------
+def test_operating_point_round_trip_and_legacy_forms():
+    from hybridmednet.evaluation.operating_point import OperatingPoint
+    names = ['a', 'b']
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 2)) * 3
+    y = (rng.random((200, 2)) < 1 / (1 + np.exp(-logits / 3))).astype(float)
+    op = OperatingPoint.fit(logits, y, None, names, 'f1', temperature_scaling=True, fitted_on={'split': 'val'})
+    again = OperatingPoint.from_meta(op.to_meta(), names)
+    assert np.array_equal(again.thresholds, op.thresholds) and np.array_equal(again.temperatures, op.temperatures)
+    assert np.array_equal(again.positives(again.probabilities(logits)), op.positives(op.probabilities(logits)))
+    assert OperatingPoint.from_meta([0.2, 0.7], names).thresholds.tolist() == [0.2, 0.7]
+    assert OperatingPoint.from_meta(None, names).thresholds.tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="lack the classes \\['c'\\]"):
+        OperatingPoint.from_meta(op.to_meta(), ['a', 'c'])

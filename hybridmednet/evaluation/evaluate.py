@@ -121,11 +121,17 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
     from hybridmednet.evaluation.plots import plot_pr_curves, plot_reliability, plot_roc_curves
 
     model, config, meta = load_model(model_path, map_location=device)
+    trained_as = dict(config.MODEL)
     if config_file:
         config.merge_yaml(config_file)
     config.apply_overrides(overrides)
     config.EVAL.update(eval_options or {})
     config.validate()
+    config.MODEL['pretrained'] = False     # the weights come from the checkpoint whatever a config file says
+    changed = sorted(k for k in trained_as if config.MODEL[k] != trained_as[k])
+    if changed:
+        raise ValueError(f"evaluate takes the model from the checkpoint; MODEL settings cannot change "
+                         f"({', '.join(changed)}). Override DATA or EVAL settings only.")
     ev, names = config.EVAL, meta['class_names']
     datasets = build_datasets(config)
     data, val = datasets[split], datasets['val']

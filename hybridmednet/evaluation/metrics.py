@@ -182,6 +182,8 @@ def bootstrap_weights(n_images: int, n_boot: int, groups: Sequence | None = None
 def bootstrap(statistic: Callable[[np.ndarray], dict[str, np.ndarray]], n_images: int, n_boot: int,
               groups: Sequence | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Evaluate `statistic` on `n_boot` resamples; each value gains a leading [n_boot] axis."""
+    if n_boot < 1:
+        raise ValueError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
     parts: dict[str, list[np.ndarray]] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # these mid-sized ops only slow down when threads compete for cores
