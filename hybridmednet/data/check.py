@@ -10,7 +10,6 @@ import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
 
 from hybridmednet.config import ConfigError, load_config
 from hybridmednet.data.datasets import DataError, DataIndex, build_index
