@@ -148,6 +148,8 @@ def index_chexpert(config: Config, data_dir: Path) -> DataIndex:
     """train.csv is split by patient into train/val; the official valid.csv is the test set."""
     class_names = list(config.DATA['class_names'] or CHEXPERT_OBSERVATIONS)
     policy = config.DATA['uncertainty']
+    if policy not in ('ones', 'zeros', 'ignore'):
+        raise DataError(f"DATA.uncertainty {policy!r} is not one of 'ones', 'zeros', 'ignore'")
     parts = []
     for name in ('train.csv', 'valid.csv'):
         csv = data_dir / name
@@ -161,14 +163,14 @@ def index_chexpert(config: Config, data_dir: Path) -> DataIndex:
         raw = values.replace('', '0').astype(float).to_numpy(dtype=np.float32)
         mask = np.ones_like(raw)
         uncertain = raw == -1
-        raw[uncertain] = {'ones': 1.0, 'zeros': 0.0, 'ignore': 0.0}[policy]
+        raw[uncertain] = 1.0 if policy == 'ones' else 0.0
         if policy == 'ignore':
             mask[uncertain] = 0.0
         paths = frame['Path'].str.strip()
         # Paths start with the release folder (CheXpert-v1.0-small/train/...): resolve from its parent.
         prefix = paths.iloc[0].split('/')[0] if len(paths) else ''
         root = data_dir.parent if prefix == data_dir.name else data_dir
-        records = pd.DataFrame({'path': [str(root / p) for p in paths],
+        records = pd.DataFrame({'path': [os.path.join(root, p) for p in paths],
                                 'patient_id': paths.str.extract(r'(patient\d+)')[0].fillna(paths).to_numpy()})
         if 'AP/PA' in frame:
             records['view'] = frame['AP/PA'].str.strip().to_numpy()
@@ -204,7 +206,7 @@ def index_csv(config: Config, data_dir: Path) -> DataIndex:
         seen = frame['labels'].str.split('|').explode().str.strip()
         class_names = sorted(set(seen) - {'', NO_FINDING})
     labels = parse_labels(frame['labels'], class_names, str(csv))
-    records = pd.DataFrame({'path': [str(data_dir / p.strip()) for p in frame['image']]})
+    records = pd.DataFrame({'path': [os.path.join(data_dir, p.strip()) for p in frame['image']]})
     if 'patient_id' in frame:
         records['patient_id'] = frame['patient_id'].str.strip().to_numpy()
     else:
