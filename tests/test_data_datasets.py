@@ -199,3 +199,13 @@ def test_pos_weight_and_sampler(tmp_path):
     sampler = make_weighted_sampler(data, seed=0)
     np.testing.assert_allclose(sampler.weights.numpy(), [1 / 3, 1 / 3, 1.0, 1.0])
     assert len(list(sampler)) == 4
+
+
+def test_check_data_shows_official_list_leak(tmp_path, capsys):
+    from hybridmednet.data import check
+    rows = [('a.png', 'Mass', 1, 'PA'), ('b.png', 'No Finding', 1, 'PA'), ('c.png', 'Nodule', 2, 'PA')]
+    nih(tmp_path, rows, (['a.png', 'c.png'], ['b.png']))
+    assert check.main(['--workers', '1', f'DATA.data_dir={tmp_path}']) == 0
+    out = capsys.readouterr().out
+    assert "1 patient(s) appear in both train_val_list and test_list (e.g. 1)" in out
+    assert 'left out of every split: 1 image(s)' in out
