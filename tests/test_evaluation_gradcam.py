@@ -63,19 +63,17 @@ def test_overlay_keeps_the_image_size_and_shrinks_huge_ones():
 
 @pytest.mark.slow
 def test_trained_model_heatmap_moves_with_the_object():
-    """A real HybridMedNet, its head trained for a bright square: the heatmap peak follows the square."""
+    """A real HybridMedNet trained to detect a bright square: the heatmap peak follows the square."""
     torch.manual_seed(0)
-    size, side = 64, 12
+    size, side = 48, 10
     model = create_model('resnet18', num_classes=1, image_size=size, class_names=['square'], dropout=0.0)
-    for p in model.backbone.parameters():
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     g = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(40):
-        x = torch.rand(16, 1, size, size, generator=g) * 0.3
-        y = (torch.rand(16, generator=g) < 0.5).float()
-        corner = torch.randint(0, size - side, (16, 2), generator=g)
+        x = torch.rand(12, 1, size, size, generator=g) * 0.3
+        y = (torch.rand(12, generator=g) < 0.5).float()
+        corner = torch.randint(0, size - side, (12, 2), generator=g)
         for i in torch.nonzero(y).flatten().tolist():
             x[i, 0, corner[i, 0]:corner[i, 0] + side, corner[i, 1]:corner[i, 1] + side] = 1.0
         loss = nn.functional.binary_cross_entropy_with_logits(model(x.expand(-1, 3, -1, -1))[:, 0], y)
@@ -83,8 +81,11 @@ def test_trained_model_heatmap_moves_with_the_object():
         loss.backward()
         optimizer.step()
     model.eval()
-    for row, col in ((4, 4), (4, 48), (48, 4), (48, 48)):
+    g = torch.Generator().manual_seed(1)
+    for row, col in ((3, 3), (3, 35), (35, 3), (35, 35), (18, 18), (10, 30), (30, 10)):
         x = torch.rand(1, size, size, generator=g) * 0.3
         x[0, row:row + side, col:col + side] = 1.0
-        r, c = peak(grad_cam(model, x.expand(3, -1, -1), [0])[0])
-        assert abs(r - (row + side / 2)) <= side and abs(c - (col + side / 2)) <= side
+        cam = grad_cam(model, x.expand(3, -1, -1), [0])[0]
+        r, c = peak(cam)
+        assert abs(r - (row + side / 2)) <= side and abs(c - (col + side / 2)) <= side, (row, col, r, c)
+        assert cam[row:row + side, col:col + side].mean() > 1.5 * cam.mean()

@@ -1,10 +1,12 @@
 """Grad-CAM on the model's attended feature pyramid, for every backbone family.
 
 `HybridMedNet.forward_features` returns the four scales as NCHW maps after attention, Swin and
-Mamba included (each backbone converts its token layout at its own boundary). Grad-CAM weighs
-each map's channels by the mean gradient of one finding's logit, keeps the positive evidence and
-sums the scales at input resolution: the fused head draws on all four, so the heatmap does too.
-No pytorch-grad-cam needed, and no reshape_transform per family.
+Mamba included (each backbone converts its token layout at its own boundary), so no
+reshape_transform per family and no pytorch-grad-cam are needed. Grad-CAM weighs each map's
+channels by the mean gradient of one finding's logit and keeps the positive evidence. The fused
+head draws on every scale, so the heatmap averages the scales, each normalised first: otherwise
+the coarsest map's larger values drown the finer maps, which localise best. Maps fewer than
+`MIN_SIDE` cells across cannot place anything and are left out.
 """
 from __future__ import annotations
 
@@ -16,13 +18,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+MIN_SIDE = 4
+
 
 def grad_cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int],
              scales: Sequence[int] | None = None) -> np.ndarray:
     """Heatmaps [len(classes), H, W] in [0, 1] for one preprocessed image [3, H, W].
 
-    `scales` picks pyramid levels (0 = stride 4 ... 3 = stride 32); all four by default.
-    A class with no positive evidence anywhere gets an all-zero map.
+    `scales` picks pyramid levels (0 = stride 4 ... 3 = stride 32); by default every level at least
+    `MIN_SIDE` cells across (the finest alone when none is). A class with no positive evidence
+    gets an all-zero map.
     """
     x = image.unsqueeze(0) if image.dim() == 3 else image
     if x.shape[0] != 1:
@@ -32,18 +37,24 @@ def grad_cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         maps = model.forward_features(x)
-        chosen = [maps[i] for i in (range(len(maps)) if scales is None else scales)]
+        if scales is None:
+            scales = [i for i, m in enumerate(maps) if min(m.shape[-2:]) >= MIN_SIDE] or [0]
+        chosen = [maps[i] for i in scales]
         logits = model.forward_head(maps)
         cams = []
         for c in classes:
             grads = torch.autograd.grad(logits[0, c], chosen, retain_graph=True)
-            cam = sum(F.interpolate(F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)),
-                                    size=size, mode='bilinear', align_corners=False)
-                      for a, g in zip(chosen, grads))
-            cams.append(cam[0, 0].detach())
+            per_scale = torch.cat([F.interpolate(F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)),
+                                                 size=size, mode='bilinear', align_corners=False)
+                                   for a, g in zip(chosen, grads)])[:, 0]
+            cams.append(_unit_max(per_scale).mean(0).detach())
     out = torch.stack(cams) if cams else torch.zeros(0, *size)
-    peak = out.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    return (out / peak).cpu().numpy()
+    return _unit_max(out).cpu().numpy()
+
+
+def _unit_max(maps: torch.Tensor) -> torch.Tensor:
+    """Each map [N, H, W] divided by its maximum (all-zero maps stay zero)."""
+    return maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str | None = None,

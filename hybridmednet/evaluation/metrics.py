@@ -30,7 +30,7 @@ def as_matrices(y_true: np.ndarray, y_score: np.ndarray,
         raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
     if not np.isfinite(s).all():
         raise ValueError("scores contain NaN or infinite values")
-    return y, s, m
+    return np.where(m > 0, y, 0.0), s, m     # an unknown label may be stored as NaN
 
 
 # -- ranking metrics on one finding -------------------------------------------------------------
