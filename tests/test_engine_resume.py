@@ -30,7 +30,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     _, reference = run(tmp_path / 'ref', epochs=3)
     proc = subprocess.run([sys.executable, '-c', KILLED_RUN, str(tmp_path / 'run')], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
-    last = tmp_path / 'run' / 'ckpt' / 'last.pth'
+    last = tmp_path / 'run' / 'ckpt' / 'last_model.pth'
     assert torch.load(last, weights_only=True)['epoch'] == 1     # the epoch-1 checkpoint survived the kill
     result, resumed = run(tmp_path / 'run', resume=last, epochs=3)
     assert result['epochs'] == 3 and len(result['history']) == 3
@@ -54,7 +54,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_two_processes_match_one_process(tmp_path):
     single, model = run(tmp_path / 'one', batch_size=8, epochs=2)
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / 'two')), nprocs=2, join=True)
-    ckpt = torch.load(tmp_path / 'two' / 'ckpt' / 'last.pth', weights_only=True)
+    ckpt = torch.load(tmp_path / 'two' / 'ckpt' / 'last_model.pth', weights_only=True)
     assert ckpt['world_size'] == 2 and ckpt['step'] == single['steps']
     ddp_model = TinyNet()
     ddp_model.load_state_dict(ckpt['model_state_dict'])

@@ -126,7 +126,7 @@ def test_nan_losses_in_a_row_abort_with_a_clear_message(tmp_path):
 
 def test_checkpoint_contents_logs_and_plots(tmp_path):
     result, model = run(tmp_path, ema_decay=0.9, tensorboard=False)
-    last = tmp_path / 'ckpt' / 'last.pth'
+    last = tmp_path / 'ckpt' / 'last_model.pth'
     ckpt = torch.load(last, weights_only=True)               # nothing but tensors and plain values
     for key in ('model_state_dict', 'optimizer_state_dict', 'scheduler_state_dict', 'scaler_state_dict',
                 'ema_state_dict', 'epoch', 'step', 'rng_states', 'config', 'class_names', 'history'):
@@ -138,9 +138,9 @@ def test_checkpoint_contents_logs_and_plots(tmp_path):
     legacy.load_state_dict(torch.load(last)['model_state_dict'])   # the SPEC's loading recipe
     assert_same_weights(legacy, model)
     assert not torch.equal(ckpt['ema_state_dict']['fc.weight'], ckpt['model_state_dict']['fc.weight'])
-    best = load_checkpoint(tmp_path / 'ckpt' / 'best.pth')
+    best = load_checkpoint(tmp_path / 'ckpt' / 'best_model.pth')
     assert best['best_auc'] == max(h['val_mean_auc'] for h in result['history'])
-    for name in ('best.safetensors', 'best.json'):
+    for name in ('best_model.safetensors', 'best_model.json'):
         assert (tmp_path / 'ckpt' / name).is_file()
     for name in ('history.csv', 'history.json', 'training_curves.png', 'roc_curves.png'):
         assert (tmp_path / 'logs' / name).stat().st_size > 0
@@ -168,7 +168,7 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path):
     interrupted_data = {'train': SignalAt(data['train'], at=48 + 4 * 5 + 2), 'val': data['val']}
     result, _ = run(tmp_path / 'run', datasets=interrupted_data, epochs=3, ema_decay=0.5)
     assert result['interrupted']
-    last = tmp_path / 'run' / 'ckpt' / 'last.pth'
+    last = tmp_path / 'run' / 'ckpt' / 'last_model.pth'
     assert load_checkpoint(last)['batch_in_epoch'] == 6       # stopped after the step in progress
     resumed_result, resumed = run(tmp_path / 'run', resume=last, epochs=3, ema_decay=0.5)
     assert not resumed_result['interrupted'] and resumed_result['epochs'] == 3

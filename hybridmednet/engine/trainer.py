@@ -263,12 +263,10 @@ class Trainer:
             'preprocessing': preprocessing(self.config),
         }
 
-    def save(self, name: str) -> Path:
+    def save(self, path: Path) -> None:
         state = self.state()            # collective under DDP: every rank builds it, rank 0 writes
-        path = self.ckpt_dir / f'{name}.pth'
         if self.dist.main:
             save_checkpoint(path, state)
-        return path
 
     def resume(self, path: str | Path) -> None:
         ckpt = load_checkpoint(path, 'cpu')          # RNG states must stay on the CPU; weights are copied over
@@ -458,7 +456,7 @@ class Trainer:
         self.log(f"training {type(self.model).__name__} ({n_params / 1e6:.2f}M params) on {self.device} "
                  f"x{self.dist.world}: {len(self.datasets['train'])} train / {len(self.datasets['val'])} val "
                  f"images, {self.steps_per_epoch} steps/epoch, {t['epochs']} epochs")
-        best_path, last_path = self.ckpt_dir / 'best.pth', self.ckpt_dir / 'last.pth'
+        best_path, last_path = self.ckpt_dir / 'best_model.pth', self.ckpt_dir / 'last_model.pth'
         stopped_early = interrupted = False
         with _stop_on_sigint(self):
             while p.epoch < t['epochs'] and not stopped_early:
@@ -466,7 +464,7 @@ class Trainer:
                 train_loss = self.train_epoch(epoch)
                 if train_loss is None:
                     interrupted = True
-                    self.save('last')
+                    self.save(last_path)
                     self.log(f"interrupted: resumable checkpoint {last_path}\n"
                              f"  continue with: hybridmednet train --resume {last_path}")
                     break
@@ -486,12 +484,12 @@ class Trainer:
                 patience = t['early_stopping_patience']
                 stopped_early = bool(patience) and p.bad_epochs >= patience
                 if improved:
-                    self.save('best')
+                    self.save(best_path)
                     if self.dist.main:
                         export_weights(best_path.with_suffix('.safetensors'), self.ema or self.model.state_dict(),
                                        self.config, {'epoch': p.epoch, 'val_mean_auc': val['mean_auc']})
                 if p.epoch % self.config.CHECKPOINT['save_freq'] == 0 or p.epoch == t['epochs'] or stopped_early:
-                    self.save('last')
+                    self.save(last_path)
                 if stopped_early:
                     self.log(f"early stopping: no better val mean AUC for {patience} epochs "
                              f"(best {p.best_auc:.4f})")
