@@ -142,7 +142,14 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
     root = resolve_data_dir(config)
     hashes = {s: split_hash(d.records, root) for s, d in datasets.items()}
     batch_size = batch_size or config.TRAIN['batch_size']
-    run = lambda ds, desc: dataset_logits(model, ds, batch_size, device, ev['tta'], 0, desc)
+
+    def run(ds, desc: str) -> np.ndarray:
+        logits = dataset_logits(model, ds, batch_size, device, ev['tta'], 0, desc)
+        if getattr(ds, 'bad_files', None):    # DATA.skip_bad_images served a neighbour in their place
+            raise ValueError(f"{len(ds.bad_files)} image(s) of the {desc} split could not be read, e.g. "
+                             f"{ds.bad_files[0]}; an evaluation needs each image's own prediction: fix or "
+                             f"remove them (hybridmednet check-data lists them)")
+        return logits
 
     if len(val):
         op = OperatingPoint.fit(run(val, 'validation'), val.labels, val.mask, names, ev['threshold_method'],
