@@ -1,5 +1,8 @@
 """The training loop: `train(config)` on one machine or many, read top to bottom in one sitting.
 
+One process: `hybridmednet train [--config FILE] [KEY=VALUE ...]`. Several (DDP, NCCL on GPUs,
+gloo on CPUs): `torchrun --nproc_per_node=N train.py ...`; TRAIN.batch_size is per process.
+
 Exactness is designed in, not tested in afterwards:
 - the data order of an epoch is a function of (seed, epoch) alone, and every random stream is
   saved in the checkpoint, so a run resumed from an epoch-end checkpoint repeats the
@@ -619,6 +622,7 @@ def main(argv: list[str] | None = None, base: type[Config] | None = None) -> int
     from hybridmednet.data.datasets import DataError
     from hybridmednet.data.io import ImageReadError
     from hybridmednet.engine.checkpoint import CheckpointError
+    from hybridmednet.models.backbones import PretrainedWeightsError
     parser = argparse.ArgumentParser(prog='hybridmednet train', description=(
         'Train a HybridMedNet. Without DATA.data_dir it trains on the built-in sample dataset.'))
     parser.add_argument('--config', metavar='FILE', help='YAML file applied over the defaults')
@@ -635,7 +639,8 @@ def main(argv: list[str] | None = None, base: type[Config] | None = None) -> int
         else:
             config = load_config(args.config, args.overrides, base=base)
         result = train(config, args.resume)
-    except (ConfigError, CheckpointError, DataError, ImageReadError, TrainingError) as exc:
+    except (ConfigError, CheckpointError, DataError, ImageReadError, PretrainedWeightsError,
+            TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 130 if result['interrupted'] else 0
