@@ -134,7 +134,7 @@ def test_sensitivity_threshold():
 def test_threshold_ties_and_fallback():
     # tied scores move together: 0.5 marks both images at 0.5 positive
     assert metrics.choose_threshold([0, 1, 0, 1], [0.1, 0.5, 0.5, 0.9], 'youden') == 0.9
-    with pytest.warns(UserWarning, match='fall'):
+    with pytest.warns(UserWarning, match='fitted for 1 '):
         t = metrics.choose_thresholds(np.c_[Y, np.zeros(10)], np.c_[S, S], method='f1')
     assert t.tolist() == [0.5, 0.5]
     with pytest.raises(ValueError, match='youden'):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -257,11 +258,15 @@ def main(argv: list[str] | None = None) -> int:
                if getattr(args, k) is not None}
     out_dir = (args.output_dir or Path('results') / Path(args.model_path).stem) if args.save_results else None
     try:
-        results = evaluate_model(args.model_path, args.overrides, args.config, args.split, options, args.device,
-                                 args.batch_size, out_dir, args.compare, not args.no_store_thresholds, args.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', UserWarning)
+            results = evaluate_model(args.model_path, args.overrides, args.config, args.split, options, args.device,
+                                     args.batch_size, out_dir, args.compare, not args.no_store_thresholds, args.seed)
     except (CheckpointError, ConfigError, DataError, ImageReadError, ValueError, FileNotFoundError) as exc:
         print(f"hybridmednet evaluate: error: {exc}", file=sys.stderr)
         return 1
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(summary_table(results))
     if results.get('stored_in'):
         print(f"thresholds ({results['operating_point']['method']}) stored in: {', '.join(results['stored_in'])}")

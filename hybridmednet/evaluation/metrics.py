@@ -289,7 +289,7 @@ def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, method: str = 'you
 
 def choose_thresholds(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None = None,
                       method: str = 'youden', target_sensitivity: float = 0.9,
-                      fallback: float = 0.5) -> np.ndarray:
+                      fallback: float = 0.5, class_names: Sequence[str] | None = None) -> np.ndarray:
     """Per-finding thresholds [K]; a finding without both classes gets `fallback`, with a warning."""
     y, s, m = as_matrices(y_true, y_score, mask)
     out = np.empty(y.shape[1])
@@ -297,7 +297,9 @@ def choose_thresholds(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray 
         keep = m[:, k] > 0
         out[k] = choose_threshold(y[keep, k], s[keep, k], method, target_sensitivity)
     if np.isnan(out).any():
-        warnings.warn(f"findings {np.flatnonzero(np.isnan(out)).tolist()} lack positives or negatives in the "
-                      f"threshold data; their threshold falls back to {fallback}", stacklevel=2)
+        missing = np.flatnonzero(np.isnan(out)).tolist()
+        named = [class_names[k] for k in missing] if class_names is not None else missing
+        warnings.warn(f"no threshold can be fitted for {', '.join(map(str, named))} (the threshold data lack "
+                      f"positives or negatives): {fallback} is used instead", stacklevel=2)
         out = np.where(np.isnan(out), fallback, out)
     return out

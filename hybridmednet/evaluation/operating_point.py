@@ -52,7 +52,8 @@ class OperatingPoint:
         """Temperatures first (when asked), then thresholds on the probabilities predict will report."""
         temperatures = fit_temperature(logits, y_true, mask) if temperature_scaling else None
         probs = apply_temperature(logits, temperatures)
-        thresholds = choose_thresholds(y_true, probs, mask, method, target_sensitivity, DEFAULT_THRESHOLD)
+        thresholds = choose_thresholds(y_true, probs, mask, method, target_sensitivity, DEFAULT_THRESHOLD,
+                                       class_names)
         return cls(list(class_names), thresholds, temperatures, method,
                    target_sensitivity if method == 'sensitivity' else None, fitted_on)
 

@@ -9,6 +9,7 @@ import argparse
 import csv
 import json
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -126,11 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         model, config, meta = load_model(args.model_path, map_location=args.device)
-        op = OperatingPoint.of_model(meta)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', UserWarning)
+            op = OperatingPoint.of_model(meta)
         files = list_images(args.image_path)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"hybridmednet predict: error: {exc}", file=sys.stderr)
         return 1
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     if not files:
         print(f"hybridmednet predict: error: no PNG, JPEG or DICOM files in {args.image_path}", file=sys.stderr)
         return 1
