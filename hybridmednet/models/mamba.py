@@ -53,20 +53,17 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   chunk: int = 8, segment: int = 64) -> Tensor:
+                   chunk: int = 4, segment: int = 32) -> Tensor:
     """Chunked selective scan, same arguments and result as `selective_scan_ref`.
 
     The sequence is handled `segment` tokens at a time, so the [tokens, n, d] states exist one
-    segment at a time (memory O(l * d), cache-sized work); it is padded to a multiple of `chunk`
-    with delta = 0 (decay 1, no input), which leaves the real tokens untouched.
+    segment at a time (memory O(l * d), cache-sized work). Inside a segment the scan steps through
+    `chunk` positions, each step advancing all segment // chunk chunks at once.
     """
-    length = u.shape[-1]
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)
-    pad = -length % chunk
-    time_major = lambda t: F.pad(t, (0, pad)).transpose(1, 2).contiguous()
-    y = _SelectiveScan.apply(time_major(delta), time_major(delta * u), A, time_major(B), time_major(C),
-                             chunk, max(segment // chunk, 1) * chunk)
-    return _finish(y[:, :length].transpose(1, 2), u, D, z)
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    y = _SelectiveScan.apply(delta, u, A, B, C, delta_softplus, chunk, max(segment // chunk, 1) * chunk)
+    return _finish(y, u, D, z)
 
 
 def _prepare_delta(delta: Tensor, bias: Tensor | None, softplus: bool) -> Tensor:
@@ -82,53 +79,63 @@ def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + (dt u)_t B_t, on time-major inputs
-    dt, dtu [b, l, d], A [d, n], B, C [b, l, n]. States are laid out [b, l, n, d] so that every
+    """y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + (dt u)_t B_t and dt = softplus(delta) (or delta),
+    for delta, u [b, d, l], A [d, n], B, C [b, n, l].
+
+    Inside, tokens come first ([b, l, d], zero-padded to a multiple of `chunk`; the scan is causal,
+    so padding cannot reach the real tokens) and states are laid out [b, l, n, d], so every
     contraction over n or d runs along a vectorised axis. Only the state entering each segment is
-    kept; the backward pass recomputes a segment's states and runs the adjoint recurrence
-    g_t = dL/dh_t + a_{t+1} g_{t+1} with the same chunked scan, backwards in time. Segment-sized
-    buffers are allocated once per call and reused, so the work stays in cache."""
+    kept: the backward pass recomputes a segment's states, then runs the adjoint recurrence
+    g_t = dL/dh_t + a_{t+1} g_{t+1} with the same chunked scan backwards in time, so it costs about
+    two forward passes and builds no autograd graph. Segment-sized buffers are reused across segments.
+    """
 
     @staticmethod
-    def forward(ctx: Any, dt: Tensor, dtu: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
+    def forward(ctx: Any, delta: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, softplus: bool, chunk: int,
                 segment: int) -> Tensor:
-        b, length, d = dt.shape
+        length = u.shape[-1]
+        delta, u, B, C = (_time_major(t, length + -length % chunk) for t in (delta, u, B, C))
+        dt = _softplus(delta) if softplus else delta
+        dtu = dt * u
+        b, padded, d = dt.shape
         n = A.shape[1]
-        starts = range(0, length, segment)
+        starts = range(0, padded, segment)
         log2_decay = _log2_decay(A)
-        y = dt.new_empty(b, length, d)
-        a_buf, h_buf, p_buf = (dt.new_empty(b, min(segment, length), n, d) for _ in range(3))
+        y = dt.new_empty(b, padded, d)
+        a_buf, h_buf, p_buf = (dt.new_empty(b, min(segment, padded), n, d) for _ in range(3))
         entering = dt.new_zeros(b, len(starts) + 1, n * d)  # state entering each segment
         for i, s in enumerate(starts):
-            e = min(s + segment, length)
+            e = min(s + segment, padded)
             a = _decay(dt[:, s:e], log2_decay, out=a_buf[:, :e - s])
             h = torch.mul(dtu[:, s:e, None, :], B[:, s:e, :, None], out=h_buf[:, :e - s])
             entering[:, i + 1] = _scan(a, h, entering[:, i], chunk, False, p_buf[:, :e - s])
             torch.matmul(C[:, s:e, None, :], h, out=y[:, s:e, None, :])
-        ctx.save_for_backward(dt, dtu, A, B, C, entering[:, :-1])
+        ctx.save_for_backward(delta if softplus else None, u, dt, A, B, C, entering[:, :-1])
         ctx.chunk, ctx.segment = chunk, segment
-        return y
+        return _channel_major(y, length)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        dt, dtu, A, B, C, entering = ctx.saved_tensors
+        delta, u, dt, A, B, C, entering = ctx.saved_tensors
         chunk, segment = ctx.chunk, ctx.segment
-        b, length, d = dt.shape
+        b, padded, d = dt.shape
         n = A.shape[1]
+        length = grad_y.shape[-1]
+        grad_y = _time_major(grad_y, padded)
+        dtu = dt * u
         A_t = A.t().contiguous()
         log2_decay = _log2_decay(A)
-        grad_dt, grad_dtu = torch.empty_like(dt), torch.empty_like(dtu)
+        grad_dt, grad_dtu = torch.empty_like(dt), torch.empty_like(dt)
         grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
         grad_A = dt.new_zeros(n, d)
-        grad_y = grad_y.contiguous()
-        size = min(segment, length)
+        size = min(segment, padded)
         # a_buf[:, t] = a_t and a_buf[:, t + 1] = a_{t+1}; h_buf[:, t] = h_{t-1} and h_buf[:, t + 1] = h_t
         a_buf, h_buf = dt.new_empty(b, size + 1, n, d), dt.new_empty(b, size + 1, n, d)
         g_buf, p_buf, w_buf = (dt.new_empty(b, size, n, d) for _ in range(3))
         after = dt.new_zeros(b, n * d)       # g at the first token after this segment
         decay_after = dt.new_zeros(b, n, d)  # and the decay that carries it back one token
-        for i, s in reversed(list(enumerate(range(0, length, segment)))):
-            e = min(s + segment, length)
+        for i, s in reversed(list(enumerate(range(0, padded, segment)))):
+            e = min(s + segment, padded)
             w = e - s
             a, states, p = a_buf[:, :w + 1], h_buf[:, :w + 1], p_buf[:, :w]
             _decay(dt[:, s:e], log2_decay, out=a[:, :-1])
@@ -140,15 +147,46 @@ class _SelectiveScan(torch.autograd.Function):
             after = _scan(a[:, 1:], g, after, chunk, True, p)
             decay_after = a[:, 0].clone()
             torch.matmul(B[:, s:e, None, :], g, out=grad_dtu[:, s:e, None, :])
-            torch.mul(g, dtu[:, s:e, None, :], out=p)
-            torch.sum(p, 3, out=grad_B[:, s:e])
-            torch.mul(h, grad_y[:, s:e, None, :], out=p)
-            torch.sum(p, 3, out=grad_C[:, s:e])
+            torch.matmul(dtu[:, s:e, None, :], g.transpose(2, 3), out=grad_B[:, s:e, None, :])
+            torch.sum(torch.mul(h, grad_y[:, s:e, None, :], out=p), 3, out=grad_C[:, s:e])
             # dL/d(dt A) at token t: g_t a_t h_{t-1}
             g_log = torch.mul(g, a[:, :-1], out=w_buf[:, :w]).mul_(states[:, :-1])
             torch.sum(torch.mul(g_log, A_t, out=p), 2, out=grad_dt[:, s:e])
             grad_A += torch.mul(g_log, dt[:, s:e, None, :], out=p).sum((0, 1))
-        return grad_dt, grad_dtu, grad_A.t(), grad_B, grad_C, None, None
+        grad_u = grad_dtu * dt
+        grad_dt.addcmul_(grad_dtu, u)
+        if delta is not None:
+            grad_dt *= torch.sigmoid(delta)
+        grads = [_channel_major(t, length) for t in (grad_dt, grad_u, grad_B, grad_C)]
+        return *grads[:2], grad_A.t(), *grads[2:], None, None, None
+
+
+def _time_major(x: Tensor, length: int) -> Tensor:
+    """[b, c, l] -> contiguous [b, length, c], zero-padded at the end. One 2-D copy per batch item:
+    PyTorch transposes those in cache blocks, while a strided 3-D copy is ~5x slower at 1,024 tokens."""
+    b, c, l = x.shape
+    out = x.new_empty(b, length, c)
+    out[:, l:] = 0
+    for i in range(b):
+        out[i, :l].copy_(x[i].t())
+    return out
+
+
+def _channel_major(x: Tensor, length: int) -> Tensor:
+    """[b, l, c] -> contiguous [b, c, length], the first `length` tokens (inverse of `_time_major`)."""
+    b, _, c = x.shape
+    out = x.new_empty(b, c, length)
+    for i in range(b):
+        out[i].copy_(x[i, :length].t())
+    return out
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """max(x, 0) + log1p(exp(-|x|)), with log1p(v) = log(1 + v) v / ((1 + v) - 1) (Goldberg): as accurate
+    as F.softplus and about twice as fast, since torch's log1p is slow on CPU."""
+    v = x.abs().neg_().exp_()
+    w = v + 1
+    return torch.log(w).mul_(v).div_(w - 1).where(w != 1, v).add_(x.clamp(min=0))
 
 
 def _log2_decay(A: Tensor) -> Tensor:
