@@ -54,15 +54,15 @@ class PyramidSelfAttention(nn.Module):
 
     Each scale is normalised, pooled to at most pool_size^2 tokens and projected
     to a shared context width once. Queries keep each scale's own width, on a
-    grid of stride at least `query_stride`: the stride-4 map attends on a 2x
-    pooled grid and its output is upsampled (context is smooth; the fine detail
-    stays in the residual). Without cross-scale attention a scale reads its own
+    grid of stride at least `query_stride`: the stride-4 and stride-8 maps attend
+    on pooled grids and their outputs are upsampled (context is smooth; the fine
+    detail stays in the residual). Without cross-scale attention a scale reads its own
     context only; with it, the context of all four scales, so scales reinforce
     each other at almost no extra cost (the context is 4 x 49 tokens).
     """
 
     def __init__(self, channels: list[int], reductions: list[int], num_heads: int, pool_size: int,
-                 cross_scale: bool, context_dim: int = 256, query_stride: int = 8, layer_scale: float = 0.1):
+                 cross_scale: bool, context_dim: int = 256, query_stride: int = 16, layer_scale: float = 0.1):
         super().__init__()
         self.num_heads, self.pool_size, self.cross_scale = num_heads, pool_size, cross_scale
         self.query_pool = [max(1, query_stride // r) for r in reductions]
