@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,6 +21,22 @@ NIH_FINDINGS = [
 ]
 
 SECTIONS = ('MODEL', 'TRAIN', 'DATA', 'LOSS', 'CHECKPOINT', 'LOGGING', 'EVAL')
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a learning rate must not be one."""
+
+
+_Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+'
+               r'|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$'),
+    list('-+0123456789.'))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line or YAML scalar: numbers (1e-4 too), booleans, null, lists, else the string."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -154,7 +171,7 @@ class Config:
     def merge_yaml(self, path: str | Path) -> 'Config':
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_Loader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as exc:
@@ -179,7 +196,7 @@ class Config:
                                   f"(e.g. MODEL.backbone=convnext_tiny)")
             section = self._section(name.upper() if name.upper() in SECTIONS else name)
             _check_key(name.upper(), key, section)
-            section[key] = yaml.safe_load(raw) if raw != '' else None
+            section[key] = parse_value(raw) if raw != '' else None
         return self
 
     # -- validation ---------------------------------------------------------------

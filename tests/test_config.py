@@ -53,10 +53,12 @@ def test_bad_values_are_named(section, key, value, match):
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / 'exp.yaml'
-    path.write_text('MODEL:\n  backbone: swin_tiny\nTRAIN:\n  learning_rate: 3.0e-4\n')
+    path.write_text('MODEL:\n  backbone: swin_tiny\nTRAIN:\n  learning_rate: 3e-4\n  weight_decay: 1.0e-2\n')
     c = load_config(path, ['MODEL.backbone=convnext_tiny', 'TRAIN.epochs=3', 'DATA.view_positions=[PA]',
                            'MODEL.pretrained=false'])
     assert c.MODEL['backbone'] == 'convnext_tiny' and c.TRAIN['learning_rate'] == 3e-4
+    assert c.TRAIN['weight_decay'] == 1e-2
+    assert load_config(None, ['TRAIN.learning_rate=1e-3']).TRAIN['learning_rate'] == 1e-3
     assert c.TRAIN['epochs'] == 3 and c.DATA['view_positions'] == ['PA'] and c.MODEL['pretrained'] is False
     round_trip = tmp_path / 'saved.yaml'
     c.to_yaml(round_trip)
