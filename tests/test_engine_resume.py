@@ -37,6 +37,27 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     assert_same_weights(resumed, reference)
 
 
+CTRL_C_WITH_WORKERS = f'''
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+from test_engine_train import SignalAt, run, tiny_datasets
+from pathlib import Path
+data = tiny_datasets()
+data['train'] = SignalAt(data['train'], at=10, group=True)     # read in a DataLoader worker
+result, _ = run(Path(sys.argv[1]), datasets=data, epochs=3, num_workers=1, gradient_accumulation_steps=4)
+print('interrupted', result['interrupted'])
+'''
+
+
+def test_ctrl_c_in_a_terminal_with_dataloader_workers(tmp_path):
+    # The whole process group gets SIGINT, workers included; the run must still stop cleanly.
+    proc = subprocess.run([sys.executable, '-c', CTRL_C_WITH_WORKERS, str(tmp_path)], capture_output=True,
+                          text=True, start_new_session=True)
+    assert proc.returncode == 0 and 'interrupted True' in proc.stdout, proc.stderr
+    ckpt = torch.load(tmp_path / 'ckpt' / 'last_model.pth', weights_only=True)
+    assert ckpt['epoch'] == 0 and ckpt['batch_in_epoch'] > 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

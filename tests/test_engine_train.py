@@ -45,17 +45,18 @@ def tiny_datasets() -> dict[str, Dataset]:
     return {'train': tiny_dataset(48, 0), 'val': tiny_dataset(24, 1)}
 
 
-def tiny_config(tmp_path, **train) -> Config:
+def tiny_config(tmp_path, num_workers: int = 0, **train) -> Config:
     return Config(
         TRAIN={'batch_size': 4, 'epochs': 2, 'learning_rate': 1e-2, 'warmup_epochs': 1, 'mixed_precision': False,
                'device': 'cpu', 'seed': 0, **train},
-        MODEL={'num_classes': K}, DATA={'class_names': ['a', 'b', 'c'], 'num_workers': 0},
+        MODEL={'num_classes': K}, DATA={'class_names': ['a', 'b', 'c'], 'num_workers': num_workers},
         CHECKPOINT={'dir': str(tmp_path / 'ckpt')}, LOGGING={'log_dir': str(tmp_path / 'logs'), 'tensorboard': False})
 
 
-def run(tmp_path, datasets=None, resume=None, **train_options):
+def run(tmp_path, datasets=None, resume=None, num_workers=0, **train_options):
     model = TinyNet()
-    result = train(tiny_config(tmp_path, **train_options), resume, model=model, datasets=datasets or tiny_datasets())
+    result = train(tiny_config(tmp_path, num_workers, **train_options), resume, model=model,
+                   datasets=datasets or tiny_datasets())
     return result, model
 
 
@@ -147,10 +148,10 @@ def test_checkpoint_contents_logs_and_plots(tmp_path):
 
 
 class SignalAt(Dataset):
-    """Sends this process `sig` (SIGINT: a Ctrl-C) when item number `at` is read."""
+    """Sends this process (or its whole group, as a terminal's Ctrl-C does) `sig` when item `at` is read."""
 
-    def __init__(self, base: Dataset, at: int, sig: int = signal.SIGINT):
-        self.base, self.at, self.sig, self.reads = base, at, sig, 0
+    def __init__(self, base: Dataset, at: int, sig: int = signal.SIGINT, group: bool = False):
+        self.base, self.at, self.sig, self.group, self.reads = base, at, sig, group, 0
 
     def __len__(self) -> int:
         return len(self.base)
@@ -158,7 +159,7 @@ class SignalAt(Dataset):
     def __getitem__(self, i):
         self.reads += 1
         if self.reads == self.at:
-            os.kill(os.getpid(), self.sig)
+            os.killpg(os.getpgid(0), self.sig) if self.group else os.kill(os.getpid(), self.sig)
         return self.base[i]
 
 

@@ -160,8 +160,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _seed_worker(_: int) -> None:
-    """DataLoader workers: numpy and random follow the worker's torch seed (set from the loop's RNG)."""
+def _init_worker(_: int) -> None:
+    """DataLoader workers: numpy and random follow the worker's torch seed (set from the loop's RNG).
+
+    Workers ignore Ctrl-C: the terminal sends it to them too, and a worker started by spawn or
+    forkserver (no inherited handler) would die of it, failing the main process before it writes
+    its resumable checkpoint.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -304,7 +310,7 @@ class Trainer:
 
     def loader(self, dataset: Dataset, indices: list[int], drop_last: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, sampler=indices, drop_last=drop_last,
-                          num_workers=self.config.DATA['num_workers'], worker_init_fn=_seed_worker,
+                          num_workers=self.config.DATA['num_workers'], worker_init_fn=_init_worker,
                           pin_memory=self.device.type == 'cuda')
 
     def forward(self, net: nn.Module, images: torch.Tensor):
