@@ -497,7 +497,8 @@ class Trainer:
                     if self.dist.main:
                         export_weights(best_path.with_suffix('.safetensors'), self.ema or self.model.state_dict(),
                                        self.config, {'epoch': p.epoch, 'val_mean_auc': val['mean_auc']})
-                if p.epoch % self.config.CHECKPOINT['save_freq'] == 0 or p.epoch == t['epochs'] or stopped_early:
+                freq = self.config.CHECKPOINT['save_freq']      # 0: only at the end
+                if (freq and p.epoch % freq == 0) or p.epoch == t['epochs'] or stopped_early:
                     self.save(last_path)
                 if stopped_early:
                     self.log(f"early stopping: no better val mean AUC for {patience} epochs "
