@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from hybridmednet.models.backbones import PretrainedWeightsError
-from hybridmednet.models.mamba import (VIM_VARIANTS, BiMamba, VimBackbone, VisionMamba, load_vim_checkpoint,
-                                       resize_pos_embed, scan_function, selective_scan, selective_scan_ref)
+from hybridmednet.models.mamba import (VIM_VARIANTS, BiMamba, VimBackbone, VisionMamba, _channel_major, _softplus,
+                                       _time_major, load_vim_checkpoint, resize_pos_embed, scan_function,
+                                       selective_scan, selective_scan_ref)
 from hybridmednet.models.registry import build_backbone, get_backbone_spec, list_backbones
 
 
@@ -40,6 +41,43 @@ def test_chunked_scan_matches_sequential_forward_and_backward(length, chunk):
     grad = torch.randn_like(y)
     for g, g_ref in zip(torch.autograd.grad(y, leaves, grad), torch.autograd.grad(y_ref, leaves, grad)):
         assert_close_rel(g, g_ref)
+
+
+@pytest.mark.parametrize('length,chunk,segment', [(37, 4, 8), (100, 4, 32), (9, 2, 4)])
+def test_segments_and_custom_backward_match_autograd_of_the_reference(length, chunk, segment):
+    # several segments, a partial last one, and gradients carried across segment boundaries
+    leaves = [t.requires_grad_() for t in scan_inputs(length=length)]
+    y_ref = run_scan(selective_scan_ref, leaves)
+    y = run_scan(selective_scan, leaves, chunk=chunk, segment=segment)
+    assert_close_rel(y, y_ref)
+    grad = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, leaves, grad), torch.autograd.grad(y_ref, leaves, grad)):
+        assert_close_rel(g, g_ref)
+
+
+def test_scan_gradients_without_softplus():
+    u, delta, A, B, C, *_ = scan_inputs(length=23)
+    leaves = [t.requires_grad_() for t in (u, F.softplus(delta).detach(), A, B, C)]
+    y, y_ref = selective_scan(*leaves, segment=8), selective_scan_ref(*leaves)
+    assert_close_rel(y, y_ref)
+    grad = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, leaves, grad), torch.autograd.grad(y_ref, leaves, grad)):
+        assert_close_rel(g, g_ref)
+
+
+def test_fast_softplus_matches_torch():
+    x = torch.linspace(-80, 40, 100_001)
+    expected = F.softplus(x.double())
+    assert ((_softplus(x) - expected).abs() / expected).max() < 1e-6
+
+
+def test_time_major_round_trip_pads_with_zeros():
+    x = torch.randn(3, 5, 7)
+    t = _time_major(x, 10)
+    assert t.shape == (3, 10, 5) and t.is_contiguous()
+    torch.testing.assert_close(t[:, :7], x.transpose(1, 2), rtol=0, atol=0)
+    assert (t[:, 7:] == 0).all()
+    torch.testing.assert_close(_channel_major(t, 7), x, rtol=0, atol=0)
 
 
 def test_scan_without_optional_terms_and_under_no_grad():

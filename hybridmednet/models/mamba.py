@@ -1,11 +1,11 @@
 """Vision Mamba (Zhu et al., 2024): bidirectional state-space blocks over image patches.
 
 Pure PyTorch, so it trains and runs on CPU. The selective scan is chunked: the linear
-recurrence runs step by step only inside short chunks (all chunks at once), and the
-chunk boundary states are carried in a second short loop, so the Python loop has about
-`chunk + L / chunk` steps instead of `L`. The [L, d, n] states exist one segment of tokens
-at a time and the backward pass recomputes them, as the CUDA kernel does, so memory grows
-as L * d. On a GPU with `mamba-ssm` installed the fused kernel runs each direction instead.
+recurrence runs step by step only inside short chunks (all chunks at once), and the chunk
+boundary states are carried in a second short loop. Tokens are handled one segment at a time,
+and the backward pass is the adjoint recurrence run by the same scan on recomputed states, as
+the CUDA kernel does, so memory grows as L * d. On a GPU with `mamba-ssm` installed the fused
+kernel runs each direction instead.
 
 Module and parameter names follow the official hustvl/Vim code, so its checkpoints load
 key for key (`load_vim_checkpoint`).
