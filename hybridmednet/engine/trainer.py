@@ -561,6 +561,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 # -- plots (matplotlib's object API: no pyplot, no global backend switch) ------------------------------------
 def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     epochs = [h['epoch'] for h in history]
     fig = Figure(figsize=(10, 4))
     loss_ax, auc_ax = fig.subplots(1, 2)
@@ -570,6 +571,8 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     loss_ax.legend()
     auc_ax.plot(epochs, [h['val_mean_auc'] for h in history], marker='o', color='tab:green')
     auc_ax.set(xlabel='epoch', ylabel='mean ROC AUC', title='Validation mean AUC')
+    for ax in (loss_ax, auc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
