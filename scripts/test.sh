@@ -2,6 +2,6 @@
 # Installs what the tests need into .venv, then runs the default (fast) test suite. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,dicom,albumentations,gradcam,onnx
+bash scripts/setup.sh test,albumentations
 export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
