@@ -188,3 +188,20 @@ def test_out_of_memory_names_the_remedies(tmp_path):
     for remedy in ('TRAIN.batch_size=4 TRAIN.gradient_accumulation_steps=2', 'MODEL.backbone=convnext_tiny',
                    'MODEL.use_cross_scale_attention=false'):
         assert remedy in message
+
+
+def test_class_names_come_from_the_data_when_not_configured(tmp_path):
+    """A CSV dataset's own labels name the model's outputs (not the NIH defaults)."""
+    import numpy as np
+    from PIL import Image
+    data = tmp_path / 'data'
+    data.mkdir()
+    rows = []
+    for i in range(12):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(data / f'{i}.png')
+        rows.append(f"{i}.png,{('a', 'b|c', 'No Finding', 'c')[i % 4]},p{i},{('train', 'train', 'val')[i % 3]}")
+    (data / 'labels.csv').write_text('image,labels,patient_id,split\n' + '\n'.join(rows) + '\n')
+    config = tiny_config(tmp_path, epochs=1)
+    config.DATA.update(dataset='csv', data_dir=str(data), class_names=None, image_size=8)
+    result = train(config, model=TinyNet())
+    assert load_checkpoint(result['last_checkpoint'])['class_names'] == ['a', 'b', 'c']

@@ -6,7 +6,6 @@ by the mask and averaged over the known labels only.
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +63,6 @@ class MultiLabelLoss(nn.Module):
         return masked_mean(self.elementwise(logits, target), mask)
 
 
-def group_matrix(class_names: Sequence[str], groups: dict[str, list[str]]) -> torch.Tensor:
-    """[G, K] membership: 1 where finding k belongs to coarse group g."""
-    matrix = torch.zeros(len(groups), len(class_names))
-    for g, members in enumerate(groups.values()):
-        for name in members:
-            matrix[g, list(class_names).index(name)] = 1.0
-    return matrix
-
-
 class HierarchicalLoss(nn.Module):
     """fine + coarse + consistency, weighted by LOSS['fine_weight'/'coarse_weight'/'consistency_weight'].
 
@@ -116,7 +106,7 @@ def build_loss(config: Config, pos_weight: torch.Tensor | None = None) -> nn.Mod
     fine = MultiLabelLoss(loss_cfg['type'], pos_weight, *options)
     if not config.MODEL['hierarchical']:
         return fine
-    from hybridmednet.models.heads import default_groups
+    from hybridmednet.models.heads import default_groups, group_matrix
     names = config.class_names
     groups = config.MODEL['coarse_groups'] or default_groups(names, config.MODEL['num_coarse_classes'])
     return HierarchicalLoss(fine, MultiLabelLoss(loss_cfg['type'], None, *options), group_matrix(names, groups),

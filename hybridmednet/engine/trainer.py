@@ -196,6 +196,10 @@ class Trainer:
         self.dist, self.device = dist_info, device
         seed_everything(t['seed'] + self.dist.rank)
         self.datasets = datasets or self._build_datasets()
+        names = getattr(self.datasets['train'], 'class_names', None)
+        if config.DATA['class_names'] is None and names and list(names) != config.class_names:
+            config.DATA['class_names'] = list(names)  # CheXpert, CSV, folders: the data's own labels
+            config.validate()
         self.model = (model or self._build_model()).to(self.device)
         self.net = self.model
         if self.dist.world > 1:
@@ -514,6 +518,7 @@ class Trainer:
 
     def finish(self, best_path: Path) -> None:
         """training_curves.png, and roc_curves.png of the best model on the validation set."""
+        from hybridmednet.evaluation.plots import plot_roc_curves
         self.dist.barrier()
         if not best_path.is_file():
             return
@@ -521,7 +526,8 @@ class Trainer:
         val = self.validate(self.eval_model(best['ema_state_dict'] or best['model_state_dict']))
         if self.dist.main:
             plot_training_curves(self.progress.history, self.log_dir / 'training_curves.png')
-            plot_roc_curves(val, self.config.class_names, self.log_dir / 'roc_curves.png')
+            plot_roc_curves(val['target'], val['probs'], val['mask'], self.config.class_names,
+                            self.log_dir / 'roc_curves.png', split='validation')
             self.log(f"best val mean AUC {val['mean_auc']:.4f}: {best_path} (+ .safetensors); "
                      f"plots in {self.log_dir}")
 
@@ -573,26 +579,6 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     auc_ax.set(xlabel='epoch', ylabel='mean ROC AUC', title='Validation mean AUC')
     for ax in (loss_ax, auc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def plot_roc_curves(val: dict[str, Any], class_names: list[str], path: Path) -> None:
-    from matplotlib.figure import Figure
-    from sklearn.metrics import roc_curve
-    fig = Figure(figsize=(7, 7))
-    ax = fig.subplots()
-    for k, name in enumerate(class_names):
-        known = val['mask'][:, k] > 0
-        y = val['target'][known, k]
-        if len(np.unique(y)) < 2:        # no ROC without both positives and negatives
-            continue
-        fpr, tpr, _ = roc_curve(y, val['probs'][known, k])
-        ax.plot(fpr, tpr, linewidth=1, label=f"{name} ({val['aucs'][k]:.3f})")
-    ax.plot([0, 1], [0, 1], 'k--', linewidth=0.5)
-    ax.set(xlabel='false positive rate', ylabel='true positive rate',
-           title=f"Validation ROC (mean AUC {val['mean_auc']:.3f})")
-    ax.legend(fontsize=7, loc='lower right')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

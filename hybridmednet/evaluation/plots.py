@@ -45,10 +45,10 @@ def _labelled(y: np.ndarray, s: np.ndarray, m: np.ndarray, k: int) -> tuple[np.n
 
 
 def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
-                    path: str | Path, thresholds: Sequence[float] | None = None) -> Path:
+                    path: str | Path, thresholds: Sequence[float] | None = None, split: str = 'test') -> Path:
     """One ROC panel per finding, with its AUC and (when given) the chosen operating point."""
     y, s, m = as_matrices(y_true, y_score, mask)
-    fig, axes = _grid(len(class_names), 'ROC curves (test split)')
+    fig, axes = _grid(len(class_names), f'ROC curves ({split} split)')
     for k, (ax, name) in enumerate(zip(axes, class_names)):
         ax.plot([0, 1], [0, 1], ls=':', c='grey', lw=1)
         ax.set(title=name, xlabel='1 - specificity', ylabel='sensitivity', xlim=(0, 1), ylim=(0, 1.02))

@@ -28,24 +28,14 @@ class MultiLabelHead(nn.Module):
 class HierarchicalHead(nn.Module):
     """Coarse group logits first; the fine logits read the features and the coarse probabilities.
 
-    `group_matrix[g, k]` is 1 when finding k belongs to group g: coarse targets
-    (any finding of the group present) and the consistency loss use it.
+    `group_matrix[g, k]` is 1 when finding k belongs to group g (the loss builds
+    coarse targets and its consistency term from the same matrix).
     """
 
     def __init__(self, in_features: int, class_names: list[str], groups: dict[str, list[str]], dropout: float):
         super().__init__()
-        matrix = torch.zeros(len(groups), len(class_names))
-        for g, members in enumerate(groups.values()):
-            for name in members:
-                if name not in class_names:
-                    raise ValueError(f"MODEL['coarse_groups'] group {list(groups)[g]!r} names {name!r}, "
-                                     f"which is not a class ({', '.join(class_names)})")
-                matrix[g, class_names.index(name)] = 1.0
-        orphans = [n for n, col in zip(class_names, matrix.sum(0)) if col != 1]
-        if orphans:
-            raise ValueError(f"MODEL['coarse_groups'] must put every class in exactly one group: {orphans}")
+        self.register_buffer('group_matrix', group_matrix(class_names, groups), persistent=False)
         self.group_names = list(groups)
-        self.register_buffer('group_matrix', matrix, persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.coarse = nn.Linear(in_features, len(groups))
         self.fine = nn.Linear(in_features + len(groups), len(class_names))
@@ -56,9 +46,19 @@ class HierarchicalHead(nn.Module):
         return self.fine(torch.cat([x, torch.sigmoid(coarse)], dim=1)), coarse
 
 
-def coarse_targets(targets: torch.Tensor, group_matrix: torch.Tensor) -> torch.Tensor:
-    """A group is positive when any of its findings is."""
-    return (targets @ group_matrix.T > 0).to(targets.dtype)
+def group_matrix(class_names: list[str], groups: dict[str, list[str]]) -> torch.Tensor:
+    """[G, K] membership: 1 where finding k belongs to coarse group g; every finding in exactly one group."""
+    matrix = torch.zeros(len(groups), len(class_names))
+    for g, (group, members) in enumerate(groups.items()):
+        for name in members:
+            if name not in class_names:
+                raise ValueError(f"MODEL['coarse_groups'] group {group!r} names {name!r}, "
+                                 f"which is not a class ({', '.join(class_names)})")
+            matrix[g, list(class_names).index(name)] = 1.0
+    orphans = [n for n, col in zip(class_names, matrix.sum(0)) if col != 1]
+    if orphans:
+        raise ValueError(f"MODEL['coarse_groups'] must put every class in exactly one group: {orphans}")
+    return matrix
 
 
 def default_groups(class_names: list[str], num_coarse: int) -> dict[str, list[str]]:
