@@ -126,15 +126,6 @@ def test_hierarchical_head():
         HybridMedNet(config)
 
 
-def test_vision_mamba_unavailable_is_loud_until_implemented():
-    pytest.importorskip('hybridmednet.models.mamba')
-    from hybridmednet.models import mamba
-    if hasattr(mamba, 'VisionMamba'):
-        pytest.skip('Vision Mamba is implemented (tests/test_mamba.py covers it)')
-    with pytest.raises(NotImplementedError, match='Vision Mamba is not available'):
-        create_model('vim_tiny')
-
-
 def test_spec_smoke_snippet_runs_as_written():
     import subprocess, sys
     code = '''
