@@ -44,23 +44,35 @@ def _labelled(y: np.ndarray, s: np.ndarray, m: np.ndarray, k: int) -> tuple[np.n
     return (yk, s[keep, k]) if yk.size and 0 < yk.sum() < yk.size else None
 
 
-def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
-                    path: str | Path, thresholds: Sequence[float] | None = None, split: str = 'test') -> Path:
-    """One ROC panel per finding, with its AUC and (when given) the chosen operating point."""
+def _curve_panels(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
+                  title: str, xlabel: str, ylabel: str) -> tuple[Figure, list]:
+    """A panel per finding; returns the figure and (k, axis, labelled data) for findings with both classes."""
     y, s, m = as_matrices(y_true, y_score, mask)
-    fig, axes = _grid(len(class_names), f'ROC curves ({split} split)')
+    fig, axes = _grid(len(class_names), title)
+    panels = []
     for k, (ax, name) in enumerate(zip(axes, class_names)):
-        ax.plot([0, 1], [0, 1], ls=':', c='grey', lw=1)
-        ax.set(title=name, xlabel='1 - specificity', ylabel='sensitivity', xlim=(0, 1), ylim=(0, 1.02))
+        ax.set(title=name, xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
         data = _labelled(y, s, m, k)
         if data is None:
             ax.text(0.5, 0.5, 'one class only', ha='center')
-            continue
-        fpr, tpr, _ = roc_curve(*data)
+        else:
+            panels.append((k, ax, data))
+    return fig, panels
+
+
+def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
+                    path: str | Path, thresholds: Sequence[float] | None = None, split: str = 'test') -> Path:
+    """One ROC panel per finding, with its AUC and (when given) the chosen operating point."""
+    fig, panels = _curve_panels(y_true, y_score, mask, class_names, f'ROC curves ({split} split)',
+                                '1 - specificity', 'sensitivity')
+    for ax in fig.axes[:len(class_names)]:
+        ax.plot([0, 1], [0, 1], ls=':', c='grey', lw=1)
+    for k, ax, (yk, sk) in panels:
+        fpr, tpr, _ = roc_curve(yk, sk)
         ax.plot(fpr, tpr, lw=1.5, label=f'AUC {np.trapezoid(tpr, fpr):.3f}')
         if thresholds is not None:
-            pred = data[1] >= thresholds[k]
-            ax.plot(pred[data[0] == 0].mean(), pred[data[0] == 1].mean(), 'o', c='C3', label='threshold')
+            pred = sk >= thresholds[k]
+            ax.plot(pred[yk == 0].mean(), pred[yk == 1].mean(), 'o', c='C3', label='threshold')
         ax.legend(loc='lower right', fontsize=8)
     return _save(fig, path)
 
@@ -68,17 +80,12 @@ def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | 
 def plot_pr_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
                    path: str | Path) -> Path:
     """One precision-recall panel per finding; the dotted line is the prevalence (a random model)."""
-    y, s, m = as_matrices(y_true, y_score, mask)
-    fig, axes = _grid(len(class_names), 'Precision-recall curves (test split)')
-    for k, (ax, name) in enumerate(zip(axes, class_names)):
-        ax.set(title=name, xlabel='recall', ylabel='precision', xlim=(0, 1), ylim=(0, 1.02))
-        data = _labelled(y, s, m, k)
-        if data is None:
-            ax.text(0.5, 0.5, 'one class only', ha='center')
-            continue
-        precision, recall, _ = precision_recall_curve(*data)
+    fig, panels = _curve_panels(y_true, y_score, mask, class_names, 'Precision-recall curves (test split)',
+                                'recall', 'precision')
+    for _, ax, (yk, sk) in panels:
+        precision, recall, _ = precision_recall_curve(yk, sk)
         ax.step(recall, precision, where='post', lw=1.5)
-        ax.axhline(data[0].mean(), ls=':', c='grey', lw=1)
+        ax.axhline(yk.mean(), ls=':', c='grey', lw=1)
     return _save(fig, path)
 
 
