@@ -40,7 +40,10 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
     Shapes as in mamba-ssm: u, delta, z [b, d, l]; A [d, n]; B, C [b, n, l]; D, delta_bias [d].
     """
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
     decay = torch.exp(torch.einsum('bdl,dn->bdln', delta, A))
     drive = torch.einsum('bdl,bnl->bdln', delta * u, B)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
@@ -48,7 +51,10 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     for a_t, x_t, c_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(2)):
         h = a_t * h + x_t
         ys.append(torch.einsum('bdn,bn->bd', h, c_t))
-    return _finish(torch.stack(ys, 2), u, D, z)
+    y = torch.stack(ys, 2)
+    if D is not None:
+        y = y + u * D[:, None]
+    return y * F.silu(z) if z is not None else y
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -58,29 +64,16 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
     The sequence is handled `segment` tokens at a time, so the [tokens, n, d] states exist one
     segment at a time (memory O(l * d), cache-sized work). Inside a segment the scan steps through
-    `chunk` positions, each step advancing all segment // chunk chunks at once.
+    `chunk` positions, each step advancing all segment // chunk chunks at once. As in mamba-ssm's
+    kernel, the delta bias, softplus, D skip and z gate are fused into the one autograd function.
     """
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    y = _SelectiveScan.apply(delta, u, A, B, C, delta_softplus, chunk, max(segment // chunk, 1) * chunk)
-    return _finish(y, u, D, z)
-
-
-def _prepare_delta(delta: Tensor, bias: Tensor | None, softplus: bool) -> Tensor:
-    if bias is not None:
-        delta = delta + bias[:, None]
-    return F.softplus(delta) if softplus else delta
-
-
-def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
-    if D is not None:
-        y = y + u * D[:, None]
-    return y * F.silu(z) if z is not None else y
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
+                                max(segment // chunk, 1) * chunk)
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + (dt u)_t B_t and dt = softplus(delta) (or delta),
-    for delta, u [b, d, l], A [d, n], B, C [b, n, l].
+    """out = (y + D u) silu(z), y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + (dt u)_t B_t and
+    dt = softplus(delta + bias) (or delta + bias), for u, delta, z [b, d, l]; A [d, n]; B, C [b, n, l].
 
     Inside, tokens come first ([b, l, d], zero-padded to a multiple of `chunk`; the scan is causal,
     so padding cannot reach the real tokens) and states are laid out [b, l, n, d], so every
@@ -91,13 +84,16 @@ class _SelectiveScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, delta: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, softplus: bool, chunk: int,
-                segment: int) -> Tensor:
+    def forward(ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                z: Tensor | None, bias: Tensor | None, softplus: bool, chunk: int, segment: int) -> Tensor:
         length = u.shape[-1]
-        delta, u, B, C = (_time_major(t, length + -length % chunk) for t in (delta, u, B, C))
+        padded = length + -length % chunk
+        delta, u, B, C = (_time_major(t, padded) for t in (delta, u, B, C))
+        if bias is not None:
+            delta += bias
         dt = _softplus(delta) if softplus else delta
         dtu = dt * u
-        b, padded, d = dt.shape
+        b, _, d = dt.shape
         n = A.shape[1]
         starts = range(0, padded, segment)
         log2_decay = _log2_decay(A)
@@ -110,18 +106,31 @@ class _SelectiveScan(torch.autograd.Function):
             h = torch.mul(dtu[:, s:e, None, :], B[:, s:e, :, None], out=h_buf[:, :e - s])
             entering[:, i + 1] = _scan(a, h, entering[:, i], chunk, False, p_buf[:, :e - s])
             torch.matmul(C[:, s:e, None, :], h, out=y[:, s:e, None, :])
-        ctx.save_for_backward(delta if softplus else None, u, dt, A, B, C, entering[:, :-1])
-        ctx.chunk, ctx.segment = chunk, segment
-        return _channel_major(y, length)
+        if D is not None:
+            y.addcmul_(u, D)
+        z_gate = None
+        if z is not None:
+            z = _time_major(z, padded)
+            z_gate = F.silu(z)
+        ctx.save_for_backward(delta if softplus else None, u, dt, A, B, C, entering[:, :-1], D, z,
+                              y if z is not None else None)
+        ctx.chunk, ctx.segment, ctx.has_bias = chunk, segment, bias is not None
+        return _channel_major(y * z_gate if z is not None else y, length)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        delta, u, dt, A, B, C, entering = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        delta, u, dt, A, B, C, entering, D, z, y = ctx.saved_tensors
         chunk, segment = ctx.chunk, ctx.segment
         b, padded, d = dt.shape
         n = A.shape[1]
-        length = grad_y.shape[-1]
-        grad_y = _time_major(grad_y, padded)
+        length = grad_out.shape[-1]
+        grad_y = _time_major(grad_out, padded)
+        grad_z = None
+        if z is not None:
+            sig = torch.sigmoid(z)
+            grad_z = (z - z * sig).add_(1).mul_(sig).mul_(y).mul_(grad_y)  # d silu(z) = sig (1 + z (1 - sig))
+            grad_y.mul_(sig.mul_(z))
+        grad_D = (grad_y * u).sum((0, 1)) if D is not None else None
         dtu = dt * u
         A_t = A.t().contiguous()
         log2_decay = _log2_decay(A)
@@ -154,11 +163,15 @@ class _SelectiveScan(torch.autograd.Function):
             torch.sum(torch.mul(g_log, A_t, out=p), 2, out=grad_dt[:, s:e])
             grad_A += torch.mul(g_log, dt[:, s:e, None, :], out=p).sum((0, 1))
         grad_u = grad_dtu * dt
+        if D is not None:
+            grad_u.addcmul_(grad_y, D)
         grad_dt.addcmul_(grad_dtu, u)
         if delta is not None:
             grad_dt *= torch.sigmoid(delta)
-        grads = [_channel_major(t, length) for t in (grad_dt, grad_u, grad_B, grad_C)]
-        return *grads[:2], grad_A.t(), *grads[2:], None, None, None
+        grad_bias = grad_dt[:, :length].sum((0, 1)) if ctx.has_bias else None
+        grads = [_channel_major(t, length) if t is not None else None
+                 for t in (grad_u, grad_dt, grad_B, grad_C, grad_z)]
+        return *grads[:2], grad_A.t(), *grads[2:4], grad_D, grads[4], grad_bias, None, None, None
 
 
 def _time_major(x: Tensor, length: int) -> Tensor:
@@ -203,24 +216,27 @@ def _scan(a: Tensor, x: Tensor, carry: Tensor, chunk: int, reverse: bool, p: Ten
     """x_t <- a_t x_{t-1} + x_t in place along dim 1 (x_t <- a_t x_{t+1} + x_t when reversed),
     starting from `carry` [b, n * d]; returns the last state. Steps run one at a time inside chunks,
     all chunks at once, then the chunks' entering states are carried in a short loop and added
-    with the decay accumulated since the chunk began (kept in the buffer `p`)."""
+    with the decay accumulated since the chunk began (kept in the buffer `p`). Slices are taken
+    once with `unbind`: per-step Python indexing costs as much as the small carry steps themselves."""
     b, length = x.shape[:2]
     k = length // chunk
     a, x, p = a.view(b, k, chunk, -1), x.view(b, k, chunk, -1), p.view(b, k, chunk, -1)
+    a_steps, x_steps, p_steps = a.unbind(2), x.unbind(2), p.unbind(2)
     steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
     prev = steps[0]
-    p[:, :, prev] = a[:, :, prev]
+    p_steps[prev].copy_(a_steps[prev])
     for t in steps[1:]:
-        x[:, :, t].addcmul_(a[:, :, t], x[:, :, prev])
-        torch.mul(a[:, :, t], p[:, :, prev], out=p[:, :, t])
+        x_steps[t].addcmul_(a_steps[t], x_steps[prev])
+        torch.mul(a_steps[t], p_steps[prev], out=p_steps[t])
         prev = t
-    carries = x.new_empty(b, k + 1, x.shape[-1])  # state entering each chunk, in scan order
-    carries[:, 0] = carry
+    carries = x.new_empty(k + 1, b, x.shape[-1])  # state entering each chunk, in scan order
+    carries[0] = carry
+    into, ends, decays = carries.unbind(0), x_steps[prev].unbind(1), p_steps[prev].unbind(1)
     for c, j in enumerate(range(k - 1, -1, -1) if reverse else range(k)):
-        torch.addcmul(x[:, j, prev], p[:, j, prev], carries[:, c], out=carries[:, c + 1])
-    entering = carries[:, :-1].flip(1) if reverse else carries[:, :-1]
-    x.addcmul_(p, entering.unsqueeze(2))
-    return carries[:, -1]
+        torch.addcmul(ends[j], decays[j], into[c], out=into[c + 1])
+    entering = carries[:-1].flip(0) if reverse else carries[:-1]
+    x.addcmul_(p, entering.transpose(0, 1).unsqueeze(2))
+    return into[-1]
 
 
 @functools.cache
