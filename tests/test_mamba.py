@@ -295,3 +295,25 @@ def test_mambaout_backbones_are_registered_pyramids(name):
     assert model.reductions == [4, 8, 16, 32]
     maps = model(torch.randn(1, 3, 64, 96))
     assert [tuple(m.shape) for m in maps] == [(1, c, 64 // r, 96 // r) for c, r in zip(model.channels, model.reductions)]
+
+
+@pytest.mark.parametrize('name', ['efficientvim_m1', 'efficientvim_m2'])
+def test_efficientvim_backbones_resample_strides_16_to_64_into_4_to_32(name):
+    assert list_backbones('efficientvim') == [f'efficientvim_m{i}' for i in (1, 2, 3, 4)]
+    model = build_backbone(name, img_size=64)
+    assert model.reductions == [4, 8, 16, 32]
+    maps = model(torch.randn(1, 3, 64, 96))
+    assert [tuple(m.shape) for m in maps] == [(1, c, 64 // r, 96 // r) for c, r in zip(model.channels, model.reductions)]
+    maps[-1].sum().backward()  # the stride-64 stage feeds the stride-32 map
+    assert all(p.grad is not None for p in model.body.model.stages[2].parameters())
+
+
+@pytest.mark.parametrize('modern,cross', [(False, False), (True, False), (True, True)])
+def test_efficientvim_trains_inside_hybridmednet(modern, cross):
+    from hybridmednet import create_model
+    model = create_model('efficientvim_m1', num_classes=3, image_size=64, use_modern_attention=modern,
+                         use_cross_scale_attention=cross)
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.body.model.patch_embed.parameters())

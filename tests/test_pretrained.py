@@ -17,7 +17,7 @@ def _trunk(model):
 
 
 @pytest.mark.parametrize('name,suffix', [('convnext_atto', '.safetensors'), ('resnet18', '.pth'),
-                                         ('efficientnet_b0', '.pth')])
+                                         ('efficientnet_b0', '.pth'), ('efficientvim_m1', '.safetensors')])
 def test_local_weights_file_loads_exactly(tmp_path, name, suffix):
     from hybridmednet.models.registry import get_backbone_spec
     reference = timm.create_model(get_backbone_spec(name).timm_name, pretrained=False)

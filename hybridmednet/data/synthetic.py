@@ -32,7 +32,10 @@ from hybridmednet.config import NIH_FINDINGS
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the images change, so cached copies are regenerated
+# Bump when the images change, so cached copies are regenerated. v2: nodules, the fibrotic net and
+# pleural thickening drawn large enough to survive downsampling to the quickstart's 96 px (in v1 a
+# nodule was 3 px across there, and those findings stayed near chance).
+VERSION = 2
 
 # NIH ChestX-ray14 (Data_Entry_2017, 112,120 images): share of images with each finding.
 NIH_PREVALENCE = dict(zip(NIH_FINDINGS, [
@@ -157,9 +160,9 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
     if has['Nodule']:
         for _ in range(rng.integers(1, 3)):
             x, y = in_lung(rng)
-            fill = np.maximum(fill, _ellipse(X, Y, x, y, r := rng.uniform(0.025, 0.04), r, 0.008) * 0.8)
+            fill = np.maximum(fill, _ellipse(X, Y, x, y, r := rng.uniform(0.04, 0.06), r, 0.008) * 0.8)
     if has['Fibrosis']:  # reticular net in the lower and outer lung
-        net = (np.abs(_noise(rng, size, 48)) < 0.12) * np.clip((Y + 0.1) / 0.4, 0, 1)
+        net = (np.abs(_noise(rng, size, 28)) < 0.15) * np.clip((Y + 0.1) / 0.4, 0, 1)
         fill = np.maximum(fill, net * 0.6)
     fill *= lungs
     lung_air = lungs * air * (1.0 - fill) * (1.0 - heart)
@@ -174,7 +177,7 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
     image += ribs * lungs * 0.07
     if has['Pleural_Thickening']:  # band along the lateral chest wall
         cx, cy, rx, lung, _ = lung_of(anatomy['side'])
-        wall = _ellipse(X, Y, cx, cy, rx, ry, 0.01) - _ellipse(X, Y, cx, cy, rx - 0.05, ry - 0.03, 0.01)
+        wall = _ellipse(X, Y, cx, cy, rx, ry, 0.01) - _ellipse(X, Y, cx, cy, rx - 0.08, ry - 0.05, 0.01)
         image += np.clip(wall, 0, 1) * (Y < 0.25) * 0.22
     if has['Hernia']:  # retrocardiac gas bubble with an air-fluid level
         y0 = 0.2 + rng.uniform(-0.04, 0.04)

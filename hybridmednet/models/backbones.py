@@ -12,6 +12,8 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
@@ -52,6 +54,34 @@ class ResNetFPN(nn.Module):
         return list(self.fpn({str(i): m for i, m in enumerate(maps)}).values())
 
 
+def deconv_upsamplers(dim: int) -> tuple[nn.Module, nn.Module]:
+    """ViTDet's simple-pyramid upsamplers for a stride-16 map of `dim` channels: to stride 4
+    (two 2x deconvolutions, dim // 4 channels) and to stride 8 (one, dim // 2 channels)."""
+    return (nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
+                          nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)),
+            nn.ConvTranspose2d(dim, dim // 2, 2, 2))
+
+
+class EfficientViMPyramid(nn.Module):
+    """EfficientViM's three stages sit at strides 16, 32 and 64. The stride-16 map is deconvolved to
+    strides 4 and 8 (as for Vim) and kept at 16; the stride-64 map is merged top-down into the
+    stride-32 one (1x1 projection, nearest upsampling, sum), as in an FPN, so no stage is wasted."""
+
+    def __init__(self, pyramid: TimmPyramid):
+        super().__init__()
+        self.body = pyramid
+        c16, c32, c64 = pyramid.channels
+        self.up4, self.up2 = deconv_upsamplers(c16)
+        self.top_down = nn.Conv2d(c64, c32, 1)
+        self.channels = [c16 // 4, c16 // 2, c16, c32]
+        self.reductions = [4, 8, 16, 32]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        s16, s32, s64 = self.body(x)
+        s32 = s32 + F.interpolate(self.top_down(s64), size=s32.shape[-2:], mode='nearest')
+        return [self.up4(s16), self.up2(s16), s16, s32]
+
+
 def build_timm_backbone(spec: Any, pretrained: bool | str = False, img_size: int = 224,
                         drop_path_rate: float = 0.0, **options: Any) -> TimmPyramid:
     kwargs = dict(options)
@@ -66,6 +96,11 @@ def build_timm_backbone(spec: Any, pretrained: bool | str = False, img_size: int
 def build_resnet_fpn(spec: Any, pretrained: bool | str = False, img_size: int = 224,
                      fpn_channels: int = 256, drop_path_rate: float = 0.0, **options: Any) -> ResNetFPN:
     return ResNetFPN(build_timm_backbone(spec, pretrained, img_size, drop_path_rate, **options), fpn_channels)
+
+
+def build_efficientvim(spec: Any, pretrained: bool | str = False, img_size: int = 224,
+                       drop_path_rate: float = 0.0, **options: Any) -> EfficientViMPyramid:
+    return EfficientViMPyramid(build_timm_backbone(spec, pretrained, img_size, drop_path_rate, **options))
 
 
 def swin_window_size(name: str, img_size: int) -> int:

@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, lecun_normal_, trunc_normal_
+from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from torch import Tensor, nn
 
-from hybridmednet.models.backbones import PretrainedWeightsError, read_state_dict
+from hybridmednet.models.backbones import PretrainedWeightsError, deconv_upsamplers, read_state_dict
 
 VIM_VARIANTS: dict[str, dict[str, Any]] = {
     'vim_tiny': dict(embed_dim=192),
@@ -429,13 +429,7 @@ class VimBackbone(nn.Module):
         d = embed_dim
         self.channels = [d // 4, d // 2, d, d]
         self.reductions = [4, 8, 16, 32]
-        self.resample = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
-                          nn.ConvTranspose2d(d // 2, d // 4, 2, 2)),
-            nn.ConvTranspose2d(d, d // 2, 2, 2),
-            nn.Identity(),
-            nn.MaxPool2d(2),
-        ])
+        self.resample = nn.ModuleList([*deconv_upsamplers(d), nn.Identity(), nn.MaxPool2d(2)])
 
     def forward(self, x: Tensor) -> list[Tensor]:
         taps, (h, w), mid = self.trunk.forward_intermediates(x, self.indices)

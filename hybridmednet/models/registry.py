@@ -81,6 +81,9 @@ register(BackboneSpec('efficientnet_b0', 'efficientnet', _TIMM, 'efficientnet_b0
 for _size, _params in (('tiny', 7.0), ('small', 26.0), ('base', 98.0)):
     register(BackboneSpec(f'vim_{_size}', 'mamba', _VIM, None, None, _params, experimental=True))
 # MambaOut (Yu & Wang, 2024): gated-CNN stages from the Mamba line of work, strides 4..32, CPU-friendly.
-# EfficientViM is not registered: its 3 timm stages sit at strides 16/32/64, not 4..32.
 for _size, _params in (('femto', 7.3), ('kobe', 9.1), ('tiny', 26.5), ('small', 48.5), ('base', 84.8)):
     register(BackboneSpec(f'mambaout_{_size}', 'mambaout', _TIMM, f'mambaout_{_size}.in1k', (0, 1, 2, 3), _params))
+# EfficientViM (Lee et al., 2025): hidden-state-mixer SSD stages at strides 16/32/64, resampled to 4..32.
+for _size in ('m1', 'm2', 'm3', 'm4'):
+    register(BackboneSpec(f'efficientvim_{_size}', 'efficientvim', 'hybridmednet.models.backbones:build_efficientvim',
+                          f'efficientvim_{_size}.e450_in1k', (0, 1, 2)))
