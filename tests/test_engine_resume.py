@@ -84,3 +84,38 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for a, b in zip(ckpt['history'], single['history']):
         assert abs(a['val_mean_auc'] - b['val_mean_auc']) < 1e-6
         assert abs(a['train_loss'] - b['train_loss']) < 1e-5
+
+
+class BatchNormNet(torch.nn.Module):
+    """TinyNet with BatchNorm: each rank updates its running statistics from its own half-batches."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.norm = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+def _ddp_batchnorm_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo',
+                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from hybridmednet.engine.trainer import train
+    train(tiny_config(Path(out), batch_size=4, epochs=2), model=BatchNormNet(), datasets=tiny_datasets())
+
+
+def test_ddp_validates_with_the_batchnorm_statistics_it_saves(tmp_path):
+    # Without syncing, rank 1 would score its half of the validation set with its own running statistics,
+    # and the reported val loss would not be the saved model's.
+    mp.spawn(_ddp_batchnorm_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ckpt = torch.load(tmp_path / 'ckpt' / 'last_model.pth', weights_only=True)
+    model = BatchNormNet()
+    model.load_state_dict(ckpt['model_state_dict'])
+    images, targets, _mask = tiny_datasets()['val'].tensors
+    with torch.no_grad():
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model.eval()(images), targets).item()
+    assert abs(ckpt['history'][-1]['val_loss'] - loss) < 1e-5, (ckpt['history'][-1]['val_loss'], loss)

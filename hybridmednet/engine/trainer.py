@@ -398,10 +398,13 @@ class Trainer:
     def eval_model(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The model to validate: the live one, or a copy holding `weights` (EMA, best)."""
         weights = weights if weights is not None else self.ema
-        if weights is None:
-            return self.model
-        model = copy.deepcopy(self.model)
-        model.load_state_dict(weights, strict=True)
+        model = self.model
+        if weights is not None:
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(weights, strict=True)
+        if self.dist.world > 1:  # BatchNorm statistics drift apart per rank: validate with rank 0's, the saved ones
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         return model
 
     @torch.no_grad()
