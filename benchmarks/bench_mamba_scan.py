@@ -5,8 +5,8 @@
 Vim-tiny sizes by default (d_inner 384, d_state 16) at 196 and 1,024 tokens, on one thread and
 on all cores (PyTorch's default, what a user gets; the chunked scan's large steps use the cores,
 the reference's small per-token steps cannot). Reports the
-median wall time of forward and of forward+backward for each scan (the two scans run in turns,
-a few calls each, so both see the same machine load), the speed-up, and the largest difference of the output and
+median wall time (ms) of forward and of forward+backward for each scan (the scans run in turns,
+a few calls each, so all see the same machine load), the speed-up, and the largest difference of the output and
 of every input gradient (fp32), absolute and relative to the largest reference value. Parity
 passes when every difference is within TOLERANCE x max(1, largest reference value), the bound the
 tests use.
@@ -35,12 +35,17 @@ def make_inputs(batch: int, d: int, n: int, length: int, seed: int = 0) -> list[
             r(batch, n, length), r(batch, n, length), torch.ones(d), r(batch, d, length), r(d) * 0.5]
 
 
-def run(scan: Callable, inputs: list[torch.Tensor], grad: torch.Tensor | None) -> torch.Tensor:
+def run(scan: Callable, inputs: list[torch.Tensor], grad: torch.Tensor | None, **options) -> torch.Tensor:
     u, delta, A, B, C, D, z, bias = inputs
-    y = scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True)
+    y = scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, **options)
     if grad is not None:
         y.backward(grad)
     return y
+
+
+def tokens_first(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The same values in the [b, l, d] / [b, l, n] layout (contiguous), as a Vim block holds them."""
+    return [t.transpose(1, 2).contiguous() if t.dim() == 3 else t for t in tensors]
 
 
 def median_ms(fns: list[Callable[[], object]], repeats: int, block: int = 3) -> list[float]:
@@ -90,20 +95,27 @@ def main() -> None:
     args = parser.parse_args()
     print(f"batch {args.batch}, d_inner {args.d_inner}, d_state {args.d_state}, fp32, "
           f"median of {args.repeats}; parity tolerance {TOLERANCE:g} x max(1, |ref|max)")
-    print(f"{'threads':>7} {'tokens':>6} | {'fwd ref ms':>10} {'fwd fast ms':>11} {'speed-up':>8} | "
-          f"{'f+b ref ms':>10} {'f+b fast ms':>11} {'speed-up':>8} | {'max abs err':>11} {'max rel err':>11} parity")
-    scans = (selective_scan_ref, selective_scan)
+    print("fast: selective_scan with mamba-ssm's [b, d, l] layout (it transposes in and out); "
+          "tf: the same scan on tokens-first inputs (tokens_first=True), as BiMamba calls it on CPU")
+    print(f"{'threads':>7} {'tokens':>6} | {'fwd ref':>8} {'fast':>6} {'x':>5} {'tf':>6} {'x':>5} | "
+          f"{'f+b ref':>8} {'fast':>6} {'x':>5} {'tf':>6} {'x':>5} | {'max abs err':>11} {'max rel err':>11} parity")
     for threads, length in itertools.product(args.threads, args.lengths):
         torch.set_num_threads(threads)
         inputs = make_inputs(args.batch, args.d_inner, args.d_state, length)
         err_abs, err_rel, ok = parity(inputs)
         leaves = [t.clone().requires_grad_() for t in inputs]
+        leaves_tf = [t.requires_grad_() for t in tokens_first(inputs)]
         grad = torch.randn(args.batch, args.d_inner, length)
+        grad_tf = grad.transpose(1, 2).contiguous()
         with torch.no_grad():
-            fwd = median_ms([lambda s=s: run(s, inputs, None) for s in scans], args.repeats)
-        both = median_ms([lambda s=s: run(s, leaves, grad) for s in scans], args.repeats)
-        print(f"{threads:>7} {length:>6} | {fwd[0]:>10.1f} {fwd[1]:>11.1f} {fwd[0] / fwd[1]:>7.1f}x | "
-              f"{both[0]:>10.1f} {both[1]:>11.1f} {both[0] / both[1]:>7.1f}x | {err_abs:>11.2e} {err_rel:>11.2e} "
+            fwd = median_ms([lambda: run(selective_scan_ref, inputs, None),
+                             lambda: run(selective_scan, inputs, None),
+                             lambda: run(selective_scan, leaves_tf, None, tokens_first=True)], args.repeats)
+        both = median_ms([lambda: run(selective_scan_ref, leaves, grad),
+                          lambda: run(selective_scan, leaves, grad),
+                          lambda: run(selective_scan, leaves_tf, grad_tf, tokens_first=True)], args.repeats)
+        cells = lambda t: f"{t[0]:>8.1f} {t[1]:>6.1f} {t[0] / t[1]:>4.1f}x {t[2]:>6.1f} {t[0] / t[2]:>4.1f}x"
+        print(f"{threads:>7} {length:>6} | {cells(fwd)} | {cells(both)} | {err_abs:>11.2e} {err_rel:>11.2e} "
               f"{'ok' if ok else 'FAIL'}")
 
 

@@ -55,6 +55,19 @@ def test_segments_and_custom_backward_match_autograd_of_the_reference(length, ch
         assert_close_rel(g, g_ref)
 
 
+@pytest.mark.parametrize('length', [37, 64])
+def test_tokens_first_layout_gives_the_same_scan(length):
+    leaves = [t.requires_grad_() for t in scan_inputs(length=length)]
+    y_ref = run_scan(selective_scan_ref, leaves)
+    u, delta, A, B, C, D, z, bias = (t.transpose(1, 2) if t.dim() == 3 else t for t in leaves)
+    y = selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, tokens_first=True)
+    assert y.shape == (2, length, 12)
+    assert_close_rel(y.transpose(1, 2), y_ref)
+    grad = torch.randn_like(y_ref)
+    for g, g_ref in zip(torch.autograd.grad(y, leaves, grad.transpose(1, 2)), torch.autograd.grad(y_ref, leaves, grad)):
+        assert_close_rel(g, g_ref)
+
+
 def test_scan_gradients_without_softplus():
     u, delta, A, B, C, *_ = scan_inputs(length=23)
     leaves = [t.requires_grad_() for t in (u, F.softplus(delta).detach(), A, B, C)]
@@ -132,9 +145,9 @@ def test_backward_branch_is_the_forward_branch_on_reversed_tokens():
     x = torch.randn(2, 11, 16)
     # swapping the directions' parameters is the same as reading the sequence backwards
     torch.testing.assert_close(swapped(x.flip(1)).flip(1), mixer(x), rtol=1e-5, atol=1e-6)
-    xi, z = mixer.in_proj(x).transpose(1, 2).chunk(2, dim=1)
-    torch.testing.assert_close(mixer.scan_direction(xi.flip(-1), z.flip(-1), backward=True),
-                               swapped.scan_direction(xi.flip(-1), z.flip(-1), backward=False))
+    xi, z = mixer.in_proj(x).chunk(2, dim=-1)
+    torch.testing.assert_close(mixer.scan_direction(xi.flip(1), z.flip(1), backward=True),
+                               swapped.scan_direction(xi.flip(1), z.flip(1), backward=False))
 
 
 @pytest.mark.parametrize('name,paper_m', [('vim_tiny', 7.15), ('vim_small', 25.8), ('vim_base', 97.6)])

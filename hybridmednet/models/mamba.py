@@ -59,8 +59,11 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   chunk: int = 4, segment: int = 32) -> Tensor:
+                   chunk: int = 4, segment: int = 32, tokens_first: bool = False) -> Tensor:
     """Chunked selective scan, same arguments and result as `selective_scan_ref`.
+
+    With `tokens_first`, u, delta, z and the result are [b, l, d] and B, C [b, l, n]: the layout the
+    scan works in and the Vim block produces, so no transposes are needed (the CPU path of `BiMamba`).
 
     The sequence is handled `segment` tokens at a time, so the [tokens, n, d] states exist one
     segment at a time (memory O(l * d), cache-sized work). Inside a segment the scan steps through
@@ -68,7 +71,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     kernel, the delta bias, softplus, D skip and z gate are fused into the one autograd function.
     """
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
-                                max(segment // chunk, 1) * chunk)
+                                max(segment // chunk, 1) * chunk, tokens_first)
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -85,10 +88,13 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                z: Tensor | None, bias: Tensor | None, softplus: bool, chunk: int, segment: int) -> Tensor:
-        length = u.shape[-1]
+                z: Tensor | None, bias: Tensor | None, softplus: bool, chunk: int, segment: int,
+                tokens_first: bool) -> Tensor:
+        length = u.shape[1 if tokens_first else 2]
         padded = length + -length % chunk
-        delta, u, B, C = (_time_major(t, padded) for t in (delta, u, B, C))
+        count = -(-padded // segment)  # equal segments, so none is left a few tokens long (196 = 7 x 28)
+        segment = -(-padded // count // chunk) * chunk if count > 1 else padded
+        delta, u, B, C = (_time_major(t, padded, tokens_first) for t in (delta, u, B, C))
         if bias is not None:
             delta += bias
         dt = _softplus(delta) if softplus else delta
@@ -110,12 +116,12 @@ class _SelectiveScan(torch.autograd.Function):
             y.addcmul_(u, D)
         z_gate = None
         if z is not None:
-            z = _time_major(z, padded)
+            z = _time_major(z, padded, tokens_first)
             z_gate = F.silu(z)
         ctx.save_for_backward(delta if softplus else None, u, dt, A, B, C, entering[:, :-1], D, z,
                               y if z is not None else None)
-        ctx.chunk, ctx.segment, ctx.has_bias = chunk, segment, bias is not None
-        return _channel_major(y * z_gate if z is not None else y, length)
+        ctx.chunk, ctx.segment, ctx.has_bias, ctx.tokens_first = chunk, segment, bias is not None, tokens_first
+        return _channel_major(y * z_gate if z is not None else y, length, tokens_first)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -123,8 +129,8 @@ class _SelectiveScan(torch.autograd.Function):
         chunk, segment = ctx.chunk, ctx.segment
         b, padded, d = dt.shape
         n = A.shape[1]
-        length = grad_out.shape[-1]
-        grad_y = _time_major(grad_out, padded)
+        length = grad_out.shape[1 if ctx.tokens_first else 2]
+        grad_y = _time_major(grad_out, padded, ctx.tokens_first)
         grad_z = None
         if z is not None:
             sig = torch.sigmoid(z)
@@ -169,24 +175,30 @@ class _SelectiveScan(torch.autograd.Function):
         if delta is not None:
             grad_dt *= torch.sigmoid(delta)
         grad_bias = grad_dt[:, :length].sum((0, 1)) if ctx.has_bias else None
-        grads = [_channel_major(t, length) if t is not None else None
+        grads = [_channel_major(t, length, ctx.tokens_first) if t is not None else None
                  for t in (grad_u, grad_dt, grad_B, grad_C, grad_z)]
-        return *grads[:2], grad_A.t(), *grads[2:4], grad_D, grads[4], grad_bias, None, None, None
+        return *grads[:2], grad_A.t(), *grads[2:4], grad_D, grads[4], grad_bias, None, None, None, None
 
 
-def _time_major(x: Tensor, length: int) -> Tensor:
-    """[b, c, l] -> contiguous [b, length, c], zero-padded at the end. One 2-D copy per batch item:
-    PyTorch transposes those in cache blocks, while a strided 3-D copy is ~5x slower at 1,024 tokens."""
-    b, c, l = x.shape
+def _time_major(x: Tensor, length: int, tokens_first: bool = False) -> Tensor:
+    """[b, c, l] (or [b, l, c] when `tokens_first`) -> a new contiguous [b, length, c], zero-padded at the
+    end. Transposes go as one 2-D copy per batch item: PyTorch transposes those in cache blocks, while a
+    strided 3-D copy is ~5x slower at 1,024 tokens."""
+    b, c, l = (x.shape[0], x.shape[2], x.shape[1]) if tokens_first else x.shape
     out = x.new_empty(b, length, c)
     out[:, l:] = 0
-    for i in range(b):
+    if tokens_first:
+        out[:, :l] = x
+    for i in range(0 if tokens_first else b):
         out[i, :l].copy_(x[i].t())
     return out
 
 
-def _channel_major(x: Tensor, length: int) -> Tensor:
-    """[b, l, c] -> contiguous [b, c, length], the first `length` tokens (inverse of `_time_major`)."""
+def _channel_major(x: Tensor, length: int, tokens_first: bool = False) -> Tensor:
+    """[b, l, c] -> contiguous [b, c, length], the first `length` tokens (inverse of `_time_major`);
+    with `tokens_first`, just the first `length` tokens."""
+    if tokens_first:
+        return x[:, :length]
     b, _, c = x.shape
     out = x.new_empty(b, c, length)
     for i in range(b):
@@ -296,24 +308,27 @@ class BiMamba(nn.Module):
             setattr(self, f'D{suffix}', nn.Parameter(torch.ones(self.d_inner)))
 
     def forward(self, hidden: Tensor) -> Tensor:
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [b, d_inner, l] each
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # [b, l, d_inner] each
         forward = self.scan_direction(x, z, backward=False)
-        backward = self.scan_direction(x.flip(-1), z.flip(-1), backward=True).flip(-1)
-        return self.out_proj(((forward + backward) / 2).transpose(1, 2))
+        backward = self.scan_direction(x.flip(1), z.flip(1), backward=True).flip(1)
+        return self.out_proj((forward + backward) / 2)
 
     def scan_direction(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
-        """One causal selective scan over x [b, d_inner, l] gated by z; `backward` picks the _b parameters
-        (the caller flips the sequence)."""
+        """One causal selective scan over the tokens of x [b, l, d_inner] gated by z, giving [b, l, d_inner];
+        `backward` picks the _b parameters (the caller flips the sequence). The PyTorch scan takes the
+        tokens-first layout as it is; mamba-ssm's kernel wants channels first."""
         s = '_b' if backward else ''
         conv, x_proj, dt_proj = getattr(self, f'conv1d{s}'), getattr(self, f'x_proj{s}'), getattr(self, f'dt_proj{s}')
         A = -torch.exp(getattr(self, 'A_b_log' if backward else 'A_log').float())
-        x = F.silu(conv(x)[..., :x.shape[-1]])
-        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)
+        u = F.silu(conv(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)  # causal depthwise conv
+        dt, B, C = x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = dt @ dt_proj.weight.t()
+        options = dict(D=getattr(self, f'D{s}').float(), delta_bias=dt_proj.bias.float(), delta_softplus=True)
         scan = scan_function(x.device)
-        return scan(x.contiguous(), delta.contiguous(), A, B.transpose(1, 2).contiguous(),
-                    C.transpose(1, 2).contiguous(), getattr(self, f'D{s}').float(), z=z.contiguous(),
-                    delta_bias=dt_proj.bias.float(), delta_softplus=True)
+        if scan is selective_scan:
+            return selective_scan(u, delta, A, B, C, z=z, tokens_first=True, **options)
+        channels_first = [t.transpose(1, 2).contiguous() for t in (u, delta, B, C, z)]
+        return scan(*channels_first[:2], A, *channels_first[2:4], z=channels_first[4], **options).transpose(1, 2)
 
 
 class VimBlock(nn.Module):
