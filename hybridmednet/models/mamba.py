@@ -62,13 +62,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    chunk: int = 4, segment: int = 32, tokens_first: bool = False) -> Tensor:
     """Chunked selective scan, same arguments and result as `selective_scan_ref`.
 
-    With `tokens_first`, u, delta, z and the result are [b, l, d] and B, C [b, l, n]: the layout the
-    scan works in and the Vim block produces, so no transposes are needed (the CPU path of `BiMamba`).
-
-    The sequence is handled `segment` tokens at a time, so the [tokens, n, d] states exist one
-    segment at a time (memory O(l * d), cache-sized work). Inside a segment the scan steps through
-    `chunk` positions, each step advancing all segment // chunk chunks at once. As in mamba-ssm's
-    kernel, the delta bias, softplus, D skip and z gate are fused into the one autograd function.
+    The sequence is handled in equal segments of at most `segment` tokens, so the [tokens, n, d]
+    states exist one segment at a time (memory O(l * d), cache-sized work). Inside a segment the
+    scan steps through `chunk` positions, each step advancing all of the segment's chunks at once.
+    As in mamba-ssm's kernel, the delta bias, softplus, D skip and z gate are fused into the one
+    autograd function. With `tokens_first`, u, delta, z and the result are [b, l, d] and B, C
+    [b, l, n]: the layout the scan works in and the Vim block produces, so nothing is transposed
+    (the CPU path of `BiMamba`).
     """
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
                                 max(segment // chunk, 1) * chunk, tokens_first)
@@ -76,7 +76,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
 class _SelectiveScan(torch.autograd.Function):
     """out = (y + D u) silu(z), y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + (dt u)_t B_t and
-    dt = softplus(delta + bias) (or delta + bias), for u, delta, z [b, d, l]; A [d, n]; B, C [b, n, l].
+    dt = softplus(delta + bias) (or delta + bias), for u, delta, z [b, d, l]; A [d, n]; B, C [b, n, l]
+    (u, delta, z [b, l, d] and B, C [b, l, n] when `tokens_first`).
 
     Inside, tokens come first ([b, l, d], zero-padded to a multiple of `chunk`; the scan is causal,
     so padding cannot reach the real tokens) and states are laid out [b, l, n, d], so every
