@@ -105,13 +105,13 @@ class _SelectiveScan(torch.autograd.Function):
         starts = range(0, padded, segment)
         log2_decay = _log2_decay(A)
         y = dt.new_empty(b, padded, d)
-        a_buf, h_buf, p_buf = (dt.new_empty(b, min(segment, padded), n, d) for _ in range(3))
+        a_buf, h_buf, p_buf = (dt.new_empty(b, segment, n, d) for _ in range(3))
         entering = dt.new_zeros(b, len(starts) + 1, n * d)  # state entering each segment
         for i, s in enumerate(starts):
             e = min(s + segment, padded)
-            a = _decay(dt[:, s:e], log2_decay, out=a_buf[:, :e - s])
-            h = torch.mul(dtu[:, s:e, None, :], B[:, s:e, :, None], out=h_buf[:, :e - s])
-            entering[:, i + 1] = _scan(a, h, entering[:, i], chunk, False, p_buf[:, :e - s])
+            h = h_buf[:, :e - s]
+            entering[:, i + 1] = _segment_states(dt[:, s:e], dtu[:, s:e], B[:, s:e], log2_decay, entering[:, i],
+                                                 chunk, a_buf[:, :e - s], h, p_buf[:, :e - s])
             torch.matmul(C[:, s:e, None, :], h, out=y[:, s:e, None, :])
         if D is not None:
             y.addcmul_(u, D)
@@ -144,21 +144,19 @@ class _SelectiveScan(torch.autograd.Function):
         grad_dt, grad_dtu = torch.empty_like(dt), torch.empty_like(dt)
         grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
         grad_A = dt.new_zeros(n, d)
-        size = min(segment, padded)
         # a_buf[:, t] = a_t and a_buf[:, t + 1] = a_{t+1}; h_buf[:, t] = h_{t-1} and h_buf[:, t + 1] = h_t
-        a_buf, h_buf = dt.new_empty(b, size + 1, n, d), dt.new_empty(b, size + 1, n, d)
-        g_buf, p_buf, w_buf = (dt.new_empty(b, size, n, d) for _ in range(3))
+        a_buf, h_buf = dt.new_empty(b, segment + 1, n, d), dt.new_empty(b, segment + 1, n, d)
+        g_buf, p_buf, w_buf = (dt.new_empty(b, segment, n, d) for _ in range(3))
         after = dt.new_zeros(b, n * d)       # g at the first token after this segment
         decay_after = dt.new_zeros(b, n, d)  # and the decay that carries it back one token
         for i, s in reversed(list(enumerate(range(0, padded, segment)))):
             e = min(s + segment, padded)
             w = e - s
             a, states, p = a_buf[:, :w + 1], h_buf[:, :w + 1], p_buf[:, :w]
-            _decay(dt[:, s:e], log2_decay, out=a[:, :-1])
             a[:, -1] = decay_after
             states[:, 0] = entering[:, i].view(b, n, d)
-            h = torch.mul(dtu[:, s:e, None, :], B[:, s:e, :, None], out=states[:, 1:])
-            _scan(a[:, :-1], h, entering[:, i], chunk, False, p)
+            h = states[:, 1:]
+            _segment_states(dt[:, s:e], dtu[:, s:e], B[:, s:e], log2_decay, entering[:, i], chunk, a[:, :-1], h, p)
             g = torch.mul(grad_y[:, s:e, None, :], C[:, s:e, :, None], out=g_buf[:, :w])
             after = _scan(a[:, 1:], g, after, chunk, True, p)
             decay_after = a[:, 0].clone()
@@ -190,8 +188,9 @@ def _time_major(x: Tensor, length: int, tokens_first: bool = False) -> Tensor:
     out[:, l:] = 0
     if tokens_first:
         out[:, :l] = x
-    for i in range(0 if tokens_first else b):
-        out[i, :l].copy_(x[i].t())
+    else:
+        for i in range(b):
+            out[i, :l].copy_(x[i].t())
     return out
 
 
@@ -223,6 +222,16 @@ def _log2_decay(A: Tensor) -> Tensor:
 def _decay(dt: Tensor, log2_decay: Tensor, out: Tensor) -> Tensor:
     """exp(dt A) [b, l, n, d] from dt [b, l, d], written to `out`."""
     return torch.mul(dt[:, :, None, :], log2_decay, out=out).exp2_()
+
+
+def _segment_states(dt: Tensor, dtu: Tensor, B: Tensor, log2_decay: Tensor, carry: Tensor, chunk: int,
+                    a: Tensor, h: Tensor, p: Tensor) -> Tensor:
+    """The states h_t [b, l, n, d] of one segment, written to `h` (its decays to `a`), from the state
+    `carry` entering it; returns the state leaving it. The forward pass and the backward pass's
+    recomputation both run it."""
+    _decay(dt, log2_decay, out=a)
+    torch.mul(dtu[:, :, None, :], B[:, :, :, None], out=h)
+    return _scan(a, h, carry, chunk, False, p)
 
 
 def _scan(a: Tensor, x: Tensor, carry: Tensor, chunk: int, reverse: bool, p: Tensor) -> Tensor:
