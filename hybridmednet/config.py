@@ -194,19 +194,16 @@ class Config:
             if not sep or not dot:
                 raise ConfigError(f"override {item!r} is not of the form SECTION.key=value "
                                   f"(e.g. MODEL.backbone=convnext_tiny)")
-            section = self._section(name.upper() if name.upper() in SECTIONS else name)
-            _check_key(name.upper(), key, section)
-            section[key] = parse_value(raw) if raw != '' else None
+            self.update({name.upper() if name.upper() in SECTIONS else name:
+                         {key: parse_value(raw) if raw != '' else None}})
         return self
 
     # -- validation ---------------------------------------------------------------
     def validate(self) -> 'Config':
         """Check keys and the values later stages rely on; raise ConfigError naming them."""
         for name in SECTIONS:
-            defaults = getattr(Config, name)
             for key in getattr(self, name):
-                if key not in defaults:
-                    raise ConfigError(f"unknown key {name}[{key!r}]{_suggest(key, defaults)}")
+                _check_key(name, key, getattr(Config, name))
         from hybridmednet.models.registry import get_backbone_spec
         get_backbone_spec(self.MODEL['backbone'])
         _check_choice('TRAIN', 'lr_scheduler', self.TRAIN, ('cosine', 'step', 'plateau', 'none'))

@@ -27,8 +27,9 @@ def _read_error(path: str) -> str | None:
 
 def scan_files(paths: list[str], decode: bool = True, workers: int = 1) -> tuple[list[str], list[str]]:
     """(missing paths, messages for files that exist but do not decode)."""
-    missing = [p for p in paths if not os.path.exists(p)]
-    present = [p for p in paths if os.path.exists(p)] if decode else []
+    exists = [os.path.exists(p) for p in paths]
+    missing = [p for p, e in zip(paths, exists) if not e]
+    present = [p for p, e in zip(paths, exists) if e] if decode else []
     if workers > 1 and present:
         with ProcessPoolExecutor(workers) as pool:
             errors = list(pool.map(_read_error, present, chunksize=64))
@@ -37,7 +38,8 @@ def scan_files(paths: list[str], decode: bool = True, workers: int = 1) -> tuple
     return missing, [e for e in errors if e]
 
 
-def report(index: DataIndex, missing: list[str], corrupt: list[str], warnings: list[str]) -> str:
+def report(index: DataIndex, leaks: dict[str, list[str]], missing: list[str], corrupt: list[str],
+           warnings: list[str]) -> str:
     records = index.records
     lines = [f"dataset: {index.source}", f"images: {len(records)}"]
     splits = records['split'].to_numpy()
@@ -51,7 +53,6 @@ def report(index: DataIndex, missing: list[str], corrupt: list[str], warnings: l
     left_out = int((splits == '').sum())
     if left_out:
         lines.append(f"left out of every split: {left_out} image(s)")
-    leaks = patient_leaks(records['patient_id'], splits)
     lines += ['', f"patients in two splits: {len(leaks)}"]
     lines += [f"  patient {p}: {', '.join(s)}" for p, s in list(leaks.items())[:20]]
     lines += [f"missing files: {len(missing)}"] + [f"  {p}" for p in missing[:20]]
@@ -89,6 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         logger.removeHandler(collect)
     missing, corrupt = scan_files(list(index.records['path']), not args.no_decode, args.workers)
-    print(report(index, missing, corrupt, collect.messages))
-    problems = missing or corrupt or patient_leaks(index.records['patient_id'], index.records['split'])
-    return 1 if problems else 0
+    leaks = patient_leaks(index.records['patient_id'], index.records['split'])
+    print(report(index, leaks, missing, corrupt, collect.messages))
+    return 1 if missing or corrupt or leaks else 0

@@ -120,7 +120,7 @@ def _nih_image_paths(data_dir: Path, names: pd.Series) -> np.ndarray:
 def index_nih(config: Config, data_dir: Path) -> DataIndex:
     csv = _labels_file(config, data_dir, NIH_CSV_NAMES)
     frame = _read_csv(csv, ['Image Index', 'Finding Labels', 'Patient ID'])
-    class_names = list(config.DATA['class_names'] or NIH_FINDINGS)
+    class_names = config.class_names
     labels = parse_labels(frame['Finding Labels'], class_names, str(csv),
                           ignore=[n for n in NIH_FINDINGS if n not in class_names])
     records = pd.DataFrame({'path': _nih_image_paths(data_dir, frame['Image Index']),
@@ -353,8 +353,9 @@ def build_datasets(config: Config) -> dict[str, ChestXrayDataset]:
 
 def _drop_missing(index: DataIndex, cache, skip: bool) -> DataIndex:
     """Missing files fail now, with a count and an example, not at epoch 3 (or are dropped when skipping)."""
-    in_cache = cache.rows(index.records['path']) >= 0 if cache is not None else False
-    present = np.array([os.path.exists(p) for p in index.records['path']], dtype=bool) | in_cache
+    paths = index.records['path']
+    present = cache.rows(paths) >= 0 if cache is not None else np.zeros(len(paths), dtype=bool)
+    present[~present] = [os.path.exists(p) for p in paths[~present]]   # files the cache holds are not touched
     if present.all():
         return index
     missing = index.records['path'][~present]

@@ -46,6 +46,7 @@ def official_split(image_names: Sequence[str], patient_ids: Sequence, train_val:
     pids = pd.Series(patient_ids, dtype=str)
     in_test = names.isin(test).to_numpy()
     in_train_val = names.isin(train_val).to_numpy() & ~in_test
+    neither = int((~in_test & ~in_train_val).sum())
     leaked = set(pids[in_test]) & set(pids[in_train_val])
     if leaked:
         drop = pids.isin(leaked).to_numpy() & in_train_val
@@ -53,7 +54,6 @@ def official_split(image_names: Sequence[str], patient_ids: Sequence, train_val:
                     "their %d train_val image(s) are left out", len(leaked),
                     ', '.join(sorted(leaked)[:5]), int(drop.sum()))
         in_train_val &= ~drop
-    neither = int((~in_test & ~in_train_val).sum()) - (int(drop.sum()) if leaked else 0)
     if neither:
         log.warning("%d image(s) are in neither train_val_list nor test_list and are left out", neither)
     split = np.full(len(names), '', dtype=object)

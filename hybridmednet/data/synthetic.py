@@ -190,13 +190,15 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
 
 
 # -- the dataset on disk -------------------------------------------------------------------
-def _plan(n: int, seed: int) -> pd.DataFrame:
-    """Patients, follow-ups, demographics, views and labels for n images (the Data_Entry table)."""
+def _plan(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Patients, follow-ups, demographics, views and labels for n images: the Data_Entry table and
+    the labels as bool [n, 14]."""
     rng = np.random.default_rng([seed, 0])
-    counts = []
-    while sum(counts) < n:  # 1 to 8 images per patient, most with few
+    counts, total = [], 0
+    while total < n:  # 1 to 8 images per patient, most with few
         counts.append(int(min(rng.geometric(0.45), 8)))
-    counts[-1] -= sum(counts) - n
+        total += counts[-1]
+    counts[-1] -= total - n
     patient = np.repeat(np.arange(len(counts)), counts)
     follow_up = np.concatenate([np.arange(c) for c in counts])
     labels = sample_labels(patient, rng)
@@ -208,7 +210,7 @@ def _plan(n: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame({
         'Image Index': names, 'Finding Labels': findings, 'Follow-up #': follow_up,
         'Patient ID': patient + 1, 'Patient Age': age, 'Patient Gender': sex, 'View Position': view,
-    })
+    }), labels
 
 
 def _anatomy(seed: int, patient_id: int, view: str) -> dict:
@@ -233,10 +235,9 @@ def generate_sample_dataset(out_dir: str | Path, n: int = 2000, size: int = 256,
         raise ValueError(f"sample dataset size n={n} is too small (need at least 10 images)")
     out = Path(out_dir)
     (out / 'images').mkdir(parents=True, exist_ok=True)
-    table = _plan(n, seed)
+    table, labels = _plan(n, seed)
     table['OriginalImage[Width'] = size
     table['Height]'] = size
-    labels = np.stack([table['Finding Labels'].str.split('|').apply(lambda f, c=c: c in f) for c in NIH_FINDINGS], 1)
     rows = list(zip(range(n), table['Image Index'], table['Patient ID'], table['View Position'], labels))
     workers = workers or min(4, os.cpu_count() or 1)
     chunks = [(out, seed, size, rows[k::workers * 4]) for k in range(workers * 4)]
