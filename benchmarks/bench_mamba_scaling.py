@@ -41,10 +41,11 @@ def rss_mb() -> float:
 
 def measure(name: str, size: int, repeats: int, threads: int) -> dict:
     import torch
+    from hybridmednet.models.summary import count_parameters
     torch.set_num_threads(threads)
     model = build(name, size).eval()
     x = torch.randn(1, 3, size, size)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+    params = count_parameters(model) / 1e6
     before = rss_mb()
     times = []
     with torch.no_grad():

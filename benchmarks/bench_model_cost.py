@@ -19,22 +19,23 @@ import timm
 import torch
 
 from hybridmednet import create_model
+from hybridmednet.models.backbones import timm_size_options
 from hybridmednet.models.registry import get_backbone_spec
 
 
 def build(kind: str, backbone: str, size: int, cross: bool) -> torch.nn.Module:
     if kind == 'timm':
         spec = get_backbone_spec(backbone)
-        extra = {'img_size': size} if spec.family == 'swin' else {}
-        return timm.create_model(spec.timm_name, pretrained=False, num_classes=14, **extra).eval()
+        return timm.create_model(spec.timm_name, pretrained=False, num_classes=14,
+                                 **timm_size_options(spec, size)).eval()
     return create_model(backbone, num_classes=14, image_size=size, use_modern_attention=True,
                         use_cross_scale_attention=cross).eval()
 
 
 def peak_memory(kind: str, backbone: str, size: int, batch: int, cross: bool) -> float:
     """Peak RSS (MiB) of a fresh process that builds the model and runs one forward."""
-    code = (f"import torch, resource, sys; sys.argv=['x']; sys.path.insert(0, 'benchmarks');"
-            f"from bench_model_cost import build; torch.set_num_threads(torch.get_num_threads());"
+    code = (f"import torch, resource, sys; sys.path.insert(0, 'benchmarks');"
+            f"from bench_model_cost import build;"
             f"m = build({kind!r}, {backbone!r}, {size}, {cross});"
             f"x = torch.randn({batch}, 3, {size}, {size});"
             f"torch.inference_mode().__enter__(); m(x); m(x);"

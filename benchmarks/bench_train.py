@@ -18,15 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridmednet.config import Config
-from hybridmednet.models.hybrid import HybridMedNet
+from hybridmednet.models.hybrid import create_model
+from hybridmednet.models.summary import count_parameters
 
 
 def hybrid(num_classes: int, image_size: int) -> nn.Module:
-    config = Config(MODEL={'backbone': 'convnext_tiny', 'pretrained': False, 'num_classes': num_classes,
-                           'use_modern_attention': True, 'use_cross_scale_attention': True},
-                    DATA={'image_size': image_size})
-    return HybridMedNet(config)
+    return create_model('convnext_tiny', num_classes=num_classes, image_size=image_size,
+                        use_modern_attention=True, use_cross_scale_attention=True)
 
 
 def bare(num_classes: int, image_size: int) -> nn.Module:
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build(14, args.image_size).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         images_per_second(model, optimizer, (x, y), 1, args.amp)          # warm-up: allocations, kernels
-        runs[name] = (model, optimizer, [], sum(p.numel() for p in model.parameters()))
+        runs[name] = (model, optimizer, [], count_parameters(model))
     for _ in range(args.rounds):
         for model, optimizer, rates, _ in runs.values():
             rates.append(images_per_second(model, optimizer, (x, y), args.steps, args.amp))

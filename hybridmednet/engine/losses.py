@@ -106,8 +106,7 @@ def build_loss(config: Config, pos_weight: torch.Tensor | None = None) -> nn.Mod
     fine = MultiLabelLoss(loss_cfg['type'], pos_weight, *options)
     if not config.MODEL['hierarchical']:
         return fine
-    from hybridmednet.models.heads import default_groups, group_matrix
-    names = config.class_names
-    groups = config.MODEL['coarse_groups'] or default_groups(names, config.MODEL['num_coarse_classes'])
-    return HierarchicalLoss(fine, MultiLabelLoss(loss_cfg['type'], None, *options), group_matrix(names, groups),
+    from hybridmednet.models.heads import coarse_groups, group_matrix
+    return HierarchicalLoss(fine, MultiLabelLoss(loss_cfg['type'], None, *options),
+                            group_matrix(config.class_names, coarse_groups(config)),
                             loss_cfg['fine_weight'], loss_cfg['coarse_weight'], loss_cfg['consistency_weight'])

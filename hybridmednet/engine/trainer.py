@@ -40,6 +40,7 @@ from hybridmednet.config import Config, load_config
 from hybridmednet.engine.checkpoint import (FORMAT, export_weights, load_checkpoint, preprocessing, rng_state,
                                             save_checkpoint, set_rng_state)
 from hybridmednet.engine.losses import build_loss
+from hybridmednet.models.summary import count_parameters
 
 OOM_REMEDIES = """CUDA ran out of memory (TRAIN.batch_size={batch}, MODEL.backbone={backbone}). Remedies:
   - a smaller batch with the same effective batch: TRAIN.batch_size={half} TRAIN.gradient_accumulation_steps={accum2}
@@ -468,7 +469,7 @@ class Trainer:
         if self.dist.main and self.config.LOGGING['tensorboard']:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.log_dir), purge_step=p.step or None)
-        n_params = sum(x.numel() for x in self.model.parameters())
+        n_params = count_parameters(self.model)
         self.log(f"training {type(self.model).__name__} ({n_params / 1e6:.2f}M params) on {self.device} "
                  f"x{self.dist.world}: {len(self.datasets['train'])} train / {len(self.datasets['val'])} val "
                  f"images, {self.steps_per_epoch} steps/epoch, {t['epochs']} epochs")

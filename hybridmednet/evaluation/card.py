@@ -16,6 +16,7 @@ import yaml
 
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.report import Section, Table, evaluation_sections, fmt, fmt_ci, to_markdown
+from hybridmednet.models.summary import count_parameters
 
 CARD_SECTIONS_FROM_REPORT = ('Discrimination', 'At the chosen thresholds', 'Calibration')
 
@@ -108,7 +109,7 @@ def write_card(model_path: str | Path, results_path: str | Path | None = None,
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     if results and list(results['model']['class_names']) != list(meta['class_names']):
         raise ValueError(f"{results_path} evaluates other findings than {model_path}")
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     output = Path(output) if output else Path(model_path).with_name(f'{Path(model_path).stem}_card.md')
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(to_markdown(f"Model card: {Path(model_path).name}",

@@ -84,11 +84,9 @@ class EfficientViMPyramid(nn.Module):
 
 def build_timm_backbone(spec: Any, pretrained: bool | str = False, img_size: int = 224,
                         drop_path_rate: float = 0.0, **options: Any) -> TimmPyramid:
-    kwargs = dict(options)
+    kwargs = {**options, **timm_size_options(spec, img_size)}
     if drop_path_rate:
         kwargs['drop_path_rate'] = drop_path_rate
-    if spec.family == 'swin':
-        kwargs.update(img_size=img_size, window_size=swin_window_size(spec.name, img_size))
     model = create_timm_model(spec.timm_name, pretrained, **kwargs)
     return TimmPyramid(model, spec.out_indices)
 
@@ -101,6 +99,13 @@ def build_resnet_fpn(spec: Any, pretrained: bool | str = False, img_size: int = 
 def build_efficientvim(spec: Any, pretrained: bool | str = False, img_size: int = 224,
                        drop_path_rate: float = 0.0, **options: Any) -> EfficientViMPyramid:
     return EfficientViMPyramid(build_timm_backbone(spec, pretrained, img_size, drop_path_rate, **options))
+
+
+def timm_size_options(spec: Any, img_size: int) -> dict[str, int]:
+    """What timm must be told about the image size: Swin's img_size and a window dividing every stage."""
+    if spec.family != 'swin':
+        return {}
+    return {'img_size': img_size, 'window_size': swin_window_size(spec.name, img_size)}
 
 
 def swin_window_size(name: str, img_size: int) -> int:
@@ -147,15 +152,20 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
     is_head = lambda k: any(h and (k == h or k.startswith(h + '.')) for h in heads)
     own = {k: v for k, v in model.state_dict().items() if not is_head(k)}
     state = {k: v for k, v in state.items() if not is_head(k)}
+    check_fits(own, state, f"weights file {path} does not fit {type(model).__name__}")
+    model.load_state_dict(state, strict=False)  # strictness checked above; only the head is left out
+
+
+def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise `what: ... missing keys, ... unexpected keys, ... shape mismatches` unless `state` matches
+    the model's own state dict key for key and shape for shape."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                   for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise ValueError(
-            f"weights file {path} does not fit {type(model).__name__}: "
-            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
-            f"{len(wrong)} shape mismatches {wrong[:5]}")
-    model.load_state_dict(state, strict=False)  # strictness checked above; only the head is left out
+        raise ValueError(f"{what}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:8]}, {len(wrong)} shape mismatches {wrong[:8]}")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hybridmednet.config import NIH_FINDINGS
+from hybridmednet.config import NIH_FINDINGS, Config
 
 # Coarse groups for the hierarchical head on the 14 NIH findings.
 NIH_COARSE_GROUPS = {
@@ -35,7 +35,6 @@ class HierarchicalHead(nn.Module):
     def __init__(self, in_features: int, class_names: list[str], groups: dict[str, list[str]], dropout: float):
         super().__init__()
         self.register_buffer('group_matrix', group_matrix(class_names, groups), persistent=False)
-        self.group_names = list(groups)
         self.dropout = nn.Dropout(dropout)
         self.coarse = nn.Linear(in_features, len(groups))
         self.fine = nn.Linear(in_features + len(groups), len(class_names))
@@ -61,8 +60,16 @@ def group_matrix(class_names: list[str], groups: dict[str, list[str]]) -> torch.
     return matrix
 
 
-def default_groups(class_names: list[str], num_coarse: int) -> dict[str, list[str]]:
-    if sorted(class_names) != sorted(NIH_FINDINGS) or num_coarse != len(NIH_COARSE_GROUPS):
-        raise ValueError("MODEL['hierarchical'] with classes other than the 14 NIH findings (or a "
-                         "num_coarse_classes other than 3) needs MODEL['coarse_groups'] = {group: [class, ...]}")
-    return NIH_COARSE_GROUPS
+def coarse_groups(config: Config) -> dict[str, list[str]]:
+    """MODEL['coarse_groups'], else the NIH grouping: the hierarchical head and its loss both take theirs from here."""
+    m = config.MODEL
+    groups = m['coarse_groups']
+    if not groups:
+        if sorted(config.class_names) != sorted(NIH_FINDINGS) or m['num_coarse_classes'] != len(NIH_COARSE_GROUPS):
+            raise ValueError("MODEL['hierarchical'] with classes other than the 14 NIH findings (or a "
+                             "num_coarse_classes other than 3) needs MODEL['coarse_groups'] = {group: [class, ...]}")
+        groups = NIH_COARSE_GROUPS
+    if len(groups) != m['num_coarse_classes']:
+        raise ValueError(f"MODEL['num_coarse_classes'] is {m['num_coarse_classes']} but "
+                         f"MODEL['coarse_groups'] has {len(groups)} groups")
+    return groups

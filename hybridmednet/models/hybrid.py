@@ -9,7 +9,7 @@ from torch import nn
 from hybridmednet.config import Config
 from hybridmednet.models.attention import PyramidAttention
 from hybridmednet.models.fusion import DynamicFusion
-from hybridmednet.models.heads import HierarchicalHead, MultiLabelHead, default_groups
+from hybridmednet.models.heads import HierarchicalHead, MultiLabelHead, coarse_groups
 from hybridmednet.models.registry import get_backbone_spec
 
 
@@ -29,11 +29,7 @@ class HybridMedNet(nn.Module):
                                           m['num_heads'], m['attention_pool_size'])
         self.fusion = DynamicFusion(channels, m['fusion_channels'])
         if m['hierarchical']:
-            groups = m['coarse_groups'] or default_groups(self.class_names, m['num_coarse_classes'])
-            if len(groups) != m['num_coarse_classes']:
-                raise ValueError(f"MODEL['num_coarse_classes'] is {m['num_coarse_classes']} but "
-                                 f"MODEL['coarse_groups'] has {len(groups)} groups")
-            self.head = HierarchicalHead(m['fusion_channels'], self.class_names, groups, m['dropout'])
+            self.head = HierarchicalHead(m['fusion_channels'], self.class_names, coarse_groups(config), m['dropout'])
         else:
             self.head = MultiLabelHead(m['fusion_channels'], m['num_classes'], m['dropout'])
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from torch import Tensor, nn
 
-from hybridmednet.models.backbones import PretrainedWeightsError, deconv_upsamplers, read_state_dict
+from hybridmednet.models.backbones import PretrainedWeightsError, check_fits, deconv_upsamplers, read_state_dict
 
 VIM_VARIANTS: dict[str, dict[str, Any]] = {
     'vim_tiny': dict(embed_dim=192),
@@ -482,16 +482,8 @@ def load_vim_checkpoint(model: VisionMamba, path: str | Path) -> None:
         if side * side != old.shape[1] - 1:
             raise ValueError(f"{path}: pos_embed has {old.shape[1]} entries, not a square grid plus a class token")
         state['pos_embed'] = resize_pos_embed(old, (side, side), model.grid)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                   for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(f"Vim checkpoint {path} does not fit a Vim with embed_dim={model.embed_dim}, "
-                         f"depth={len(model.layers)}: {len(missing)} missing keys {missing[:8]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:8]}, "
-                         f"{len(wrong)} shape mismatches {wrong[:8]}")
+    check_fits(model.state_dict(), state,
+               f"Vim checkpoint {path} does not fit a Vim with embed_dim={model.embed_dim}, depth={len(model.layers)}")
     model.load_state_dict(state, strict=True)
 
 

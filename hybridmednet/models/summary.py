@@ -5,7 +5,6 @@ import argparse
 
 import torch
 
-from hybridmednet.config import Config
 from hybridmednet.models.registry import get_backbone_spec, list_backbones
 
 
@@ -15,16 +14,11 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def parameter_row(name: str, **model_options) -> dict:
     """Backbone and whole-model parameter counts for the default attention settings."""
-    from hybridmednet.models.hybrid import HybridMedNet
+    from hybridmednet.models.hybrid import create_model
     spec = get_backbone_spec(name)
     row = {'backbone': name, 'family': spec.family, 'timm': spec.timm_name or '-', 'spec_m': spec.spec_params_m}
-    config = Config()
-    config.MODEL.update(backbone=name, pretrained=False, **model_options)
-    try:
-        with torch.device('meta'):
-            model = HybridMedNet(config)
-    except NotImplementedError as exc:
-        return {**row, 'backbone_m': None, 'model_m': None, 'note': str(exc).split(':')[-1].strip()}
+    with torch.device('meta'):
+        model = create_model(name, **model_options)
     return {**row, 'backbone_m': count_parameters(model.backbone) / 1e6, 'model_m': count_parameters(model) / 1e6,
             'note': 'experimental' if spec.experimental else ''}
 
