@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write to a temporary file beside `path`, then rename: a crash leaves the old file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
@@ -45,7 +45,7 @@ def _atomic_write(path: Path, write) -> None:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically save a dict of tensors and plain values (everything must load with weights_only=True)."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
@@ -105,8 +105,8 @@ def export_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     sidecar = {'format': EXPORT_FORMAT, 'config': config.to_dict(), 'class_names': config.class_names,
                'preprocessing': preprocessing(config), 'thresholds': None, **(meta or {})}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={'format': EXPORT_FORMAT}))
-    _atomic_write(path.with_suffix('.json'), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2)))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={'format': EXPORT_FORMAT}))
+    atomic_write(path.with_suffix('.json'), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2)))
     return path
 
 

@@ -152,8 +152,9 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
                              f"remove them (hybridmednet check-data lists them)")
         return logits
 
-    if len(val):
-        op = OperatingPoint.fit(run(val, 'validation'), val.labels, val.mask, names, ev['threshold_method'],
+    val_logits = run(val, 'validation') if len(val) else None
+    if val_logits is not None:
+        op = OperatingPoint.fit(val_logits, val.labels, val.mask, names, ev['threshold_method'],
                                 ev['target_sensitivity'], ev['temperature_scaling'],
                                 {'split': 'val', 'n_images': len(val), 'hash': hashes['val']})
     else:
@@ -162,7 +163,7 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
     if split == 'val':
         print("warning: thresholds are fitted on the split being evaluated; its operating-point metrics are "
               "optimistic", file=sys.stderr)
-    logits = run(data, split)
+    logits = val_logits if split == 'val' else run(data, split)   # the validation images are scored once
     probs = op.probabilities(logits)
     y, mask, records = data.labels.astype(np.float64), data.mask.astype(np.float64), data.records
     has_patients = 'patient_id' in records and records['patient_id'].notna().all()

@@ -7,7 +7,6 @@ checkpoint's `thresholds` entry and the `.json` sidecar of the safetensors expor
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ from hybridmednet.evaluation.calibration import apply_temperature, fit_temperatu
 from hybridmednet.evaluation.metrics import choose_thresholds
 
 DEFAULT_THRESHOLD = 0.5
-PTH_SUFFIXES = ('.pth', '.pt', '.ckpt')
 
 
 @dataclass
@@ -93,6 +91,7 @@ class OperatingPoint:
 
 def model_files(model_path: str | Path) -> list[Path]:
     """The training checkpoint and/or safetensors sidecar that describe this model (those that exist)."""
+    from hybridmednet.engine.checkpoint import PTH_SUFFIXES
     path = Path(model_path)
     candidates = [path.with_suffix('.json')] if path.suffix == '.safetensors' else [path]
     candidates += [path.with_suffix(s) for s in PTH_SUFFIXES if path.suffix == '.safetensors']
@@ -103,16 +102,14 @@ def model_files(model_path: str | Path) -> list[Path]:
 
 def store(model_path: str | Path, op: OperatingPoint) -> list[Path]:
     """Write `op` as the `thresholds` entry of every file describing the model; returns those files."""
-    from hybridmednet.engine.checkpoint import load_checkpoint, save_checkpoint
+    from hybridmednet.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
     record = op.to_meta()
     written = []
     for path in model_files(model_path):
         if path.suffix == '.json':
             sidecar = json.loads(path.read_text())
             sidecar['thresholds'] = record
-            tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-            tmp.write_text(json.dumps(sidecar, indent=2))
-            os.replace(tmp, path)     # atomic: a crash leaves the old sidecar
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2)))
         else:
             state = load_checkpoint(path)
             state['thresholds'] = record

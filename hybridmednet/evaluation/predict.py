@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from hybridmednet.evaluation.operating_point import OperatingPoint
-from hybridmednet.evaluation.report import jsonable
+from hybridmednet.evaluation.report import write_json
 
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.dcm', '.dicom', '.dic'}
 
@@ -105,9 +104,8 @@ def write_predictions(result: Predictions, op: OperatingPoint, model_path: str, 
         writer.writerow(['path', *op.class_names, 'positive_findings'])
         for p in result.images:
             writer.writerow([p.path, *(p.probabilities[n] for n in op.class_names), ';'.join(p.positive_findings)])
-    paths['json'].write_text(json.dumps(jsonable({
-        'model': model_path, 'operating_point': op.to_meta(),
-        'images': [vars(p) for p in result.images], 'errors': result.errors}), indent=1))
+    write_json({'model': model_path, 'operating_point': op.to_meta(),
+                'images': [vars(p) for p in result.images], 'errors': result.errors}, paths['json'])
     return paths
 
 

@@ -114,7 +114,7 @@ def to_html(title: str, sections: list[Section]) -> str:
 # -- the evaluation report --------------------------------------------------------------------------
 def evaluation_sections(results: dict) -> list[Section]:
     """Sections of the evaluation report, from the results dict that evaluate.py writes as JSON."""
-    results = jsonable(results)
+    results = jsonable({k: v for k, v in results.items() if k != 'predictions'})  # per-image arrays: JSON only
     settings, data, metrics = results['settings'], results['data'], results['metrics']
     level = round(100 * settings['confidence_level'])
     per = metrics['per_finding']
