@@ -198,9 +198,10 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
         results['stored_in'] = [str(p) for p in store(model_path, op)]
     if out_dir is not None:
         out_dir = Path(out_dir)
-        figures = {'roc': plot_roc_curves(y, probs, mask, names, out_dir / 'roc_curves.png', op.thresholds),
-                   'pr': plot_pr_curves(y, probs, mask, names, out_dir / 'pr_curves.png'),
-                   'reliability': plot_reliability(y, probs, mask, names, out_dir / 'reliability.png', N_BINS)}
+        figures = {'roc': plot_roc_curves(y, probs, mask, names, out_dir / 'roc_curves.png', op.thresholds, split),
+                   'pr': plot_pr_curves(y, probs, mask, names, out_dir / 'pr_curves.png', split),
+                   'reliability': plot_reliability(y, probs, mask, names, out_dir / 'reliability.png', N_BINS,
+                                                   split)}
         results['figures'] = {k: p.name for k, p in figures.items()}
         results['predictions'] = {'path': records['path'].astype(str).tolist(),
                                   'patient_id': records['patient_id'].astype(str).tolist() if has_patients else None,

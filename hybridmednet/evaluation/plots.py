@@ -78,9 +78,9 @@ def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | 
 
 
 def plot_pr_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
-                   path: str | Path) -> Path:
+                   path: str | Path, split: str = 'test') -> Path:
     """One precision-recall panel per finding; the dotted line is the prevalence (a random model)."""
-    fig, panels = _curve_panels(y_true, y_score, mask, class_names, 'Precision-recall curves (test split)',
+    fig, panels = _curve_panels(y_true, y_score, mask, class_names, f'Precision-recall curves ({split} split)',
                                 'recall', 'precision')
     for _, ax, (yk, sk) in panels:
         precision, recall, _ = precision_recall_curve(yk, sk)
@@ -90,10 +90,10 @@ def plot_pr_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | N
 
 
 def plot_reliability(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
-                     path: str | Path, n_bins: int = 10) -> Path:
+                     path: str | Path, n_bins: int = 10, split: str = 'test') -> Path:
     """Reliability diagram per finding: observed frequency against mean predicted probability per bin."""
     y, p, m = as_matrices(y_true, y_prob, mask)
-    fig, axes = _grid(len(class_names), 'Reliability (test split)')
+    fig, axes = _grid(len(class_names), f'Reliability ({split} split)')
     for k, (ax, name) in enumerate(zip(axes, class_names)):
         keep = m[:, k] > 0
         bins = reliability_bins(y[keep, k], p[keep, k], n_bins)
