@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from hybridmednet.config import NIH_FINDINGS, Config
-from hybridmednet.data.io import ImageReadError, read_image
+from hybridmednet.data.io import IMAGE_SUFFIXES, ImageReadError, read_image
 from hybridmednet.data.splits import SPLITS, official_split, patient_leaks, patient_split
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ CHEXPERT_OBSERVATIONS = [
     'Pleural Other', 'Fracture', 'Support Devices',
 ]
 NIH_CSV_NAMES = ('Data_Entry_2017_v2020.csv', 'Data_Entry_2017.csv')
-IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.dcm', '.dicom', '.bmp', '.tif', '.tiff'}
 NO_FINDING = 'No Finding'
 
 

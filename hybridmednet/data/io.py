@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DICOM_SUFFIXES = {'.dcm', '.dicom', '.dic'}
+IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff'} | DICOM_SUFFIXES  # what read_image reads
 
 
 class ImageReadError(OSError):

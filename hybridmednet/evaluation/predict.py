@@ -20,12 +20,10 @@ from tqdm import tqdm
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.report import write_json
 
-IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.dcm', '.dicom', '.dic'}
-
 
 def list_images(path: str | Path) -> list[Path]:
-    """One file, or every PNG/JPEG/DICOM under a folder (DICOM also without a suffix), sorted."""
-    from hybridmednet.data.io import is_dicom
+    """One file, or every image under a folder (IMAGE_SUFFIXES; DICOM also without a suffix), sorted."""
+    from hybridmednet.data.io import IMAGE_SUFFIXES, is_dicom
     path = Path(path)
     if path.is_file():
         return [path]
