@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from hybridmednet.models.backbones import PretrainedWeightsError
-from hybridmednet.models.mamba import (VIM_VARIANTS, BiMamba, VimBackbone, VisionMamba, _channel_major, _softplus,
-                                       _time_major, load_vim_checkpoint, resize_pos_embed, scan_function,
-                                       selective_scan, selective_scan_ref)
+from hybridmednet.models.mamba import (VIM_VARIANTS, BiMamba, VimBackbone, VisionMamba, load_vim_checkpoint,
+                                       resize_pos_embed)
+from hybridmednet.models.selective_scan import (_channel_major, _softplus, _time_major, scan_function, selective_scan,
+                                                selective_scan_ref)
 from hybridmednet.models.registry import build_backbone, get_backbone_spec, list_backbones
 
 
