@@ -1,6 +1,7 @@
 """Transforms, the memory-mapped cache and check-data."""
 import pickle
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from torchvision.transforms import v2
 
 from hybridmednet.config import Config
 from hybridmednet.data import cache, check
-from hybridmednet.data.datasets import build_datasets
+from hybridmednet.data.datasets import build_datasets, build_index
 from hybridmednet.data.transforms import MEAN, STD, build_transforms
 
 
@@ -66,9 +67,16 @@ def make_csv(tmp_path, n=6):
     return config
 
 
+def write_csv_cache(config, size, **kwargs):
+    """The cache for a make_csv dataset, written where open_cache looks for it."""
+    data_dir = Path(config.DATA['data_dir'])
+    return cache.write_cache(build_index(config).records['path'], data_dir, cache.cache_dir(config, data_dir),
+                             size, **kwargs)
+
+
 def test_cache_is_used_transparently(tmp_path):
     config = make_csv(tmp_path)
-    root = cache.write_cache(config, size=20)
+    root = write_csv_cache(config, 20)
     assert np.load(root / 'images.npy').shape == (6, 20, 20)
     (tmp_path / '3.png').unlink()  # served from the cache now
     data = build_datasets(config)['train']
@@ -80,6 +88,20 @@ def test_cache_is_used_transparently(tmp_path):
     config.DATA['image_size'] = 32  # cache too small: files are read, and 3.png is missing
     with pytest.raises(Exception, match='3.png'):
         build_datasets(config)
+
+
+def test_cache_written_to_any_folder_keyed_relative_to_data_dir(tmp_path):
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    make_csv(data_dir)
+    root = cache.write_cache([str(data_dir / '4.png'), str(data_dir / '1.png'), str(data_dir / '4.png')],
+                             data_dir, tmp_path / 'elsewhere', size=8)
+    assert root == tmp_path / 'elsewhere' and not (data_dir / '.cache').exists()
+    opened = cache.ImageCache(root, data_dir)
+    rows = opened.rows([str(data_dir / '1.png'), str(data_dir / '4.png'), str(data_dir / '0.png')])
+    assert rows[2] == -1 and sorted(rows[:2]) == [0, 1]  # the duplicate is cached once
+    np.testing.assert_allclose(opened.image(rows[0]), np.full((8, 8), 20 / 255, np.float32))
+    np.testing.assert_allclose(opened.image(rows[1]), np.full((8, 8), 80 / 255, np.float32))
 
 
 def test_cache_cli_skips_bad_images_when_asked(tmp_path, capsys):

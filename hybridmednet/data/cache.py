@@ -22,7 +22,8 @@ import pandas as pd
 from PIL import Image
 
 from hybridmednet.config import Config, load_config
-from hybridmednet.data.io import ImageReadError, read_image
+from hybridmednet.data.io import read_image
+from hybridmednet.errors import ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,10 @@ def _resize(args: tuple[str, int]) -> np.ndarray | str:
     return np.asarray(u8.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
 
 
-def write_cache(config: Config, size: int, workers: int = 1) -> Path:
-    """Resize every indexed image into the cache folder; bad files stop it unless skip_bad_images."""
-    from hybridmednet.data.datasets import build_index, resolve_data_dir
-
-    data_dir = resolve_data_dir(config)
-    paths = list(dict.fromkeys(build_index(config).records['path']))
-    root = cache_dir(config, data_dir)
+def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, workers: int = 1,
+                skip_bad_images: bool = False) -> Path:
+    """Resize each image in `paths` into the cache folder `root`; bad files stop it unless skip_bad_images."""
+    paths = list(dict.fromkeys(paths))
     root.mkdir(parents=True, exist_ok=True)
     (root / 'meta.json').unlink(missing_ok=True)  # an interrupted rewrite must not look complete
     images = np.lib.format.open_memmap(root / 'images.npy', mode='w+', dtype=np.uint8, shape=(len(paths), size, size))
@@ -96,7 +94,7 @@ def write_cache(config: Config, size: int, workers: int = 1) -> Path:
     try:
         for path, result in zip(paths, pool.map(_resize, jobs, chunksize=64) if pool else map(_resize, jobs)):
             if isinstance(result, str):
-                if not config.DATA['skip_bad_images']:
+                if not skip_bad_images:
                     raise ImageReadError(result)
                 bad.append(result)
                 continue
@@ -127,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='e.g. DATA.data_dir=/data/nih')
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    root = write_cache(config, args.size, args.workers)
+    from hybridmednet.data.datasets import build_index, resolve_data_dir  # main() moves to the commands package
+    data_dir = resolve_data_dir(config)
+    root = write_cache(build_index(config).records['path'], data_dir, cache_dir(config, data_dir), args.size,
+                       args.workers, config.DATA['skip_bad_images'])
     meta = json.loads((root / 'meta.json').read_text())
     print(f"cached {meta['count']} images at {args.size} px in {root}"
           + (f" ({meta['skipped']} unreadable skipped)" if meta['skipped'] else ''))
