@@ -62,6 +62,11 @@ class _SelectiveScan(torch.autograd.Function):
     dt = softplus(delta + bias) (or delta + bias), for u, delta, z [b, d, l]; A [d, n]; B, C [b, n, l]
     (u, delta, z [b, l, d] and B, C [b, l, n] when `tokens_first`).
 
+    As in mamba-ssm's kernel, the scan runs in float32 (float64 stays float64) whatever the input
+    dtypes: a state accumulated over ~1,000 tokens in fp16 or bf16 loses precision, and autocast
+    hands the scan half-precision activations beside float32 A, D and bias. The output comes back
+    in u's dtype and each gradient in its input's dtype.
+
     Inside, tokens come first ([b, l, d], zero-padded to a multiple of `chunk`; the scan is causal,
     so padding cannot reach the real tokens) and states are laid out [b, l, n, d], so every
     contraction over n or d runs along a vectorised axis. Only the state entering each segment is
@@ -78,7 +83,10 @@ class _SelectiveScan(torch.autograd.Function):
         padded = length + -length % chunk
         count = -(-padded // segment)  # equal segments, so none is left a few tokens long (196 = 7 x 28)
         segment = -(-padded // count // chunk) * chunk if count > 1 else padded
-        delta, u, B, C = (_time_major(t, padded, tokens_first) for t in (delta, u, B, C))
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, bias))
+        out_dtype, work = u.dtype, torch.promote_types(u.dtype, torch.float32)
+        delta, u, B, C = (_time_major(t, padded, tokens_first, work) for t in (delta, u, B, C))
+        A, D, bias = (None if t is None else t.to(work) for t in (A, D, bias))
         if bias is not None:
             delta += bias
         dt = _softplus(delta) if softplus else delta
@@ -100,27 +108,28 @@ class _SelectiveScan(torch.autograd.Function):
             y.addcmul_(u, D)
         z_gate = None
         if z is not None:
-            z = _time_major(z, padded, tokens_first)
+            z = _time_major(z, padded, tokens_first, work)
             z_gate = F.silu(z)
         ctx.save_for_backward(delta if softplus else None, u, dt, A, B, C, entering[:, :-1], D, z,
                               y if z is not None else None)
         ctx.chunk, ctx.segment, ctx.has_bias, ctx.tokens_first = chunk, segment, bias is not None, tokens_first
-        return _channel_major(y * z_gate if z is not None else y, length, tokens_first)
+        return _channel_major(y * z_gate if z is not None else y, length, tokens_first, out_dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         delta, u, dt, A, B, C, entering, D, z, y = ctx.saved_tensors
+        u_type, delta_type, A_type, B_type, C_type, D_type, z_type, bias_type = ctx.dtypes
         chunk, segment = ctx.chunk, ctx.segment
         b, padded, d = dt.shape
         n = A.shape[1]
         length = grad_out.shape[1 if ctx.tokens_first else 2]
-        grad_y = _time_major(grad_out, padded, ctx.tokens_first)
+        grad_y = _time_major(grad_out, padded, ctx.tokens_first, dt.dtype)
         grad_z = None
         if z is not None:
             sig = torch.sigmoid(z)
             grad_z = (z - z * sig).add_(1).mul_(sig).mul_(y).mul_(grad_y)  # d silu(z) = sig (1 + z (1 - sig))
             grad_y.mul_(sig.mul_(z))
-        grad_D = (grad_y * u).sum((0, 1)) if D is not None else None
+        grad_D = (grad_y * u).sum((0, 1)).to(D_type) if D is not None else None
         dtu = dt * u
         A_t = A.t().contiguous()
         log2_decay = _log2_decay(A)
@@ -156,18 +165,19 @@ class _SelectiveScan(torch.autograd.Function):
         grad_dt.addcmul_(grad_dtu, u)
         if delta is not None:
             grad_dt *= torch.sigmoid(delta)
-        grad_bias = grad_dt[:, :length].sum((0, 1)) if ctx.has_bias else None
-        grads = [_channel_major(t, length, ctx.tokens_first) if t is not None else None
-                 for t in (grad_u, grad_dt, grad_B, grad_C, grad_z)]
-        return *grads[:2], grad_A.t(), *grads[2:4], grad_D, grads[4], grad_bias, None, None, None, None
+        grad_bias = grad_dt[:, :length].sum((0, 1)).to(bias_type) if ctx.has_bias else None
+        per_token = zip((grad_u, grad_dt, grad_B, grad_C, grad_z), (u_type, delta_type, B_type, C_type, z_type))
+        grads = [_channel_major(t, length, ctx.tokens_first, dtype) if t is not None else None
+                 for t, dtype in per_token]
+        return *grads[:2], grad_A.t().to(A_type), *grads[2:4], grad_D, grads[4], grad_bias, None, None, None, None
 
 
-def _time_major(x: Tensor, length: int, tokens_first: bool = False) -> Tensor:
-    """[b, c, l] (or [b, l, c] when `tokens_first`) -> a new contiguous [b, length, c], zero-padded at the
-    end. Transposes go as one 2-D copy per batch item: PyTorch transposes those in cache blocks, while a
-    strided 3-D copy is ~5x slower at 1,024 tokens."""
+def _time_major(x: Tensor, length: int, tokens_first: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """[b, c, l] (or [b, l, c] when `tokens_first`) -> a new contiguous [b, length, c] of `dtype` (x's by
+    default), zero-padded at the end. Transposes go as one 2-D copy per batch item: PyTorch transposes
+    those in cache blocks, while a strided 3-D copy is ~5x slower at 1,024 tokens."""
     b, c, l = (x.shape[0], x.shape[2], x.shape[1]) if tokens_first else x.shape
-    out = x.new_empty(b, length, c)
+    out = x.new_empty(b, length, c, dtype=dtype)
     out[:, l:] = 0
     if tokens_first:
         out[:, :l] = x
@@ -177,13 +187,13 @@ def _time_major(x: Tensor, length: int, tokens_first: bool = False) -> Tensor:
     return out
 
 
-def _channel_major(x: Tensor, length: int, tokens_first: bool = False) -> Tensor:
-    """[b, l, c] -> contiguous [b, c, length], the first `length` tokens (inverse of `_time_major`);
-    with `tokens_first`, just the first `length` tokens."""
+def _channel_major(x: Tensor, length: int, tokens_first: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """[b, l, c] -> contiguous [b, c, length] of `dtype` (x's by default), the first `length` tokens (inverse
+    of `_time_major`); with `tokens_first`, just the first `length` tokens."""
     if tokens_first:
-        return x[:, :length]
+        return x[:, :length] if dtype is None else x[:, :length].to(dtype)
     b, _, c = x.shape
-    out = x.new_empty(b, c, length)
+    out = x.new_empty(b, c, length, dtype=dtype)
     for i in range(b):
         out[i].copy_(x[i, :length].t())
     return out
