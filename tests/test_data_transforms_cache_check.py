@@ -77,7 +77,7 @@ def write_csv_cache(config, size, **kwargs):
 def test_cache_is_used_transparently(tmp_path):
     config = make_csv(tmp_path)
     root = write_csv_cache(config, 20)
-    assert np.load(root / 'images.npy').shape == (6, 20, 20)
+    assert cache.ImageCache(root, tmp_path).images.shape == (6, 20, 20)
     (tmp_path / '3.png').unlink()  # served from the cache now
     data = build_datasets(config)['train']
     row = list(data.records['path']).index(str(tmp_path / '3.png'))
@@ -113,7 +113,7 @@ def test_cache_cli_skips_bad_images_when_asked(tmp_path, capsys):
         cache.main(args)
     assert cache.main(args + ['DATA.skip_bad_images=true']) == 0
     assert 'cached 5 images at 20 px' in capsys.readouterr().out
-    assert np.load(tmp_path / '.cache' / 'images.npy').shape == (5, 20, 20)
+    assert cache.ImageCache(tmp_path / '.cache', tmp_path).images.shape == (5, 20, 20)
 
 
 def test_check_data_reports_problems(tmp_path, capsys):

@@ -4,8 +4,12 @@ Decoding a 1024 px PNG costs far more than the training step wants to wait for;
 reading a 256 px uint8 slice from a memory map costs almost nothing. Datasets use
 the cache when it holds an image and read the file otherwise.
 
-Layout of the cache folder: `images.npy` (uint8 [N, S, S]), `index.csv` (path of each
-row, relative to the data folder), `meta.json` (size, count), written last.
+Layout of the cache folder: `meta.json` (size, count, and the names of the current
+`images-<id>.npy`, uint8 [N, S, S], and `index-<id>.csv`, the path of each row relative
+to the data folder). A rebuild writes new files beside the old ones and then replaces
+meta.json in one rename: a rebuild that fails leaves the old cache as it was, and jobs
+that have the old files memory-mapped keep reading them (they are unlinked, never
+rewritten). One writer at a time per cache folder.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -23,9 +28,12 @@ from PIL import Image
 
 from hybridmednet.config import Config, load_config
 from hybridmednet.data.io import read_image
-from hybridmednet.errors import ImageReadError
+from hybridmednet.errors import DataError, ImageReadError
 
 log = logging.getLogger(__name__)
+
+FORMAT = 2  # meta.json 'format'; 1 (unversioned) rewrote images.npy in place
+REBUILD = "rebuild it with `hybridmednet cache`"
 
 
 def cache_dir(config: Config, data_dir: Path) -> Path:
@@ -36,11 +44,35 @@ def cache_dir(config: Config, data_dir: Path) -> Path:
 class ImageCache:
     def __init__(self, root: Path, data_dir: Path):
         self.root, self.data_dir = root, data_dir
-        self.meta = json.loads((root / 'meta.json').read_text())
+        meta_file = root / 'meta.json'
+        try:
+            self.meta = json.loads(meta_file.read_text())
+        except ValueError:
+            raise DataError(f"{meta_file}: not valid JSON; {REBUILD}") from None
+        if self.meta.get('format') != FORMAT:
+            raise DataError(f"{meta_file}: cache written by an older version of hybridmednet; {REBUILD}")
         self.size = int(self.meta['size'])
-        self.images = np.load(root / 'images.npy', mmap_mode='r')
-        keys = pd.read_csv(root / 'index.csv', dtype=str, keep_default_na=False)['path']
+        self.images = self._open_images()
+        index_file = root / self.meta['index']
+        keys = pd.read_csv(index_file, dtype=str, keep_default_na=False)['path']
+        if len(keys) != self.meta['count']:
+            raise DataError(f"{index_file}: {len(keys)} rows, but {meta_file} says {self.meta['count']} images; "
+                            f"{REBUILD}")
         self._row = {k: i for i, k in enumerate(keys)}
+
+    def _open_images(self) -> np.ndarray:
+        """The memory map, checked against meta.json: a mismatched file would serve the wrong rows."""
+        images_file = self.root / self.meta['images']
+        try:
+            images = np.load(images_file, mmap_mode='r')
+        except FileNotFoundError:
+            raise DataError(f"{images_file} is missing (was the cache rebuilt or removed while this job ran?); "
+                            f"{REBUILD}") from None
+        expected = (self.meta['count'], self.size, self.size)
+        if images.shape != expected or images.dtype != np.uint8:
+            raise DataError(f"{images_file}: holds {images.dtype} {images.shape}, but {self.root / 'meta.json'} "
+                            f"says uint8 {expected}; {REBUILD}")
+        return images
 
     def __getstate__(self) -> dict:
         """DataLoader workers started by spawn (macOS, Windows) reopen the map instead of copying it."""
@@ -48,7 +80,7 @@ class ImageCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.images = np.load(self.root / 'images.npy', mmap_mode='r')
+        self.images = self._open_images()
 
     def rows(self, paths: Sequence[str]) -> np.ndarray:
         """Cache row of each image path, -1 where the cache does not hold it."""
@@ -83,11 +115,33 @@ def _resize(args: tuple[str, int]) -> np.ndarray | str:
 
 def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, workers: int = 1,
                 skip_bad_images: bool = False) -> Path:
-    """Resize each image in `paths` into the cache folder `root`; bad files stop it unless skip_bad_images."""
+    """Resize each image in `paths` into the cache folder `root`; bad files stop it unless skip_bad_images.
+
+    Nothing in `root` is touched until the new cache is complete: see the module docstring.
+    """
     paths = list(dict.fromkeys(paths))
     root.mkdir(parents=True, exist_ok=True)
-    (root / 'meta.json').unlink(missing_ok=True)  # an interrupted rewrite must not look complete
-    images = np.lib.format.open_memmap(root / 'images.npy', mode='w+', dtype=np.uint8, shape=(len(paths), size, size))
+    tag = secrets.token_hex(4)
+    images_file, index_file = root / f'images-{tag}.npy', root / f'index-{tag}.csv'
+    meta_file = root / f'meta-{tag}.json'
+    try:
+        kept, skipped = _write_images(paths, data_dir, images_file, size, workers, skip_bad_images)
+        pd.DataFrame({'path': kept}).to_csv(index_file, index=False)
+        meta_file.write_text(json.dumps({'format': FORMAT, 'size': size, 'count': len(kept), 'skipped': skipped,
+                                         'images': images_file.name, 'index': index_file.name}))
+        os.replace(meta_file, root / 'meta.json')  # the one step that switches readers to the new cache
+    except BaseException:
+        for name in (images_file, index_file, meta_file):
+            name.unlink(missing_ok=True)
+        raise
+    _remove_old_files(root, keep={images_file.name, index_file.name})
+    return root
+
+
+def _write_images(paths: list[str], data_dir: Path, images_file: Path, size: int, workers: int,
+                  skip_bad_images: bool) -> tuple[list[str], int]:
+    """Fill `images_file`; (cached paths relative to data_dir, number of unreadable files skipped)."""
+    images = np.lib.format.open_memmap(images_file, mode='w+', dtype=np.uint8, shape=(len(paths), size, size))
     kept, bad = [], []
     jobs = ((p, size) for p in paths)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
@@ -106,14 +160,24 @@ def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, wor
     images.flush()
     del images
     if bad:  # shrink the file to the images kept
-        full = np.load(root / 'images.npy', mmap_mode='r')
-        np.save(root / 'images.tmp.npy', full[:len(kept)])
+        shrunk = images_file.with_suffix('.kept.npy')
+        full = np.load(images_file, mmap_mode='r')
+        np.save(shrunk, full[:len(kept)])
         del full
-        os.replace(root / 'images.tmp.npy', root / 'images.npy')
+        os.replace(shrunk, images_file)
         log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0])
-    pd.DataFrame({'path': kept}).to_csv(root / 'index.csv', index=False)
-    (root / 'meta.json').write_text(json.dumps({'size': size, 'count': len(kept), 'skipped': len(bad)}))
-    return root
+    return kept, len(bad)
+
+
+def _remove_old_files(root: Path, keep: set[str]) -> None:
+    """Unlink earlier caches' files (and those of rebuilds that were killed); running jobs keep their maps."""
+    old = [*root.glob('images-*.npy'), *root.glob('index-*.csv'), root / 'images.npy', root / 'index.csv']
+    for name in old:
+        if name.name not in keep:
+            try:
+                name.unlink(missing_ok=True)
+            except OSError as exc:  # Windows refuses to unlink a file another process has mapped
+                log.warning("could not remove the old cache file %s (%s); delete it by hand", name, exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,92 @@
+"""The image cache: rebuilds never disturb the cache in use, and a cache that does not add up is refused."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hybridmednet.data import cache
+from hybridmednet.errors import DataError, ImageReadError
+
+
+def make_images(folder, n=6, size=(40, 40)):
+    """n grey PNGs, image i filled with 20 * i; their paths."""
+    paths = []
+    for i in range(n):
+        Image.fromarray(np.full(size[::-1], 20 * i, np.uint8)).save(folder / f"{i}.png")
+        paths.append(str(folder / f"{i}.png"))
+    return paths
+
+
+def cached(opened, path):
+    """The cached image of one path (its row must exist)."""
+    row = int(opened.rows([path])[0])
+    assert row >= 0, f"{path} is not cached"
+    return opened.image(row)
+
+
+def test_failed_rebuild_leaves_the_old_cache(tmp_path):
+    paths = make_images(tmp_path)
+    root = cache.write_cache(paths, tmp_path, tmp_path / 'cache', size=20)
+    files = sorted(os.listdir(root))
+    (tmp_path / '3.png').write_bytes(b'junk')  # images 0-2 are written before the rebuild fails
+    with pytest.raises(ImageReadError, match='3.png'):
+        cache.write_cache(paths, tmp_path, root, size=24)
+    assert sorted(os.listdir(root)) == files  # nothing left behind
+    opened = cache.ImageCache(root, tmp_path)
+    assert opened.size == 20
+    for i in (0, 3, 5):
+        np.testing.assert_allclose(cached(opened, paths[i]), np.full((20, 20), 20 * i / 255, np.float32))
+
+
+def test_rebuild_does_not_change_what_running_jobs_read(tmp_path):
+    paths = make_images(tmp_path)
+    root = cache.write_cache(paths, tmp_path, tmp_path / 'cache', size=20)
+    running = cache.ImageCache(root, tmp_path)
+    cache.write_cache(paths[::-1], tmp_path, root, size=20)  # same size, every row moves
+    cache.write_cache(paths[:4], tmp_path, root, size=24)
+    for i in range(6):
+        np.testing.assert_allclose(cached(running, paths[i]), np.full((20, 20), 20 * i / 255, np.float32))
+    rebuilt = cache.ImageCache(root, tmp_path)
+    assert rebuilt.size == 24 and list(rebuilt.rows(paths)) == [0, 1, 2, 3, -1, -1]
+    assert len(list(root.glob('images-*.npy'))) == 1 and len(list(root.glob('index-*.csv'))) == 1
+
+
+def test_worker_started_after_a_rebuild_is_refused(tmp_path):
+    paths = make_images(tmp_path, n=2)
+    root = cache.write_cache(paths, tmp_path, tmp_path / 'cache', size=8)
+    state = pickle.dumps(cache.ImageCache(root, tmp_path))  # as a spawn-started DataLoader worker gets it
+    cache.write_cache(paths[::-1], tmp_path, root, size=8)
+    with pytest.raises(DataError, match=r'images-\w+\.npy is missing.*hybridmednet cache'):
+        pickle.loads(state)
+
+
+def test_cache_that_does_not_match_meta_is_refused(tmp_path):
+    paths = make_images(tmp_path, n=3)
+    root = cache.write_cache(paths, tmp_path, tmp_path / 'cache', size=8)
+    meta = json.loads((root / 'meta.json').read_text())
+    images, index = root / meta['images'], root / meta['index']
+    np.save(images, np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=rf"{images.name}: holds uint8 \(2, 8, 8\).*\(3, 8, 8\).*hybridmednet cache"):
+        cache.ImageCache(root, tmp_path)
+    np.save(images, np.zeros((3, 8, 8), np.uint8))
+    cache.ImageCache(root, tmp_path)
+    index.write_text('\n'.join(index.read_text().splitlines()[:-1]) + '\n')
+    with pytest.raises(DataError, match=rf"{index.name}: 2 rows.*3 images.*hybridmednet cache"):
+        cache.ImageCache(root, tmp_path)
+
+
+def test_cache_from_an_older_version_must_be_rebuilt(tmp_path):
+    paths = make_images(tmp_path, n=2)
+    root = tmp_path / 'cache'
+    root.mkdir()
+    np.save(root / 'images.npy', np.zeros((2, 8, 8), np.uint8))  # the unversioned layout
+    (root / 'index.csv').write_text('path\n0.png\n1.png\n')
+    (root / 'meta.json').write_text(json.dumps({'size': 8, 'count': 2, 'skipped': 0}))
+    with pytest.raises(DataError, match='meta.json: cache written by an older version.*hybridmednet cache'):
+        cache.ImageCache(root, tmp_path)
+    cache.write_cache(paths, tmp_path, root, size=8)
+    assert not (root / 'images.npy').exists() and not (root / 'index.csv').exists()
+    np.testing.assert_allclose(cached(cache.ImageCache(root, tmp_path), paths[1]), np.full((8, 8), 20 / 255))
