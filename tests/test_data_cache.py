@@ -31,9 +31,9 @@ def test_failed_rebuild_leaves_the_old_cache(tmp_path):
     paths = make_images(tmp_path)
     root = cache.write_cache(paths, tmp_path, tmp_path / 'cache', size=20)
     files = sorted(os.listdir(root))
-    (tmp_path / '3.png').write_bytes(b'junk')  # images 0-2 are written before the rebuild fails
-    with pytest.raises(ImageReadError, match='3.png'):
-        cache.write_cache(paths, tmp_path, root, size=24)
+    (tmp_path / 'junk.png').write_bytes(b'junk')  # images 0-2 are written before the rebuild fails
+    with pytest.raises(ImageReadError, match='junk.png'):
+        cache.write_cache([*paths[:3], str(tmp_path / 'junk.png'), *paths[3:]], tmp_path, root, size=24)
     assert sorted(os.listdir(root)) == files  # nothing left behind
     opened = cache.ImageCache(root, tmp_path)
     assert opened.size == 20
@@ -90,3 +90,24 @@ def test_cache_from_an_older_version_must_be_rebuilt(tmp_path):
     cache.write_cache(paths, tmp_path, root, size=8)
     assert not (root / 'images.npy').exists() and not (root / 'index.csv').exists()
     np.testing.assert_allclose(cached(cache.ImageCache(root, tmp_path), paths[1]), np.full((8, 8), 20 / 255))
+
+
+@pytest.mark.parametrize('change', ['content', 'size only', 'mtime only'])
+def test_file_changed_since_caching_is_not_served_from_the_cache(tmp_path, change, caplog):
+    paths = make_images(tmp_path, n=3)
+    root = cache.write_cache(paths, tmp_path, tmp_path / 'cache', size=8)
+    before = os.stat(paths[1])
+    if change == 'mtime only':  # same bytes, touched
+        os.utime(paths[1], ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    else:
+        noise = np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)
+        Image.fromarray(noise).save(paths[1])
+        assert os.stat(paths[1]).st_size != before.st_size
+        if change == 'size only':  # a copy that kept the old modification time
+            os.utime(paths[1], ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.unlink(paths[2])  # a missing file is still served from the cache
+    opened = cache.ImageCache(root, tmp_path)
+    assert list(opened.rows(paths)) == [0, -1, 2]
+    assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
+        f"1 of 3 cached images changed since the cache {root} was written: reading those files instead "
+        f"(rebuild it with `hybridmednet cache`)"]

@@ -90,6 +90,18 @@ def test_cache_is_used_transparently(tmp_path):
         build_datasets(config)
 
 
+def test_dataset_reads_an_image_overwritten_after_caching(tmp_path):
+    config = make_csv(tmp_path)
+    write_csv_cache(config, 20)
+    new = np.random.default_rng(0).integers(0, 256, (30, 50), dtype=np.uint8)
+    Image.fromarray(new).save(tmp_path / '3.png')
+    data = build_datasets(config)['train']
+    row = list(data.records['path']).index(str(tmp_path / '3.png'))
+    np.testing.assert_allclose(data.load_image(row), new / 255.0, atol=1e-6)
+    other = list(data.records['path']).index(str(tmp_path / '2.png'))
+    assert data.load_image(other).shape == (20, 20)  # unchanged files still come from the cache
+
+
 def test_cache_written_to_any_folder_keyed_relative_to_data_dir(tmp_path):
     data_dir = tmp_path / 'data'
     data_dir.mkdir()

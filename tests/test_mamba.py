@@ -2,7 +2,9 @@
 pyramid, parameter counts, official checkpoint layout, and that it learns."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import pickle
 
 import pytest
 import torch
@@ -249,6 +251,41 @@ def test_loads_safetensors_and_plain_state_dicts(tmp_path):
     for name in ('vim.safetensors', 'plain.pth'):
         model = build_backbone('vim_tiny', pretrained=str(tmp_path / name), depth=1)
         torch.testing.assert_close(model.trunk.layers[0].mixer.D_b, sd['layers.0.mixer.D_b'])
+
+
+def test_loads_a_vim_training_checkpoint_with_its_argparse_namespace(tmp_path):
+    # hustvl/Vim main.py saves model, optimizer, lr_scheduler, epoch, scaler and its argparse args
+    source = VisionMamba(img_size=64, embed_dim=192, depth=2, num_classes=10)
+    optimizer = torch.optim.AdamW(source.parameters(), lr=5e-4)
+    source(torch.randn(2, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 300)
+    args = argparse.Namespace(model='vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2',
+                              batch_size=128, lr=5e-4, epochs=300, input_size=224, drop_path=0.0, betas=None,
+                              data_path='/data/imagenet', device='cuda', model_ema=False, if_amp=True, seed=0)
+    path = tmp_path / 'vim_t_checkpoint.pth'
+    torch.save({'model': source.state_dict(), 'optimizer': optimizer.state_dict(), 'lr_scheduler': scheduler.state_dict(),
+                'epoch': 299, 'scaler': torch.amp.GradScaler('cpu').state_dict(), 'args': args}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # the layout this test is about
+    model = VisionMamba(img_size=64, embed_dim=192, depth=2, num_classes=10)
+    load_vim_checkpoint(model, path)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), source.eval()(x), rtol=0, atol=0)
+    backbone = build_backbone('vim_tiny', pretrained=str(path), img_size=64, depth=2).eval()
+    torch.testing.assert_close(backbone.trunk.forward_features(x), source.forward_features(x), rtol=0, atol=0)
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # allowed for these loads only
+
+
+class Unexpected:
+    """Any class other than argparse.Namespace in a weights file."""
+
+
+def test_checkpoint_holding_other_objects_is_refused(tmp_path):
+    path = tmp_path / 'vim_with_object.pth'
+    torch.save({'model': official_state_dict(depth=1), 'args': argparse.Namespace(lr=5e-4), 'extra': Unexpected()}, path)
+    with pytest.raises(PretrainedWeightsError, match=r'vim_with_object\.pth.*Unexpected'):
+        build_backbone('vim_tiny', pretrained=str(path), depth=1)
 
 
 def test_checkpoint_that_does_not_fit_is_a_loud_error(tmp_path):

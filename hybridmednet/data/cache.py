@@ -5,8 +5,9 @@ reading a 256 px uint8 slice from a memory map costs almost nothing. Datasets us
 the cache when it holds an image and read the file otherwise.
 
 Layout of the cache folder: `meta.json` (size, count, and the names of the current
-`images-<id>.npy`, uint8 [N, S, S], and `index-<id>.csv`, the path of each row relative
-to the data folder). A rebuild writes new files beside the old ones and then replaces
+`images-<id>.npy`, uint8 [N, S, S], and `index-<id>.csv`: the path of each row relative
+to the data folder, with the file's size and mtime when it was cached, so that a file
+changed since is read again instead of served stale). A rebuild writes new files beside the old ones and then replaces
 meta.json in one rename: a rebuild that fails leaves the old cache as it was, and jobs
 that have the old files memory-mapped keep reading them (they are unlinked, never
 rewritten). One writer at a time per cache folder.
@@ -54,11 +55,27 @@ class ImageCache:
         self.size = int(self.meta['size'])
         self.images = self._open_images()
         index_file = root / self.meta['index']
-        keys = pd.read_csv(index_file, dtype=str, keep_default_na=False)['path']
-        if len(keys) != self.meta['count']:
-            raise DataError(f"{index_file}: {len(keys)} rows, but {meta_file} says {self.meta['count']} images; "
+        index = pd.read_csv(index_file, dtype={'path': str, 'size': np.int64, 'mtime_ns': np.int64},
+                            keep_default_na=False)
+        if len(index) != self.meta['count']:
+            raise DataError(f"{index_file}: {len(index)} rows, but {meta_file} says {self.meta['count']} images; "
                             f"{REBUILD}")
-        self._row = {k: i for i, k in enumerate(keys)}
+        changed = self._changed(index)
+        if changed.any():
+            log.warning("%d of %d cached images changed since the cache %s was written: reading those files "
+                        "instead (%s)", changed.sum(), len(index), root, REBUILD)
+        self._row = {k: i for i, k in enumerate(index['path']) if not changed[i]}
+
+    def _changed(self, index: pd.DataFrame) -> np.ndarray:
+        """True where the file's size or mtime differs from when it was cached (a missing file is not changed)."""
+        changed = np.zeros(len(index), dtype=bool)
+        for i, (key, size, mtime_ns) in enumerate(index[['path', 'size', 'mtime_ns']].itertuples(index=False)):
+            try:
+                stat = os.stat(os.path.join(self.data_dir, key))
+            except OSError:
+                continue
+            changed[i] = stat.st_size != size or stat.st_mtime_ns != mtime_ns
+        return changed
 
     def _open_images(self) -> np.ndarray:
         """The memory map, checked against meta.json: a mismatched file would serve the wrong rows."""
@@ -83,7 +100,7 @@ class ImageCache:
         self.images = self._open_images()
 
     def rows(self, paths: Sequence[str]) -> np.ndarray:
-        """Cache row of each image path, -1 where the cache does not hold it."""
+        """Cache row of each image path, -1 where the cache does not hold it or the file changed since."""
         return np.array([self._row.get(os.path.relpath(p, self.data_dir), -1) for p in paths], dtype=np.int64)
 
     def image(self, row: int) -> np.ndarray:
@@ -103,14 +120,19 @@ def open_cache(config: Config, data_dir: Path) -> ImageCache | None:
     return cache
 
 
-def _resize(args: tuple[str, int]) -> np.ndarray | str:
+def _resize(args: tuple[str, int]) -> tuple[os.stat_result, np.ndarray] | str:
+    """(the file's stat, the resized image), or the error message; stat first, so a file
+    rewritten while it is read looks changed afterwards rather than cached as new."""
     path, size = args
     try:
+        stat = os.stat(path)
         image = read_image(path)
     except ImageReadError as exc:
         return str(exc)
+    except OSError as exc:  # from os.stat: missing or not accessible
+        return f"{path}: {exc.strerror}"
     u8 = Image.fromarray((image * 255.0 + 0.5).astype(np.uint8))
-    return np.asarray(u8.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    return stat, np.asarray(u8.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
 
 
 def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, workers: int = 1,
@@ -125,9 +147,9 @@ def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, wor
     images_file, index_file = root / f'images-{tag}.npy', root / f'index-{tag}.csv'
     meta_file = root / f'meta-{tag}.json'
     try:
-        kept, skipped = _write_images(paths, data_dir, images_file, size, workers, skip_bad_images)
-        pd.DataFrame({'path': kept}).to_csv(index_file, index=False)
-        meta_file.write_text(json.dumps({'format': FORMAT, 'size': size, 'count': len(kept), 'skipped': skipped,
+        index, skipped = _write_images(paths, data_dir, images_file, size, workers, skip_bad_images)
+        index.to_csv(index_file, index=False)
+        meta_file.write_text(json.dumps({'format': FORMAT, 'size': size, 'count': len(index), 'skipped': skipped,
                                          'images': images_file.name, 'index': index_file.name}))
         os.replace(meta_file, root / 'meta.json')  # the one step that switches readers to the new cache
     except BaseException:
@@ -139,8 +161,8 @@ def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, wor
 
 
 def _write_images(paths: list[str], data_dir: Path, images_file: Path, size: int, workers: int,
-                  skip_bad_images: bool) -> tuple[list[str], int]:
-    """Fill `images_file`; (cached paths relative to data_dir, number of unreadable files skipped)."""
+                  skip_bad_images: bool) -> tuple[pd.DataFrame, int]:
+    """Fill `images_file`; (the index: path relative to data_dir, size, mtime_ns; unreadable files skipped)."""
     images = np.lib.format.open_memmap(images_file, mode='w+', dtype=np.uint8, shape=(len(paths), size, size))
     kept, bad = [], []
     jobs = ((p, size) for p in paths)
@@ -152,8 +174,9 @@ def _write_images(paths: list[str], data_dir: Path, images_file: Path, size: int
                     raise ImageReadError(result)
                 bad.append(result)
                 continue
-            images[len(kept)] = result
-            kept.append(os.path.relpath(path, data_dir))
+            stat, image = result
+            images[len(kept)] = image
+            kept.append((os.path.relpath(path, data_dir), stat.st_size, stat.st_mtime_ns))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -166,7 +189,7 @@ def _write_images(paths: list[str], data_dir: Path, images_file: Path, size: int
         del full
         os.replace(shrunk, images_file)
         log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0])
-    return kept, len(bad)
+    return pd.DataFrame(kept, columns=['path', 'size', 'mtime_ns']), len(bad)
 
 
 def _remove_old_files(root: Path, keep: set[str]) -> None:

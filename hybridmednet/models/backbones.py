@@ -6,6 +6,7 @@ key names (hub, Hugging Face cache or a local file), then its head is pruned and
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,9 @@ def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], wha
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from .safetensors or a torch file, never unpickling arbitrary objects."""
+    """Tensors from .safetensors or a torch file, never unpickling arbitrary objects. Besides tensors and
+    plain values a torch file may hold an `argparse.Namespace`, and nothing else: hustvl/Vim's training
+    script saves its arguments as one beside the weights."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -177,9 +180,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         return load_file(str(path))
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read weights file {path} as a tensor-only torch file: {exc}") from exc
+        raise PretrainedWeightsError(
+            f"cannot read weights file {path} with torch.load(weights_only=True): it is damaged or holds "
+            f"objects other than tensors and plain values ({_refusal(exc)}). If you trust the file, save its "
+            "state dict alone, e.g. torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth'), "
+            "and point MODEL['pretrained'] at that") from exc
     for key in ('state_dict', 'model_state_dict', 'model', 'module'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -187,3 +195,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     return {k.removeprefix('module.'): v for k, v in state.items()}
+
+
+def _refusal(exc: Exception) -> str:
+    """The line of torch's weights_only refusal that names what was refused, without its advice to allowlist it."""
+    text = str(exc)
+    detail = text.partition('WeightsUnpickler error:')[2].strip() or text.strip() or type(exc).__name__
+    return detail.splitlines()[0].split(' Please use ')[0].rstrip('.')
