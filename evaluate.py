@@ -1,10 +1,7 @@
-"""Evaluate a checkpoint: `python evaluate.py --model_path checkpoints/best_model.pth [--save_results]`.
-
-Thin wrapper; the work is in hybridmednet.evaluation.evaluate (also `hybridmednet evaluate`).
-"""
+"""`python evaluate.py --model_path checkpoints/best_model.pth [--save_results]`: the same as `hybridmednet evaluate`."""
 import sys
 
-from hybridmednet.evaluation.evaluate import main
+from hybridmednet.commands.evaluate import main
 
 if __name__ == '__main__':
     sys.exit(main())

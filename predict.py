@@ -1,10 +1,7 @@
-"""Score images: `python predict.py --image_path FILE_OR_DIR --model_path ... [--visualize] [--save_dir DIR]`.
-
-Thin wrapper; the work is in hybridmednet.evaluation.predict (also `hybridmednet predict`).
-"""
+"""`python predict.py --image_path FILE_OR_DIR --model_path ... [--visualize]`: the same as `hybridmednet predict`."""
 import sys
 
-from hybridmednet.evaluation.predict import main
+from hybridmednet.commands.predict import main
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -2,7 +2,7 @@
 import sys
 
 from configs.default_config import Config
-from hybridmednet.engine.trainer import main
+from hybridmednet.commands.train import main
 
 if __name__ == '__main__':
     sys.exit(main(sys.argv[1:], base=Config))

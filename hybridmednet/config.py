@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
+
+from hybridmednet.errors import ConfigError
+from hybridmednet.models.registry import get_backbone_spec
 
 NIH_FINDINGS = [
     'Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule',
@@ -21,10 +26,22 @@ NIH_FINDINGS = [
 ]
 
 SECTIONS = ('MODEL', 'TRAIN', 'DATA', 'LOSS', 'CHECKPOINT', 'LOGGING', 'EVAL')
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / 'configs'   # `--config quickstart`
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` (no dot) as a string; a learning rate must not be one."""
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a learning rate must not be one. A key given
+    twice (a section repeated further down a file) is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice; merge the two into one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -37,10 +54,6 @@ _Loader.add_implicit_resolver(
 def parse_value(text: str) -> Any:
     """A command-line or YAML scalar: numbers (1e-4 too), booleans, null, lists, else the string."""
     return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used, named in the message."""
 
 
 class Config:
@@ -75,6 +88,7 @@ class Config:
         'mixed_precision': True,
         'ema_decay': 0.0,            # 0 disables the weight EMA
         'early_stopping_patience': 10,
+        'early_stopping_min_delta': 0.0,  # a val AUC gain below this is not an improvement
         'max_bad_steps': 10,         # consecutive NaN/Inf losses before aborting
         'weighted_sampler': False,
         'seed': 42,
@@ -97,6 +111,7 @@ class Config:
         'view_positions': None,      # e.g. ['PA'] keeps PA views only
         'frontal_only': False,       # CheXpert
         'uncertainty': 'ones',       # CheXpert -1: ones | zeros | ignore
+        'intensity': 'auto',         # auto (PNG sBIT, else the file's full range) | minmax | bits, e.g. 12
         'skip_bad_images': False,
         'cache_dir': None,           # memory-mapped image cache (hybridmednet cache)
         'sample_size': 2000,         # built-in sample dataset: images
@@ -164,12 +179,11 @@ class Config:
         return self
 
     # -- files and command lines ------------------------------------------------
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> 'Config':
-        return cls().merge_yaml(path)
-
     def merge_yaml(self, path: str | Path) -> 'Config':
+        """Apply a YAML file; a bare name such as `quickstart` is a config shipped with the package."""
         path = Path(path)
+        if not path.exists() and (SHIPPED_CONFIGS / f'{path}.yaml').is_file():
+            path = SHIPPED_CONFIGS / f'{path}.yaml'
         try:
             data = yaml.load(path.read_text(), Loader=_Loader) or {}
         except FileNotFoundError:
@@ -200,32 +214,27 @@ class Config:
 
     # -- validation ---------------------------------------------------------------
     def validate(self) -> 'Config':
-        """Check keys and the values later stages rely on; raise ConfigError naming them."""
+        """Check every key against its rule (type, range, allowed values) and the keys against each other.
+
+        Values are normalised in place: '~' expanded in paths, a string for a list key read as a
+        one-element list, allowed words matched case-insensitively. Raises ConfigError naming the key.
+        """
         for name in SECTIONS:
-            for key in getattr(self, name):
+            section = getattr(self, name)
+            for key in section:
                 _check_key(name, key, getattr(Config, name))
-        from hybridmednet.models.registry import get_backbone_spec
+                section[key] = RULES[name][key](f"{name}[{key!r}]", section[key])
         get_backbone_spec(self.MODEL['backbone'])
-        _check_choice('TRAIN', 'lr_scheduler', self.TRAIN, ('cosine', 'step', 'plateau', 'none'))
-        _check_choice('LOSS', 'type', self.LOSS, ('bce', 'focal', 'asymmetric'))
-        _check_choice('DATA', 'dataset', self.DATA, ('nih', 'chexpert', 'csv', 'folder'))
-        _check_choice('DATA', 'uncertainty', self.DATA, ('ones', 'zeros', 'ignore'))
-        _check_choice('EVAL', 'threshold_method', self.EVAL, ('youden', 'f1', 'sensitivity'))
-        for section, key in (('MODEL', 'num_classes'), ('MODEL', 'num_heads'), ('MODEL', 'fusion_channels'),
-                             ('TRAIN', 'batch_size'), ('TRAIN', 'epochs'),
-                             ('TRAIN', 'gradient_accumulation_steps'), ('DATA', 'image_size')):
-            value = getattr(self, section)[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{section}[{key!r}] must be a positive integer, got {value!r}")
-        if not 0.0 <= float(self.MODEL['dropout']) < 1.0:
-            raise ConfigError(f"MODEL['dropout'] must be in [0, 1), got {self.MODEL['dropout']!r}")
         splits = [self.DATA[k] for k in ('train_split', 'val_split', 'test_split')]
-        if any(s < 0 for s in splits) or abs(sum(splits) - 1.0) > 1e-6:
+        if abs(sum(splits) - 1.0) > 1e-6:
             raise ConfigError(f"DATA train/val/test splits must be non-negative and sum to 1, got {splits}")
         names = self.class_names
         if len(names) != self.MODEL['num_classes']:
             raise ConfigError(f"MODEL['num_classes'] is {self.MODEL['num_classes']} but "
                               f"DATA['class_names'] has {len(names)} names")
+        weights = self.LOSS['pos_weight']
+        if isinstance(weights, list) and len(weights) != len(names):
+            raise ConfigError(f"LOSS['pos_weight'] has {len(weights)} values for {len(names)} classes")
         return self
 
     @property
@@ -247,9 +256,158 @@ def _check_key(section_name: str, key: str, section: dict) -> None:
         raise ConfigError(f"unknown key {section_name}[{key!r}]{_suggest(key, section)}")
 
 
-def _check_choice(section: str, key: str, values: dict, choices: tuple) -> None:
-    if values[key] not in choices:
-        raise ConfigError(f"{section}[{key!r}] = {values[key]!r} is not one of {', '.join(map(repr, choices))}")
+# -- one rule per key: type, range and allowed values, written once ----------------------------
+Rule = Callable[[str, Any], Any]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nullable(rule: Rule) -> Rule:
+    return lambda key, value: None if value is None else rule(key, value)
+
+
+def integer(low: int | None = None, high: int | None = None) -> Rule:
+    def check(key: str, value: Any) -> int:
+        if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+            bounds = 'a positive integer' if (low, high) == (1, None) else \
+                f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+            raise ConfigError(f"{key} must be {bounds}, got {value!r}")
+        return value
+    return check
+
+
+def number(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A float in an interval; '(' / ')' in the message mark open ends."""
+    def check(key: str, value: Any) -> float:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise ConfigError(f"{key} must be a number in {interval}, got {value!r}")
+        return float(value)
+    return check
+
+
+def boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def choice(*allowed: str) -> Rule:
+    def check(key: str, value: Any) -> str:
+        word = value.lower() if isinstance(value, str) else value
+        if word not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return word
+    return check
+
+
+def text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def path(key: str, value: Any) -> str:
+    """A file or folder name; '~' is expanded here, once, for every path key."""
+    return os.path.expanduser(text(key, value))
+
+
+def string_list(key: str, value: Any) -> list[str]:
+    """A list of names; one string (`DATA.view_positions=PA`) is a one-element list, not its letters."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"{key} must be a name or a list of names, got {value!r}")
+    return list(values)
+
+
+def pretrained(key: str, value: Any) -> bool | str:
+    return value if isinstance(value, bool) else path(key, value)
+
+
+def pos_weight(key: str, value: Any) -> str | list[float]:
+    if isinstance(value, str):
+        return choice('auto')(key, value)
+    values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if not isinstance(values, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ConfigError(f"{key} must be null, 'auto' or a list of positive numbers (one per class), got {value!r}")
+    return [float(v) for v in values]
+
+
+def groups(key: str, value: Any) -> dict[str, list[str]]:
+    if not isinstance(value, dict) or not all(isinstance(v, (list, tuple)) for v in value.values()):
+        raise ConfigError(f"{key} must map each group name to a list of findings, got {value!r}")
+    return {str(g): list(v) for g, v in value.items()}
+
+
+def intensity(key: str, value: Any) -> str | int:
+    return integer(1, 16)(key, value) if _is_int(value) else choice(*INTENSITY_MODES)(key, value)
+
+
+def device(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r'auto|cpu|cuda(:\d+)?', value):
+        raise ConfigError(f"{key} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    return value
+
+
+FRACTION = number(0.0, 1.0)
+POSITIVE = integer(1)
+COUNT = integer(0)
+
+# Allowed words: the modules that act on these keys read them from here.
+LR_SCHEDULERS = ('cosine', 'step', 'plateau', 'none')
+LOSS_TYPES = ('bce', 'focal', 'asymmetric')
+DATASET_KINDS = ('nih', 'chexpert', 'csv', 'folder')
+UNCERTAINTY_POLICIES = ('ones', 'zeros', 'ignore')
+THRESHOLD_METHODS = ('youden', 'f1', 'sensitivity')
+INTENSITY_MODES = ('auto', 'minmax')
+
+RULES: dict[str, dict[str, Rule]] = {
+    'MODEL': {
+        'backbone': text, 'use_modern_attention': boolean, 'use_cross_scale_attention': boolean,
+        'num_heads': POSITIVE, 'num_classes': POSITIVE, 'pretrained': pretrained, 'fusion_channels': POSITIVE,
+        'dropout': number(0.0, 1.0, high_open=True), 'fpn_channels': POSITIVE, 'hierarchical': boolean,
+        'num_coarse_classes': POSITIVE, 'coarse_groups': _nullable(groups), 'attention_pool_size': POSITIVE,
+        'drop_path_rate': number(0.0, 1.0, high_open=True),
+    },
+    'TRAIN': {
+        'batch_size': POSITIVE, 'epochs': POSITIVE, 'learning_rate': number(0.0, 10.0, low_open=True),
+        'weight_decay': number(0.0, 10.0), 'lr_scheduler': choice(*LR_SCHEDULERS),
+        'warmup_epochs': number(0.0, 1e6), 'step_size': POSITIVE, 'gamma': number(0.0, 1.0, low_open=True),
+        'plateau_patience': COUNT, 'gradient_accumulation_steps': POSITIVE, 'grad_clip_norm': number(0.0, 1e6),
+        'mixed_precision': boolean, 'ema_decay': number(0.0, 1.0, high_open=True),
+        'early_stopping_patience': COUNT, 'early_stopping_min_delta': number(0.0, 1.0),
+        'max_bad_steps': POSITIVE, 'weighted_sampler': boolean, 'seed': COUNT, 'device': device,
+        'max_steps_per_epoch': _nullable(POSITIVE),
+    },
+    'DATA': {
+        'dataset': choice(*DATASET_KINDS), 'data_dir': _nullable(path), 'labels_file': _nullable(path),
+        'class_names': _nullable(string_list), 'image_size': POSITIVE, 'num_workers': COUNT,
+        'use_albumentations': boolean, 'horizontal_flip': boolean, 'train_split': FRACTION, 'val_split': FRACTION,
+        'test_split': FRACTION, 'split_seed': COUNT, 'view_positions': _nullable(string_list),
+        'frontal_only': boolean, 'uncertainty': choice(*UNCERTAINTY_POLICIES), 'intensity': intensity,
+        'skip_bad_images': boolean, 'cache_dir': _nullable(path), 'sample_size': integer(10),
+        'sample_image_size': integer(16),
+    },
+    'LOSS': {
+        'type': choice(*LOSS_TYPES), 'pos_weight': _nullable(pos_weight), 'focal_gamma': number(0.0, 10.0),
+        'asl_gamma_pos': number(0.0, 10.0), 'asl_gamma_neg': number(0.0, 10.0),
+        'asl_clip': number(0.0, 1.0, high_open=True), 'fine_weight': number(0.0, 1e3),
+        'coarse_weight': number(0.0, 1e3), 'consistency_weight': number(0.0, 1e3),
+    },
+    'CHECKPOINT': {'dir': path, 'save_freq': COUNT},
+    'LOGGING': {'log_dir': path, 'tensorboard': boolean, 'log_freq': POSITIVE},
+    'EVAL': {
+        'threshold_method': choice(*THRESHOLD_METHODS),
+        'target_sensitivity': number(0.0, 1.0, low_open=True, high_open=True),
+        'bootstrap_samples': POSITIVE, 'confidence_level': number(0.0, 1.0, low_open=True, high_open=True),
+        'temperature_scaling': boolean, 'tta': boolean,
+    },
+}
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),

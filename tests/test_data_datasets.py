@@ -202,7 +202,7 @@ def test_pos_weight_and_sampler(tmp_path):
 
 
 def test_check_data_shows_official_list_leak(tmp_path, capsys):
-    from hybridmednet.data import check
+    from hybridmednet.commands import check_data as check
     rows = [('a.png', 'Mass', 1, 'PA'), ('b.png', 'No Finding', 1, 'PA'), ('c.png', 'Nodule', 2, 'PA')]
     nih(tmp_path, rows, (['a.png', 'c.png'], ['b.png']))
     assert check.main(['--workers', '1', f'DATA.data_dir={tmp_path}']) == 0

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from hybridmednet.config import NIH_FINDINGS, Config
+from hybridmednet.commands import sample_data
 from hybridmednet.data import synthetic
 from hybridmednet.data.datasets import build_datasets, build_index
 from hybridmednet.data.splits import patient_leaks
@@ -68,7 +69,7 @@ def test_sample_is_the_default_dataset(sample, monkeypatch, tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    assert synthetic.main([str(tmp_path / 'd'), '--n', '12', '--size', '32', '--workers', '1']) == 0
+    assert sample_data.main([str(tmp_path / 'd'), '--n', '12', '--size', '32', '--workers', '1']) == 0
     assert 'wrote 12 images' in capsys.readouterr().out
     with pytest.raises(ValueError, match='n=3 is too small'):
         synthetic.generate_sample_dataset(tmp_path / 'e', n=3)

@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from hybridmednet.config import NIH_FINDINGS, Config
-from hybridmednet.engine.checkpoint import (CheckpointError, load_checkpoint, load_model, rng_state,
-                                            save_checkpoint, set_rng_state)
+from hybridmednet.checkpoint import load_checkpoint, load_model, save_checkpoint
+from hybridmednet.engine.runtime import rng_state, set_rng_state
+from hybridmednet.errors import CheckpointError
 from hybridmednet.engine.trainer import train
 
 

@@ -14,8 +14,10 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from hybridmednet.config import Config
-from hybridmednet.engine.checkpoint import load_checkpoint
-from hybridmednet.engine.trainer import LRSchedule, TrainingError, train
+from hybridmednet.checkpoint import load_checkpoint
+from hybridmednet.engine.schedule import LRSchedule
+from hybridmednet.engine.trainer import train
+from hybridmednet.errors import TrainingError
 
 K = 3
 

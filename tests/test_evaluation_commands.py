@@ -16,8 +16,8 @@ from sklearn.metrics import roc_auc_score
 
 from hybridmednet.config import Config
 from hybridmednet.data.synthetic import generate_sample_dataset
-from hybridmednet.engine.checkpoint import export_weights, load_model, save_checkpoint
-from hybridmednet.evaluation import card, evaluate, predict
+from hybridmednet.checkpoint import export_weights, load_model, save_checkpoint
+from hybridmednet.commands import card, evaluate, predict
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
 from test_data_io import write_dicom
@@ -161,7 +161,7 @@ def test_predict_offline_from_safetensors_alone(workspace, evaluated, tmp_path, 
 def test_clear_errors(workspace, tmp_path, capsys):
     unknown = tmp_path / 'model.bin'
     unknown.write_bytes(b'\0' * 10)
-    assert predict.main(['--image_path', str(tmp_path), '--model_path', str(unknown)]) == 1
+    assert predict.main(['--image_path', str(tmp_path), '--model_path', str(unknown)]) == 2
     assert 'unknown checkpoint format' in capsys.readouterr().err
     # weights of a 14-class model under a sidecar that says 3 classes
     export = tmp_path / 'three.safetensors'
@@ -170,9 +170,9 @@ def test_clear_errors(workspace, tmp_path, capsys):
     sidecar['config']['MODEL']['num_classes'] = 3
     sidecar['config']['DATA']['class_names'] = sidecar['class_names'] = ['a', 'b', 'c']
     export.with_suffix('.json').write_text(json.dumps(sidecar))
-    assert predict.main(['--image_path', str(tmp_path), '--model_path', str(export)]) == 1
+    assert predict.main(['--image_path', str(tmp_path), '--model_path', str(export)]) == 2
     assert '3 classes' in capsys.readouterr().err
-    assert evaluate.main(['--model_path', str(tmp_path / 'missing.pth')]) == 1
+    assert evaluate.main(['--model_path', str(tmp_path / 'missing.pth')]) == 2
     assert 'not found' in capsys.readouterr().err
 
 

@@ -1,19 +1,16 @@
-"""`hybridmednet check-data`: scan a dataset before training on it.
+"""Scan a dataset before training on it (`hybridmednet check-data`).
 
 Reports what would otherwise surface hours into a run: missing or unreadable
 images, label counts and patients per split, and any patient found in two splits.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-
-from hybridmednet.config import ConfigError, load_config
-from hybridmednet.data.datasets import DataError, DataIndex, build_index
-from hybridmednet.data.io import ImageReadError, read_image
+from hybridmednet.data.datasets import DataIndex
+from hybridmednet.data.io import read_image
+from hybridmednet.errors import ImageReadError
 from hybridmednet.data.splits import SPLITS, patient_leaks
 
 
@@ -59,37 +56,3 @@ def report(index: DataIndex, leaks: dict[str, list[str]], missing: list[str], co
     lines += [f"unreadable files: {len(corrupt)}"] + [f"  {e}" for e in corrupt[:20]]
     lines += [f"warnings: {len(warnings)}"] + [f"  {w}" for w in warnings]
     return '\n'.join(lines)
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='hybridmednet check-data',
-                                     description='Scan a dataset: files, labels and patients per split.')
-    parser.add_argument('--config', help='YAML config file')
-    parser.add_argument('--no-decode', action='store_true', help='only check that files exist (fast)')
-    parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
-    parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='e.g. DATA.data_dir=/data/nih')
-    args = parser.parse_args(argv)
-    collect = _Collect()
-    logger = logging.getLogger('hybridmednet.data')
-    logger.addHandler(collect)
-    try:
-        config = load_config(args.config, args.overrides)
-        index = build_index(config)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}")
-        return 2
-    finally:
-        logger.removeHandler(collect)
-    missing, corrupt = scan_files(list(index.records['path']), not args.no_decode, args.workers)
-    leaks = patient_leaks(index.records['patient_id'], index.records['split'])
-    print(report(index, leaks, missing, corrupt, collect.messages))
-    return 1 if missing or corrupt or leaks else 0

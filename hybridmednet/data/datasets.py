@@ -18,8 +18,12 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from hybridmednet.config import NIH_FINDINGS, Config
-from hybridmednet.data.io import IMAGE_SUFFIXES, ImageReadError, read_image
+from hybridmednet.data.cache import open_cache
+from hybridmednet.data.io import IMAGE_SUFFIXES, read_image
 from hybridmednet.data.splits import SPLITS, official_split, patient_leaks, patient_split
+from hybridmednet.data.synthetic import cached_sample_dataset
+from hybridmednet.data.transforms import build_transforms
+from hybridmednet.errors import DataError, ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +36,6 @@ NIH_CSV_NAMES = ('Data_Entry_2017_v2020.csv', 'Data_Entry_2017.csv')
 NO_FINDING = 'No Finding'
 
 
-class DataError(ValueError):
-    """Dataset files that do not match their format; the message names the file, row or value."""
-
-
 @dataclass
 class DataIndex:
     """A dataset as indexed: one row per image, `split` in train/val/test ('' = left out)."""
@@ -44,10 +44,11 @@ class DataIndex:
     mask: np.ndarray        # float32 [N, K], 0 = label unknown (ignored by the loss)
     class_names: list[str]
     source: str             # the file the labels came from, for messages
+    data_dir: Path          # the data folder, resolved once (the sample dataset's cache folder too)
 
     def subset(self, keep: np.ndarray) -> 'DataIndex':
         return DataIndex(self.records[keep].reset_index(drop=True), self.labels[keep],
-                         self.mask[keep], self.class_names, self.source)
+                         self.mask[keep], self.class_names, self.source, self.data_dir)
 
 
 # -- labels ------------------------------------------------------------------------
@@ -91,7 +92,28 @@ def _labels_file(config: Config, data_dir: Path, defaults: Sequence[str]) -> Pat
         if (data_dir / default).is_file():
             return data_dir / default
     raise DataError(f"no labels file in {data_dir}: expected {' or '.join(defaults)} "
-                    f"(or set DATA.labels_file)")
+                    f"(or set DATA.labels_file){_layout_hint(config, data_dir)}")
+
+
+def guess_dataset_kind(data_dir: Path) -> str | None:
+    """The DATA.dataset a folder's layout looks like, from the files the indexers read."""
+    if any((data_dir / name).is_file() for name in NIH_CSV_NAMES):
+        return 'nih'
+    if (data_dir / 'train.csv').is_file() and (data_dir / 'valid.csv').is_file():
+        return 'chexpert'
+    if (data_dir / 'labels.csv').is_file():
+        return 'csv'
+    if any(d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
+           for d in data_dir.iterdir() if not d.name.startswith('.')):
+        return 'folder'
+    return None
+
+
+def _layout_hint(config: Config, data_dir: Path) -> str:
+    kind = guess_dataset_kind(data_dir)
+    if kind is None or kind == config.DATA['dataset']:
+        return ''
+    return f"; {data_dir} looks like a {kind!r} layout: set DATA.dataset={kind} (docs/datasets.md)"
 
 
 def _fractions(config: Config) -> tuple[float, float, float]:
@@ -118,7 +140,10 @@ def _nih_image_paths(data_dir: Path, names: pd.Series) -> np.ndarray:
 
 def index_nih(config: Config, data_dir: Path) -> DataIndex:
     csv = _labels_file(config, data_dir, NIH_CSV_NAMES)
-    frame = _read_csv(csv, ['Image Index', 'Finding Labels', 'Patient ID'])
+    try:
+        frame = _read_csv(csv, ['Image Index', 'Finding Labels', 'Patient ID'])
+    except DataError as exc:
+        raise DataError(f"{exc}{_layout_hint(config, data_dir)}") from None
     class_names = config.class_names
     labels = parse_labels(frame['Finding Labels'], class_names, str(csv),
                           ignore=[n for n in NIH_FINDINGS if n not in class_names])
@@ -139,7 +164,7 @@ def index_nih(config: Config, data_dir: Path) -> DataIndex:
                                           config.DATA['split_seed'])
     else:
         records['split'] = patient_split(records['patient_id'], _fractions(config), config.DATA['split_seed'])
-    return DataIndex(records, labels, np.ones_like(labels), class_names, str(csv))
+    return DataIndex(records, labels, np.ones_like(labels), class_names, str(csv), data_dir)
 
 
 # -- CheXpert ------------------------------------------------------------------------
@@ -147,8 +172,6 @@ def index_chexpert(config: Config, data_dir: Path) -> DataIndex:
     """train.csv is split by patient into train/val; the official valid.csv is the test set."""
     class_names = list(config.DATA['class_names'] or CHEXPERT_OBSERVATIONS)
     policy = config.DATA['uncertainty']
-    if policy not in ('ones', 'zeros', 'ignore'):
-        raise DataError(f"DATA.uncertainty {policy!r} is not one of 'ones', 'zeros', 'ignore'")
     parts = []
     for name in ('train.csv', 'valid.csv'):
         csv = data_dir / name
@@ -187,7 +210,7 @@ def index_chexpert(config: Config, data_dir: Path) -> DataIndex:
         parts.append((records, raw, mask))
     index = DataIndex(pd.concat([p[0] for p in parts], ignore_index=True),
                       np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
-                      class_names, str(data_dir / 'train.csv'))
+                      class_names, str(data_dir / 'train.csv'), data_dir)
     if config.DATA['frontal_only']:
         if 'frontal' not in index.records:
             raise DataError(f"DATA.frontal_only is set but {index.source} has no 'Frontal/Lateral' column")
@@ -225,7 +248,7 @@ def index_csv(config: Config, data_dir: Path) -> DataIndex:
         records['split'] = split.to_numpy()
     else:
         records['split'] = patient_split(records['patient_id'], _fractions(config), config.DATA['split_seed'])
-    return DataIndex(records, labels, np.ones_like(labels), list(class_names), str(csv))
+    return DataIndex(records, labels, np.ones_like(labels), list(class_names), str(csv), data_dir)
 
 
 # -- folder per class ----------------------------------------------------------------
@@ -252,8 +275,11 @@ def index_folder(config: Config, data_dir: Path) -> DataIndex:
     labels[np.arange(len(paths)), codes] = 1.0
     records = pd.DataFrame({'path': paths, 'patient_id': paths, 'split': splits})
     if roots[0][1] == '':
+        log.warning("%s: class folders carry no patient IDs: each image is treated as its own patient, so "
+                    "images of one patient may land in two splits (use DATA.dataset=csv with a patient_id "
+                    "column to split by patient)", data_dir)
         records['split'] = patient_split(records['patient_id'], _fractions(config), config.DATA['split_seed'])
-    return DataIndex(records, labels, np.ones_like(labels), list(class_names), str(data_dir))
+    return DataIndex(records, labels, np.ones_like(labels), list(class_names), str(data_dir), data_dir)
 
 
 INDEXERS: dict[str, Callable[[Config, Path], DataIndex]] = {
@@ -265,29 +291,39 @@ def is_sample(config: Config) -> bool:
     return config.DATA['data_dir'] in (None, '', 'sample')
 
 
+# Keys only some kinds read, with the kinds that read them; set for another kind they are refused.
+KIND_KEYS = {'labels_file': ('nih', 'csv'), 'frontal_only': ('chexpert',), 'uncertainty': ('chexpert',)}
+
+
 def resolve_data_dir(config: Config) -> Path:
     """DATA['data_dir'], or the built-in sample dataset (generated into a cache folder on first use)."""
     if not is_sample(config):
-        path = Path(config.DATA['data_dir']).expanduser()
+        path = Path(config.DATA['data_dir'])
         if not path.is_dir():
             raise DataError(f"DATA.data_dir {str(path)!r} is not a directory")
         return path
-    from hybridmednet.data.synthetic import cached_sample_dataset
     return cached_sample_dataset(config.DATA['sample_size'], config.DATA['sample_image_size'])
+
+
+def _check_kind_keys(config: Config, dataset: str) -> None:
+    """A key the dataset kind would not read is an error, not silently ignored."""
+    for key, kinds in KIND_KEYS.items():
+        if dataset not in kinds and config.DATA[key] != Config.DATA[key]:
+            raise DataError(f"DATA.{key} is set to {config.DATA[key]!r} but DATA.dataset={dataset} does not use "
+                            f"it (only {', '.join(kinds)} do); remove it from the config")
 
 
 def build_index(config: Config) -> DataIndex:
     """Index the configured dataset: labels, masks, patient-level splits, view filter applied."""
     data_dir = resolve_data_dir(config)
     dataset = 'nih' if is_sample(config) else config.DATA['dataset']
-    if dataset not in INDEXERS:
-        raise DataError(f"DATA.dataset {dataset!r} is not one of {', '.join(INDEXERS)}")
+    _check_kind_keys(config, dataset)
     index = INDEXERS[dataset](config, data_dir)
     views = config.DATA['view_positions']
     if views:
         if 'view' not in index.records:
             raise DataError(f"DATA.view_positions is set but {index.source} has no view column")
-        index = index.subset(index.records['view'].isin(list(views)).to_numpy())
+        index = index.subset(index.records['view'].isin(views).to_numpy())
     return index
 
 
@@ -301,6 +337,7 @@ class ChestXrayDataset(Dataset):
         self.labels = index.labels
         self.mask = index.mask
         self.class_names = index.class_names
+        self.data_dir = index.data_dir
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         self.bad_files: list[str] = []   # filled when skipping (per process: each worker keeps its own)
@@ -333,16 +370,13 @@ class ChestXrayDataset(Dataset):
 
 def build_datasets(config: Config) -> dict[str, ChestXrayDataset]:
     """{'train', 'val', 'test'} datasets for the configured data, with their transforms."""
-    from hybridmednet.data.cache import open_cache
-    from hybridmednet.data.transforms import build_transforms
-
     index = build_index(config)
     leaks = patient_leaks(index.records['patient_id'], index.records['split'])
     if leaks:
         patient, where = next(iter(leaks.items()))
         raise DataError(f"{index.source}: {len(leaks)} patient(s) have images in more than one split, "
                         f"e.g. patient {patient!r} in {' and '.join(where)}")
-    cache = open_cache(config, resolve_data_dir(config))
+    cache = open_cache(config, index.data_dir)
     index = _drop_missing(index, cache, config.DATA['skip_bad_images'])
     return {split: ChestXrayDataset(index.subset((index.records['split'] == split).to_numpy()),
                                     build_transforms(config, train=split == 'train'), cache,

@@ -13,7 +13,6 @@ Deterministic for (n, size, seed): image i depends only on the seed and i.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -286,19 +285,3 @@ def cached_sample_dataset(n: int = 2000, size: int = 256, seed: int = 0) -> Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='hybridmednet sample-data',
-                                     description='Write the synthetic sample dataset (NIH ChestX-ray14 layout).')
-    parser.add_argument('out_dir', type=Path)
-    parser.add_argument('--n', type=int, default=2000, help='number of images (default 2000)')
-    parser.add_argument('--size', type=int, default=256, help='image side in pixels (default 256)')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--workers', type=int, default=None, help='processes (default: up to 4)')
-    args = parser.parse_args(argv)
-    out = generate_sample_dataset(args.out_dir, args.n, args.size, args.seed, args.workers)
-    info = json.loads((out / 'sample_info.json').read_text())
-    print(f"wrote {info['n']} images of {info['patients']} patients to {out}")
-    print('images per finding: ' + ', '.join(f"{k} {v}" for k, v in info['label_counts'].items()))
-    return 0

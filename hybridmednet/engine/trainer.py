@@ -2,6 +2,8 @@
 
 One process: `hybridmednet train [--config FILE] [KEY=VALUE ...]`. Several (DDP, NCCL on GPUs,
 gloo on CPUs): `torchrun --nproc_per_node=N train.py ...`; TRAIN.batch_size is per process.
+Where the run executes (devices, precision, processes, signals) is engine/runtime.py; the
+learning rate is engine/schedule.py.
 
 Exactness is designed in, not tested in afterwards:
 - the data order of an epoch is a function of (seed, epoch) alone, and every random stream is
@@ -13,33 +15,36 @@ Exactness is designed in, not tested in afterwards:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import json
 import math
-import os
-import random
 import signal
-import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
-from hybridmednet.config import Config, load_config
-from hybridmednet.engine.checkpoint import (FORMAT, export_weights, load_checkpoint, preprocessing, rng_state,
-                                            save_checkpoint, set_rng_state)
+from hybridmednet.checkpoint import FORMAT, export_weights, load_checkpoint, preprocessing, save_checkpoint
+from hybridmednet.config import Config
+from hybridmednet.data.datasets import build_datasets, compute_pos_weight, make_weighted_sampler
 from hybridmednet.engine.losses import build_loss
+from hybridmednet.engine.runtime import (Dist, init_worker, precision, rng_state, seed_everything, set_rng_state,
+                                         setup_device, stop_on_sigint)
+from hybridmednet.engine.schedule import build_schedule
+from hybridmednet.errors import TrainingError
+from hybridmednet.evaluation.metrics import roc_auc
+from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
+from hybridmednet.models.hybrid import HybridMedNet
 from hybridmednet.models.summary import count_parameters
 
 OOM_REMEDIES = """CUDA ran out of memory (TRAIN.batch_size={batch}, MODEL.backbone={backbone}). Remedies:
@@ -47,131 +52,6 @@ OOM_REMEDIES = """CUDA ran out of memory (TRAIN.batch_size={batch}, MODEL.backbo
   - a smaller backbone: MODEL.backbone=convnext_tiny (or efficientnetv2_s)
   - cross-scale attention off: MODEL.use_cross_scale_attention=false
   - mixed precision on (if off): TRAIN.mixed_precision=true"""
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message says what to change."""
-
-
-# -- learning rate ---------------------------------------------------------------------------------
-class LRSchedule:
-    """Learning-rate factor per optimizer step: linear warmup, then cosine / step decay, or plateau cuts.
-
-    A pure function of the step (plus the plateau bookkeeping in `state_dict`), so a resumed run
-    sees the same rates as an uninterrupted one.
-    """
-
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int, steps_per_epoch: int,
-                 step_size: int = 10, gamma: float = 0.1, patience: int = 3):
-        self.kind, self.total, self.steps_per_epoch = kind, max(total_steps, 1), max(steps_per_epoch, 1)
-        self.warmup = min(warmup_steps, self.total - 1) if kind != 'none' else 0
-        self.step_size, self.gamma, self.patience = step_size, gamma, patience
-        self.scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.kind == 'cosine':
-            progress = (step - self.warmup) / max(self.total - self.warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        if self.kind == 'step':
-            return self.gamma ** (step // (self.step_size * self.steps_per_epoch))
-        return self.scale     # plateau (cut in epoch_end) or none
-
-    def epoch_end(self, metric: float) -> None:
-        """Plateau: cut the rate by `gamma` after `patience` epochs without a better metric."""
-        if self.kind != 'plateau':
-            return
-        if metric > self.best:
-            self.best, self.bad_epochs = metric, 0
-        else:
-            self.bad_epochs += 1
-            if self.bad_epochs > self.patience:
-                self.scale, self.bad_epochs = self.scale * self.gamma, 0
-
-    def state_dict(self) -> dict[str, float]:
-        return {'scale': self.scale, 'best': self.best, 'bad_epochs': self.bad_epochs}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.scale, self.best, self.bad_epochs = state['scale'], state['best'], state['bad_epochs']
-
-
-def build_schedule(config: Config, steps_per_epoch: int) -> LRSchedule:
-    t = config.TRAIN
-    return LRSchedule(t['lr_scheduler'], t['epochs'] * steps_per_epoch, round(t['warmup_epochs'] * steps_per_epoch),
-                      steps_per_epoch, t['step_size'], t['gamma'], t['plateau_patience'])
-
-
-# -- processes, devices, precision -------------------------------------------------------------------
-@dataclass
-class Dist:
-    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-        if self.world == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor, op=op)
-        return tensor.tolist()
-
-
-def setup_device(config: Config) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1."""
-    want = config.TRAIN['device']
-    if want == 'auto':
-        want = 'cuda' if torch.cuda.is_available() else 'cpu'
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world == 1:
-        return Dist(), torch.device(want)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if want.startswith('cuda') else 'cpu')
-    owns = not dist.is_initialized()
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    if owns:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return Dist(dist.get_rank(), dist.get_world_size(), owns), device
-
-
-def precision(enabled: bool, device: torch.device, log: Callable[[str], None]):
-    """(autocast context factory, GradScaler): fp16 + scaling on CUDA, bf16 on a CPU that has it."""
-    if enabled and device.type == 'cuda':
-        return partial(torch.autocast, 'cuda', dtype=torch.float16), torch.amp.GradScaler('cuda')
-    off = torch.amp.GradScaler(device.type, enabled=False)
-    if enabled and device.type == 'cpu' and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return partial(torch.autocast, 'cpu', dtype=torch.bfloat16), off
-    if enabled:
-        log(f"note: mixed precision off: no fp16/bf16 support on {device.type}")
-    return nullcontext, off
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _init_worker(_: int) -> None:
-    """DataLoader workers: numpy and random follow the worker's torch seed (set from the loop's RNG).
-
-    Workers ignore Ctrl-C: the terminal sends it to them too, and a worker started by spawn or
-    forkserver (no inherited handler) would die of it, failing the main process before it writes
-    its resumable checkpoint.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -232,27 +112,31 @@ class Trainer:
 
     # -- building ----------------------------------------------------------------------------------
     def _build_datasets(self) -> dict[str, Dataset]:
-        from hybridmednet.data.datasets import build_datasets
         # Rank 0 first: it may generate the sample dataset, which the others then read.
-        if not self.dist.main:
+        if not self.dist.is_main:
             self.dist.barrier()
         datasets = build_datasets(self.config)
-        if self.dist.main:
+        if self.dist.is_main:
             self.dist.barrier()
         return datasets
 
     def _build_model(self) -> nn.Module:
-        from hybridmednet.models.hybrid import HybridMedNet
         return HybridMedNet(self.config)
 
     def _pos_weight(self) -> torch.Tensor | None:
         if self.config.LOSS['pos_weight'] != 'auto':
             return None
-        from hybridmednet.data.datasets import compute_pos_weight
         return compute_pos_weight(self.datasets['train'])
 
+    def request_stop(self, signum: int) -> None:
+        """Ctrl-C / SIGTERM: finish this step, then write a resumable checkpoint (see runtime.stop_on_sigint)."""
+        if not self.stop_requested:
+            self.log(f"\n{signal.Signals(signum).name}: finishing this step, then writing a resumable "
+                     f"checkpoint (kill -9 aborts at once)")
+        self.stop_requested = True
+
     def log(self, message: str) -> None:
-        if self.dist.main:
+        if self.dist.is_main:
             print(message, flush=True)
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -279,7 +163,7 @@ class Trainer:
 
     def save(self, path: Path) -> None:
         state = self.state()            # collective under DDP: every rank builds it, rank 0 writes
-        if self.dist.main:
+        if self.dist.is_main:
             save_checkpoint(path, state)
 
     def resume(self, path: str | Path) -> None:
@@ -305,7 +189,6 @@ class Trainer:
         """This rank's training images for `epoch`: a function of (seed, epoch, rank) only."""
         ds, seed = self.datasets['train'], self.config.TRAIN['seed']
         if self.config.TRAIN['weighted_sampler']:
-            from hybridmednet.data.datasets import make_weighted_sampler
             order = list(make_weighted_sampler(ds, seed=seed + epoch))
             usable = len(order) - len(order) % self.dist.world
             return order[self.dist.rank:usable:self.dist.world]
@@ -315,7 +198,7 @@ class Trainer:
 
     def loader(self, dataset: Dataset, indices: list[int], drop_last: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, sampler=indices, drop_last=drop_last,
-                          num_workers=self.config.DATA['num_workers'], worker_init_fn=_init_worker,
+                          num_workers=self.config.DATA['num_workers'], worker_init_fn=init_worker,
                           pin_memory=self.device.type == 'cuda')
 
     def forward(self, net: nn.Module, images: torch.Tensor):
@@ -328,7 +211,7 @@ class Trainer:
         n_micro = self.steps_per_epoch * self.accum
         indices = self.epoch_indices(epoch)[p.batch_in_epoch * self.batch_size:n_micro * self.batch_size]
         self.net.train()
-        bar = _progress_bar(len(indices) * self.dist.world, f"epoch {epoch + 1}/{t['epochs']}", self.dist.main)
+        bar = _progress_bar(len(indices) * self.dist.world, f"epoch {epoch + 1}/{t['epochs']}", self.dist.is_main)
         group_ok = True
         for micro, (images, target, mask) in enumerate(self.loader(self.datasets['train'], indices, True),
                                                        start=p.batch_in_epoch):
@@ -409,7 +292,7 @@ class Trainer:
         return model
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, dataset: Dataset) -> dict[str, torch.Tensor]:
+    def collect_outputs(self, model: nn.Module, dataset: Dataset) -> dict[str, torch.Tensor]:
         """Logits, targets and masks for a whole dataset, gathered from every rank in dataset order."""
         indices = list(range(self.dist.rank, len(dataset), self.dist.world))
         model.eval()
@@ -431,9 +314,9 @@ class Trainer:
         return result
 
     @torch.no_grad()
-    def validate(self, model: nn.Module) -> dict[str, Any]:
-        from hybridmednet.evaluation.metrics import roc_auc
-        out = self.predict(model, self.datasets['val'])
+    def score_validation(self, model: nn.Module) -> dict[str, Any]:
+        """Loss, per-finding and mean AUC of `model` on the validation split."""
+        out = self.collect_outputs(model, self.datasets['val'])
         dev = self.device
         outputs = (out['logits'].to(dev), out['coarse'].to(dev)) if self.hierarchical else out['logits'].to(dev)
         loss = self.criterion(outputs, out['target'].to(dev), out['mask'].to(dev))
@@ -452,7 +335,7 @@ class Trainer:
     def record_epoch(self, row: dict[str, Any]) -> None:
         """History in the checkpoint, history.json / history.csv and TensorBoard."""
         self.progress.history.append(row)
-        if not self.dist.main:
+        if not self.dist.is_main:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.log_dir / 'history.json').write_text(json.dumps(self.progress.history, indent=1))
@@ -466,8 +349,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t, p = self.config.TRAIN, self.progress
         names = self.config.class_names
-        if self.dist.main and self.config.LOGGING['tensorboard']:
-            from torch.utils.tensorboard import SummaryWriter
+        if self.dist.is_main and self.config.LOGGING['tensorboard']:
             self.writer = SummaryWriter(str(self.log_dir), purge_step=p.step or None)
         n_params = count_parameters(self.model)
         self.log(f"training {type(self.model).__name__} ({n_params / 1e6:.2f}M params) on {self.device} "
@@ -475,7 +357,7 @@ class Trainer:
                  f"images, {self.steps_per_epoch} steps/epoch, {t['epochs']} epochs")
         best_path, last_path = self.ckpt_dir / 'best_model.pth', self.ckpt_dir / 'last_model.pth'
         stopped_early = interrupted = False
-        with _stop_on_sigint(self):
+        with stop_on_sigint(self.request_stop):
             while p.epoch < t['epochs'] and not stopped_early:
                 epoch, start = p.epoch, time.perf_counter()
                 train_loss = self.train_epoch(epoch)
@@ -485,7 +367,7 @@ class Trainer:
                     self.log(f"interrupted: resumable checkpoint {last_path}\n"
                              f"  continue with: hybridmednet train --resume {last_path}")
                     break
-                val = self.validate(self.eval_model())
+                val = self.score_validation(self.eval_model())
                 self.schedule.epoch_end(val['mean_auc'])
                 score = val['mean_auc'] if math.isfinite(val['mean_auc']) else -1.0
                 improved = score > p.best_auc
@@ -502,7 +384,7 @@ class Trainer:
                 stopped_early = bool(patience) and p.bad_epochs >= patience
                 if improved:
                     self.save(best_path)
-                    if self.dist.main:
+                    if self.dist.is_main:
                         export_weights(best_path.with_suffix('.safetensors'), self.ema or self.model.state_dict(),
                                        self.config, {'epoch': p.epoch, 'val_mean_auc': val['mean_auc']})
                 freq = self.config.CHECKPOINT['save_freq']      # 0: only at the end
@@ -522,13 +404,12 @@ class Trainer:
 
     def finish(self, best_path: Path) -> None:
         """training_curves.png, and roc_curves.png of the best model on the validation set."""
-        from hybridmednet.evaluation.plots import plot_roc_curves
         self.dist.barrier()
         if not best_path.is_file():
             return
         best = load_checkpoint(best_path, self.device)
-        val = self.validate(self.eval_model(best['ema_state_dict'] or best['model_state_dict']))
-        if self.dist.main:
+        val = self.score_validation(self.eval_model(best['ema_state_dict'] or best['model_state_dict']))
+        if self.dist.is_main:
             plot_training_curves(self.progress.history, self.log_dir / 'training_curves.png')
             plot_roc_curves(val['target'], val['probs'], val['mask'], self.config.class_names,
                             self.log_dir / 'roc_curves.png', split='validation')
@@ -536,55 +417,10 @@ class Trainer:
                      f"plots in {self.log_dir}")
 
 
-@contextmanager
-def _stop_on_sigint(trainer: Trainer):
-    """Ctrl-C (or SIGTERM from a scheduler): finish the step, write a resumable checkpoint, exit.
-
-    Repeated signals do not abort harder: torchrun forwards the terminal's SIGINT to workers that
-    already got it, and a half-written step must not be the result.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def request_stop(signum, frame):
-        if not trainer.stop_requested:
-            trainer.log(f"\n{signal.Signals(signum).name}: finishing this step, then writing a resumable "
-                        f"checkpoint (kill -9 aborts at once)")
-        trainer.stop_requested = True
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
+def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     """tqdm in images, so its rate is throughput (img/s) and its ETA is the epoch's."""
-    from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit='img', disable=not enabled, leave=False, dynamic_ncols=True,
                 mininterval=1.0)
-
-
-# -- plots (matplotlib's object API: no pyplot, no global backend switch) ------------------------------------
-def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-    epochs = [h['epoch'] for h in history]
-    fig = Figure(figsize=(10, 4))
-    loss_ax, auc_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [h['train_loss'] for h in history], marker='o', label='train')
-    loss_ax.plot(epochs, [h['val_loss'] for h in history], marker='o', label='validation')
-    loss_ax.set(xlabel='epoch', ylabel='loss', title='Loss')
-    loss_ax.legend()
-    auc_ax.plot(epochs, [h['val_mean_auc'] for h in history], marker='o', color='tab:green')
-    auc_ax.set(xlabel='epoch', ylabel='mean ROC AUC', title='Validation mean AUC')
-    for ax in (loss_ax, auc_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 # -- entry points --------------------------------------------------------------------------------------------
@@ -614,33 +450,3 @@ def train(config: Config, resume: str | Path | None = None, *, model: nn.Module 
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         if dist_info.owns_group:
             dist.destroy_process_group()
-
-
-def main(argv: list[str] | None = None, base: type[Config] | None = None) -> int:
-    """`hybridmednet train [--config FILE] [--resume PATH] [KEY=VALUE ...]` (and the root train.py)."""
-    from hybridmednet.config import ConfigError
-    from hybridmednet.data.datasets import DataError
-    from hybridmednet.data.io import ImageReadError
-    from hybridmednet.engine.checkpoint import CheckpointError
-    from hybridmednet.models.backbones import PretrainedWeightsError
-    parser = argparse.ArgumentParser(prog='hybridmednet train', description=(
-        'Train a HybridMedNet. Without DATA.data_dir it trains on the built-in sample dataset.'))
-    parser.add_argument('--config', metavar='FILE', help='YAML file applied over the defaults')
-    parser.add_argument('--resume', metavar='PATH', help="continue exactly from a checkpoint "
-                        "(with the checkpoint's own config unless --config is given)")
-    parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
-                        help='e.g. TRAIN.epochs=5 MODEL.backbone=convnext_tiny')
-    args = parser.parse_args(argv)
-    base = base or Config
-    try:
-        if args.resume and not args.config:
-            saved = load_checkpoint(args.resume)['config']
-            config = base.from_dict(saved).apply_overrides(args.overrides).validate()
-        else:
-            config = load_config(args.config, args.overrides, base=base)
-        result = train(config, args.resume)
-    except (ConfigError, CheckpointError, DataError, ImageReadError, PretrainedWeightsError,
-            TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 130 if result['interrupted'] else 0

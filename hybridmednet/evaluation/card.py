@@ -1,21 +1,22 @@
-"""`hybridmednet card`: a model card from a checkpoint and its evaluation results.
+"""A model card from a checkpoint and its evaluation results (`hybridmednet card`).
 
 Everything on the card comes from files: the checkpoint (config, epoch, thresholds) and the
 results.json that `evaluate --save_results` wrote (data, split hashes, metrics with intervals).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from hybridmednet.checkpoint import load_model
+from hybridmednet.errors import DataError
 from hybridmednet.evaluation.operating_point import OperatingPoint
-from hybridmednet.evaluation.report import Section, Table, evaluation_sections, fmt, fmt_ci, to_markdown
+from hybridmednet.evaluation.report import (Section, Table, default_output_dir, evaluation_sections, fmt, fmt_ci,
+                                            to_markdown)
 from hybridmednet.models.summary import count_parameters
 
 CARD_SECTIONS_FROM_REPORT = ('Discrimination', 'At the chosen thresholds', 'Calibration')
@@ -43,11 +44,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()
-
-
-def default_results_path(model_path: str | Path) -> Path:
-    """Where `evaluate --save_results` puts results.json for this model by default."""
-    return Path('results') / Path(model_path).stem / 'results.json'
 
 
 def card_sections(model_path: str | Path, config, meta: dict[str, Any], n_params: int,
@@ -103,37 +99,18 @@ def card_sections(model_path: str | Path, config, meta: dict[str, Any], n_params
 def write_card(model_path: str | Path, results_path: str | Path | None = None,
                output: str | Path | None = None) -> Path:
     """Write the model card (Markdown) and return its path (default: beside the model, <name>_card.md)."""
-    from hybridmednet.engine.checkpoint import load_model
     model, config, meta = load_model(model_path)
-    results_path = Path(results_path) if results_path else default_results_path(model_path)
+    results_path = Path(results_path) if results_path else default_output_dir(model_path) / 'results.json'
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     if results and list(results['model']['class_names']) != list(meta['class_names']):
-        raise ValueError(f"{results_path} evaluates other findings than {model_path}")
+        raise DataError(f"{results_path} evaluates other findings than {model_path}")
+    if results and results['model'].get('weights_hash') != meta['weights_hash']:
+        raise DataError(f"{results_path} was written for other weights than those in {model_path} (weights hash "
+                        f"{results['model'].get('weights_hash')} vs {meta['weights_hash']}); evaluate this model "
+                        f"with `hybridmednet evaluate --model_path {model_path} --save_results`")
     n_params = count_parameters(model)
     output = Path(output) if output else Path(model_path).with_name(f'{Path(model_path).stem}_card.md')
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(to_markdown(f"Model card: {Path(model_path).name}",
                                   card_sections(model_path, config, meta, n_params, results)))
     return output
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`hybridmednet card --model_path PATH [--results results.json] [--output CARD.md]`."""
-    from hybridmednet.engine.checkpoint import CheckpointError
-    p = argparse.ArgumentParser(prog='hybridmednet card', description='Write a model card from a checkpoint.')
-    p.add_argument('--model_path', required=True)
-    p.add_argument('--results', help='results.json from `evaluate --save_results` '
-                                     '(default: results/<model name>/results.json)')
-    p.add_argument('--output', help='default: <model name>_card.md beside the model')
-    args = p.parse_args(argv)
-    try:
-        path = write_card(args.model_path, args.results, args.output)
-    except (CheckpointError, ValueError, OSError) as exc:
-        print(f"hybridmednet card: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"model card: {path}")
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`hybridmednet evaluate` / `python evaluate.py`: the numbers a paper can state, with their uncertainty.
+"""Evaluate a checkpoint (`hybridmednet evaluate`): the numbers a paper can state, with their uncertainty.
 
 Thresholds (and temperatures, when asked) are fitted on the validation split, stored with the
 model for predict, and applied unchanged to the test split. Every interval resamples patients
@@ -6,11 +6,9 @@ when patient IDs exist.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,9 +16,14 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from hybridmednet.checkpoint import load_model, write_thresholds
+from hybridmednet.data.datasets import build_datasets
+from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.evaluation import metrics
 from hybridmednet.evaluation.calibration import apply_temperature, expected_calibration_error
-from hybridmednet.evaluation.operating_point import OperatingPoint, store
+from hybridmednet.evaluation.inference import dataset_logits
+from hybridmednet.evaluation.operating_point import OperatingPoint
+from hybridmednet.evaluation.plots import plot_pr_curves, plot_reliability, plot_roc_curves
 from hybridmednet.evaluation.report import RATES, fmt, fmt_ci, report_paths, write_report
 
 AGE_BANDS = (0, 20, 40, 60, 80, 200)
@@ -85,20 +88,22 @@ def compare_with(other_path: str | Path, paths: Sequence[str], y: np.ndarray, ma
                  patient_ids: np.ndarray | None, class_names: Sequence[str], n_boot: int, level: float,
                  seed: int) -> dict[str, Any]:
     """Paired bootstrap against another evaluate run's results.json, on the images both runs scored."""
+    if not Path(other_path).is_file():
+        raise DataError(f"--compare: {other_path} not found (give the results.json of `evaluate --save_results`)")
     other = json.loads(Path(other_path).read_text())
     pred = other.get('predictions')
     if not pred:
-        raise ValueError(f"{other_path} holds no per-image predictions (was it written by `evaluate --save_results`?)")
+        raise DataError(f"{other_path} holds no per-image predictions (was it written by `evaluate --save_results`?)")
     if list(other['model']['class_names']) != list(class_names):
-        raise ValueError(f"{other_path} scores other findings: {other['model']['class_names']}")
+        raise DataError(f"{other_path} scores other findings: {other['model']['class_names']}")
     row = {p: i for i, p in enumerate(pred['path'])}
     mine = np.array([i for i, p in enumerate(paths) if p in row])
     if len(mine) == 0:
-        raise ValueError(f"{other_path} scored none of these images; compare runs on the same split")
+        raise DataError(f"{other_path} scored none of these images; compare runs on the same split")
     theirs = np.array([row[paths[i]] for i in mine])
     other_labels = np.asarray(pred['labels'], dtype=np.float64)[theirs]
     if not np.array_equal(other_labels * mask[mine], y[mine] * mask[mine]):
-        raise ValueError(f"{other_path} has other labels for the same images; the runs used different label files")
+        raise DataError(f"{other_path} has other labels for the same images; the runs used different label files")
     other_probs = np.asarray(pred['probabilities'], dtype=np.float64)[theirs]
     groups = None if patient_ids is None else patient_ids[mine]
     out = metrics.compare_mean_auc(y[mine], probs[mine], other_probs, mask[mine], groups, n_boot, level, seed)
@@ -116,11 +121,6 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
     and results.json go there. With `store_thresholds`, the operating point is written into the
     model files.
     """
-    from hybridmednet.data.datasets import build_datasets, resolve_data_dir
-    from hybridmednet.engine.checkpoint import load_model
-    from hybridmednet.evaluation.inference import dataset_logits
-    from hybridmednet.evaluation.plots import plot_pr_curves, plot_reliability, plot_roc_curves
-
     model, config, meta = load_model(model_path, map_location=device)
     trained_as = dict(config.MODEL)
     if config_file:
@@ -131,23 +131,24 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
     config.MODEL['pretrained'] = False     # the weights come from the checkpoint whatever a config file says
     changed = sorted(k for k in trained_as if config.MODEL[k] != trained_as[k])
     if changed:
-        raise ValueError(f"evaluate takes the model from the checkpoint; MODEL settings cannot change "
+        raise ConfigError(f"evaluate takes the model from the checkpoint; MODEL settings cannot change "
                          f"({', '.join(changed)}). Override DATA or EVAL settings only.")
     ev, names = config.EVAL, meta['class_names']
     datasets = build_datasets(config)
     data, val = datasets[split], datasets['val']
     if list(data.class_names) != list(names):
-        raise ValueError(f"the dataset's findings {data.class_names} are not the model's {names}")
+        raise DataError(f"the dataset's findings {data.class_names} are not the model's {names}")
     if len(data) == 0:
-        raise ValueError(f"the {split} split is empty")
-    root = resolve_data_dir(config)
+        raise DataError(f"the {split} split of {data.data_dir} is empty; set DATA.{split}_split > 0 or give "
+                        f"rows with split '{split}'")
+    root = data.data_dir
     hashes = {s: split_hash(d.records, root) for s, d in datasets.items()}
     batch_size = batch_size or config.TRAIN['batch_size']
 
     def run(ds, desc: str) -> np.ndarray:
-        logits = dataset_logits(model, ds, batch_size, device, ev['tta'], 0, desc)
+        logits = dataset_logits(model, ds, batch_size, device, ev['tta'], config.DATA['num_workers'], desc)
         if getattr(ds, 'bad_files', None):    # DATA.skip_bad_images served a neighbour in their place
-            raise ValueError(f"{len(ds.bad_files)} image(s) of the {desc} split could not be read, e.g. "
+            raise DataError(f"{len(ds.bad_files)} image(s) of the {desc} split could not be read, e.g. "
                              f"{ds.bad_files[0]}; an evaluation needs each image's own prediction: fix or "
                              f"remove them (hybridmednet check-data lists them)")
         return logits
@@ -158,11 +159,11 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
                                 ev['target_sensitivity'], ev['temperature_scaling'],
                                 {'split': 'val', 'n_images': len(val), 'hash': hashes['val']})
     else:
-        print("warning: the validation split is empty; using the thresholds stored with the model", file=sys.stderr)
+        warnings.warn("the validation split is empty; using the thresholds stored with the model")
         op = OperatingPoint.of_model(meta)
     if split == 'val':
-        print("warning: thresholds are fitted on the split being evaluated; its operating-point metrics are "
-              "optimistic", file=sys.stderr)
+        warnings.warn("thresholds are fitted on the split being evaluated; its operating-point metrics are "
+                      "optimistic")
     logits = val_logits if split == 'val' else run(data, split)   # the validation images are scored once
     probs = op.probabilities(logits)
     y, mask, records = data.labels.astype(np.float64), data.mask.astype(np.float64), data.records
@@ -176,7 +177,7 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
         findings[name]['threshold'] = float(t)
     results: dict[str, Any] = {
         'model': {'path': str(model_path), 'backbone': config.MODEL['backbone'], 'class_names': names,
-                  'epoch': meta.get('epoch')},
+                  'epoch': meta.get('epoch'), 'weights_hash': meta['weights_hash']},
         'data': {'dataset': config.DATA['dataset'], 'data_dir': str(root), 'split': split, 'n_images': len(data),
                  'n_patients': int(records['patient_id'].nunique()) if has_patients else len(data),
                  'resampling': 'patient' if has_patients else 'image', 'split_hashes': hashes,
@@ -195,7 +196,7 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
         results['comparison'] = compare_with(compare, records['path'].astype(str).tolist(), y, mask, probs, groups,
                                              names, n_boot, level, seed)
     if store_thresholds and op.fitted:
-        results['stored_in'] = [str(p) for p in store(model_path, op)]
+        results['stored_in'] = [str(p) for p in write_thresholds(model_path, op.to_meta())]
     if out_dir is not None:
         out_dir = Path(out_dir)
         figures = {'roc': plot_roc_curves(y, probs, mask, names, out_dir / 'roc_curves.png', op.thresholds, split),
@@ -226,56 +227,3 @@ def summary_table(results: dict) -> str:
         d = results['comparison']['mean_auc_diff']
         lines.append(f"vs {results['comparison']['other']}: mean AUC difference {fmt_ci(d)}, p = {fmt(d['p_value'])}")
     return '\n'.join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`hybridmednet evaluate --model_path PATH [--save_results] [options] [KEY=VALUE ...]`."""
-    from hybridmednet.config import ConfigError
-    from hybridmednet.data.datasets import DataError
-    from hybridmednet.data.io import ImageReadError
-    from hybridmednet.engine.checkpoint import CheckpointError
-    p = argparse.ArgumentParser(prog='hybridmednet evaluate', description=(
-        'Per-finding AUC, AP and operating-point metrics with bootstrap confidence intervals; thresholds '
-        'fitted on the validation split and stored with the model.'))
-    p.add_argument('--model_path', required=True, help='training checkpoint (.pth) or .safetensors export')
-    p.add_argument('--save_results', action='store_true', help='write report (md, html), figures and results.json')
-    p.add_argument('--output_dir', metavar='DIR', help='where --save_results writes (default results/<model name>)')
-    p.add_argument('--split', default='test', choices=('test', 'val'))
-    p.add_argument('--threshold_method', choices=metrics.THRESHOLD_METHODS)
-    p.add_argument('--target_sensitivity', type=float)
-    p.add_argument('--bootstrap_samples', type=int)
-    p.add_argument('--confidence_level', type=float)
-    p.add_argument('--temperature_scaling', action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None, help='test-time augmentation')
-    p.add_argument('--compare', metavar='OTHER_RESULTS.json', help='paired bootstrap against another run')
-    p.add_argument('--no_store_thresholds', action='store_true', help='leave the model files untouched')
-    p.add_argument('--config', metavar='FILE', help="YAML applied over the checkpoint's config (e.g. other data)")
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--batch_size', type=int)
-    p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
-    p.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='e.g. DATA.data_dir=/data/nih')
-    args = p.parse_args(argv)
-    options = {k: getattr(args, k) for k in ('threshold_method', 'target_sensitivity', 'bootstrap_samples',
-                                              'confidence_level', 'temperature_scaling', 'tta')
-               if getattr(args, k) is not None}
-    out_dir = (args.output_dir or Path('results') / Path(args.model_path).stem) if args.save_results else None
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always', UserWarning)
-            results = evaluate_model(args.model_path, args.overrides, args.config, args.split, options, args.device,
-                                     args.batch_size, out_dir, args.compare, not args.no_store_thresholds, args.seed)
-    except (CheckpointError, ConfigError, DataError, ImageReadError, ValueError, FileNotFoundError) as exc:
-        print(f"hybridmednet evaluate: error: {exc}", file=sys.stderr)
-        return 1
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    print(summary_table(results))
-    if results.get('stored_in'):
-        print(f"thresholds ({results['operating_point']['method']}) stored in: {', '.join(results['stored_in'])}")
-    if out_dir is not None:
-        print(f"report: {results['written']['html']} (+ .md, results.json, figures) in {out_dir}")
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

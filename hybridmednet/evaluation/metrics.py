@@ -13,7 +13,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-THRESHOLD_METHODS = ('youden', 'f1', 'sensitivity')
+from hybridmednet.config import THRESHOLD_METHODS
+
 THRESHOLD_METRICS = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1')
 _CHUNK_ELEMENTS = 4_000_000   # weights held at once: B_chunk * N
 

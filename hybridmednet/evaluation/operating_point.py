@@ -1,19 +1,18 @@
 """The operating point stored with a model: per-finding thresholds and temperatures.
 
-Fitted on the validation split by `evaluate`, written into the model files (the training
-checkpoint's `thresholds` entry and the `.json` sidecar of the safetensors export) so that
+Fitted on the validation split by `evaluate`; `to_meta()` is the record that
+`checkpoint.write_thresholds` writes into the model files, so that
 `load_model(...)[2]['thresholds']` returns it and `predict` needs no other file.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from hybridmednet.errors import CheckpointError
 from hybridmednet.evaluation.calibration import apply_temperature, fit_temperature
 from hybridmednet.evaluation.metrics import choose_thresholds
 
@@ -68,13 +67,14 @@ class OperatingPoint:
         if record is None:
             return cls.default(class_names)
         if isinstance(record, (list, tuple)):
+            if len(record) != len(class_names):
+                raise CheckpointError(f"the stored thresholds have {len(record)} values for {len(class_names)} "
+                                      f"classes; re-run evaluate for this model")
             record = {'values': dict(zip(class_names, record)), 'method': 'stored list'}
-            if len(record['values']) != len(class_names):
-                raise ValueError(f"stored thresholds have {len(record['values'])} values for {len(class_names)} classes")
         values, temps = record.get('values') or {}, record.get('temperatures')
         missing = [n for n in class_names if n not in values or (temps and n not in temps)]
         if missing:
-            raise ValueError(f"the stored thresholds lack the classes {missing}; re-run evaluate for this model")
+            raise CheckpointError(f"the stored thresholds lack the classes {missing}; re-run evaluate for this model")
         return cls(list(class_names), np.array([values[n] for n in class_names], dtype=np.float64),
                    None if not temps else np.array([temps[n] for n in class_names], dtype=np.float64),
                    record.get('method', 'stored'), record.get('target_sensitivity'), record.get('fitted_on'))
@@ -87,32 +87,3 @@ class OperatingPoint:
             warnings.warn("this model has no fitted thresholds (run `hybridmednet evaluate` on it); "
                           f"using {DEFAULT_THRESHOLD} for every finding", stacklevel=2)
         return op
-
-
-def model_files(model_path: str | Path) -> list[Path]:
-    """The training checkpoint and/or safetensors sidecar that describe this model (those that exist)."""
-    from hybridmednet.engine.checkpoint import PTH_SUFFIXES
-    path = Path(model_path)
-    candidates = [path.with_suffix('.json')] if path.suffix == '.safetensors' else [path]
-    candidates += [path.with_suffix(s) for s in PTH_SUFFIXES if path.suffix == '.safetensors']
-    if path.suffix in PTH_SUFFIXES and path.with_suffix('.safetensors').is_file():
-        candidates.append(path.with_suffix('.json'))
-    return [p for p in dict.fromkeys(candidates) if p.is_file()]
-
-
-def store(model_path: str | Path, op: OperatingPoint) -> list[Path]:
-    """Write `op` as the `thresholds` entry of every file describing the model; returns those files."""
-    from hybridmednet.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-    record = op.to_meta()
-    written = []
-    for path in model_files(model_path):
-        if path.suffix == '.json':
-            sidecar = json.loads(path.read_text())
-            sidecar['thresholds'] = record
-            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2)))
-        else:
-            state = load_checkpoint(path)
-            state['thresholds'] = record
-            save_checkpoint(path, state)
-        written.append(path)
-    return written

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from hybridmednet.evaluation.calibration import reliability_bins
@@ -103,3 +104,19 @@ def plot_reliability(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray | 
         ax.set(title=name, xlabel='mean predicted probability', ylabel='observed frequency',
                xlim=(0, 1), ylim=(0, 1.02))
     return _save(fig, path)
+
+
+def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
+    epochs = [h['epoch'] for h in history]
+    fig = Figure(figsize=(10, 4))
+    loss_ax, auc_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [h['train_loss'] for h in history], marker='o', label='train')
+    loss_ax.plot(epochs, [h['val_loss'] for h in history], marker='o', label='validation')
+    loss_ax.set(xlabel='epoch', ylabel='loss', title='Loss')
+    loss_ax.legend()
+    auc_ax.plot(epochs, [h['val_mean_auc'] for h in history], marker='o', color='tab:green')
+    auc_ax.set(xlabel='epoch', ylabel='mean ROC AUC', title='Validation mean AUC')
+    for ax in (loss_ax, auc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -176,6 +176,11 @@ def evaluation_sections(results: dict) -> list[Section]:
     return sections
 
 
+def default_output_dir(model_path: str | Path, kind: str = 'results') -> Path:
+    """Where a command writes for a model when no folder is given: <kind>/<model file stem>."""
+    return Path(kind) / Path(model_path).stem
+
+
 def report_paths(out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     return {'markdown': out_dir / 'report.md', 'html': out_dir / 'report.html', 'json': out_dir / 'results.json'}

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
-from torch import nn
+from hybridmednet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -23,12 +26,11 @@ class BackboneSpec:
     out_indices: tuple[int, ...] | None = None
     spec_params_m: float | None = None  # whole-model parameters the SPEC states (millions)
     experimental: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
 
     def build(self, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> nn.Module:
         module_name, _, func_name = self.builder.partition(':')
         builder: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), func_name)
-        return builder(self, pretrained=pretrained, img_size=img_size, **{**self.options, **options})
+        return builder(self, pretrained=pretrained, img_size=img_size, **options)
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -47,7 +49,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     except KeyError:
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(map(repr, close))}? " if close else ''
-        raise ValueError(f"unknown backbone {name!r}; {hint}available: {', '.join(_REGISTRY)}") from None
+        raise ConfigError(f"unknown backbone {name!r}; {hint}available: {', '.join(_REGISTRY)}") from None
 
 
 def list_backbones(family: str | None = None) -> list[str]:

@@ -1,11 +1,10 @@
-"""`hybridmednet models`: the registry as a table of parameter counts (built on the meta device: no memory, no time)."""
+"""The registry as a table of parameter counts (built on the meta device: no memory, no time)."""
 from __future__ import annotations
-
-import argparse
 
 import torch
 
-from hybridmednet.models.registry import get_backbone_spec, list_backbones
+from hybridmednet.models.hybrid import create_model
+from hybridmednet.models.registry import get_backbone_spec
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -14,7 +13,6 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def parameter_row(name: str, **model_options) -> dict:
     """Backbone and whole-model parameter counts for the default attention settings."""
-    from hybridmednet.models.hybrid import create_model
     spec = get_backbone_spec(name)
     row = {'backbone': name, 'family': spec.family, 'timm': spec.timm_name or '-', 'spec_m': spec.spec_params_m}
     with torch.device('meta'):
@@ -32,15 +30,3 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f'{r["backbone"]:18s} {r["family"]:14s} {num(r["backbone_m"]):>10s} {num(r["model_m"])} '
                      f'{num(r["spec_m"])}  {r["note"] or r["timm"]}')
     return '\n'.join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog='hybridmednet models', description='List backbones with parameter counts '
-                                 '(modern + cross-scale attention, 14 classes).')
-    ap.add_argument('--family', help='only this family (e.g. convnext, swin, resnet)')
-    args = ap.parse_args(argv)
-    names = list_backbones(args.family)
-    if not names:
-        ap.error(f'no backbones in family {args.family!r}')
-    print(format_table([parameter_row(n) for n in names]))
-    return 0

@@ -1,35 +1,35 @@
-"""Checkpoints: written atomically, read without unpickling code, and able to rebuild their own model.
+"""The model file formats, and their one owner: written atomically, read without unpickling code,
+able to rebuild their own model.
 
 A training checkpoint (.pth) holds only tensors and plain containers, so both
 `torch.load(path, weights_only=True)` and the SPEC's legacy
 `model.load_state_dict(torch.load(path)['model_state_dict'])` work. For inference the best
 weights are also exported as `.safetensors` with a `.json` sidecar (config, class names,
-preprocessing).
+preprocessing). The operating point `evaluate` fits is stored into these files here too.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hybridmednet.config import Config
+from hybridmednet.data.transforms import MEAN, STD
+from hybridmednet.errors import CheckpointError
+from hybridmednet.models.hybrid import HybridMedNet
 
 FORMAT = 'hybridmednet-checkpoint'
 EXPORT_FORMAT = 'hybridmednet-weights'
 PTH_SUFFIXES = ('.pth', '.pt', '.ckpt')
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
-
-
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """Write to a temporary file beside `path`, then rename: a crash leaves the old file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
@@ -64,35 +64,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu') 
     return state
 
 
-# -- RNG states as tensors and plain values (weights_only-loadable) ------------------------------
-def rng_state() -> dict[str, Any]:
-    """Every random stream the loop draws from: torch (CPU, CUDA), numpy, Python."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
-        'python': {'version': version, 'state': torch.tensor(internal, dtype=torch.int64), 'gauss_next': gauss_next},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state['torch'].cpu())
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
-    p = state['python']
-    random.setstate((p['version'], tuple(int(v) for v in p['state'].tolist()), p['gauss_next']))
-
-
 # -- inference export -----------------------------------------------------------------------------
 def preprocessing(config: Config) -> dict[str, Any]:
     """What a caller must do to an image before the model sees it (recorded beside the weights)."""
-    from hybridmednet.data.transforms import MEAN, STD
     return {'image_size': config.DATA['image_size'], 'channels': 3, 'input': 'grey image in [0, 1], resized, '
             'copied to 3 channels, normalised', 'mean': list(MEAN), 'std': list(STD)}
 
@@ -100,7 +74,6 @@ def preprocessing(config: Config) -> dict[str, Any]:
 def export_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: Config,
                    meta: dict[str, Any] | None = None) -> Path:
     """Write `path` (.safetensors) and its `.json` sidecar, both atomically."""
-    from safetensors.torch import save_file
     path = Path(path).with_suffix('.safetensors')
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     sidecar = {'format': EXPORT_FORMAT, 'config': config.to_dict(), 'class_names': config.class_names,
@@ -114,7 +87,6 @@ def export_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config
 def _read(path: Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, metadata with 'config') from a training checkpoint or a safetensors export."""
     if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
         sidecar = path.with_suffix('.json')
         if not sidecar.is_file():
             raise CheckpointError(f"{path}: the sidecar {sidecar.name} (config, class names) is missing")
@@ -142,7 +114,6 @@ def load_model(path: str | Path, map_location: str | torch.device = 'cpu',
     Training checkpoints with EMA give the EMA weights (the ones that were validated).
     `num_classes`, when given, must match the checkpoint's (e.g. the classes of a dataset to score).
     """
-    from hybridmednet.models.hybrid import HybridMedNet
     path = Path(path)
     state_dict, meta = _read(path, map_location)
     config = Config.from_dict(meta['config'])
@@ -154,10 +125,62 @@ def load_model(path: str | Path, map_location: str | torch.device = 'cpu',
         raise CheckpointError(f"{path}: class-count mismatch: the model has {k} outputs and "
                               f"{len(names)} class names ({', '.join(names)}){wanted}")
     model = HybridMedNet(config)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
+    problems = state_dict_mismatch(model.state_dict(), state_dict)
+    if problems:
         raise CheckpointError(f"{path}: weights do not fit a {config.MODEL['backbone']} HybridMedNet with "
-                              f"{k} classes:\n{exc}") from None
-    meta = {**meta, 'class_names': names, 'preprocessing': meta.get('preprocessing') or preprocessing(config)}
+                              f"{k} classes: {problems}")
+    model.load_state_dict(state_dict, strict=True)
+    meta = {**meta, 'class_names': names, 'preprocessing': meta.get('preprocessing') or preprocessing(config),
+            'weights_hash': weights_hash(state_dict)}
     return model.to(map_location).eval(), config, meta
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """'' when `given` fits `expected` exactly, else one line naming the missing, unexpected and misshapen keys."""
+    def few(keys: list[str]) -> str:
+        return ', '.join(keys[:3]) + (f' (+{len(keys) - 3} more)' if len(keys) > 3 else '')
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in given and given[k].shape != v.shape]
+    parts = [f"{len(keys)} {what}: {few(keys)}" for what, keys in
+             (('missing', missing), ('unexpected', unexpected), ('of another shape', shapes)) if keys]
+    return '; '.join(parts)
+
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short fingerprint of the weights themselves (not the file, which gains thresholds after evaluate)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
+    return digest.hexdigest()[:16]
+
+
+# -- the operating point stored with a model --------------------------------------------------------
+def model_files(model_path: str | Path) -> list[Path]:
+    """The training checkpoint and/or safetensors sidecar that describe this model (those that exist)."""
+    path = Path(model_path)
+    candidates = [path.with_suffix('.json')] if path.suffix == '.safetensors' else [path]
+    candidates += [path.with_suffix(s) for s in PTH_SUFFIXES if path.suffix == '.safetensors']
+    if path.suffix in PTH_SUFFIXES and path.with_suffix('.safetensors').is_file():
+        candidates.append(path.with_suffix('.json'))
+    return [p for p in dict.fromkeys(candidates) if p.is_file()]
+
+
+def write_thresholds(model_path: str | Path, record: dict[str, Any]) -> list[Path]:
+    """Write `record` as the `thresholds` entry of every file describing the model; returns those files."""
+    written = []
+    for path in model_files(model_path):
+        if path.suffix == '.json':
+            sidecar = json.loads(path.read_text())
+            sidecar['thresholds'] = record
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2)))
+        else:
+            state = load_checkpoint(path)
+            state['thresholds'] = record
+            save_checkpoint(path, state)
+        written.append(path)
+    return written
