@@ -6,8 +6,11 @@ import pickle
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
+from hybridmednet.config import Config
 from hybridmednet.data import cache
+from hybridmednet.data.io import read_image
 from hybridmednet.errors import DataError, ImageReadError
 
 
@@ -111,3 +114,42 @@ def test_file_changed_since_caching_is_not_served_from_the_cache(tmp_path, chang
     assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
         f"1 of 3 cached images changed since the cache {root} was written: reading those files instead "
         f"(rebuild it with `hybridmednet cache`)"]
+
+
+def write_12bit_ramp(path, significant_bits=12):
+    """A 128 px 16-bit PNG holding every 12-bit grey level (0..4095), each 4 times."""
+    info = PngInfo()
+    if significant_bits:
+        info.add(b'sBIT', bytes([significant_bits]))
+    Image.fromarray((np.arange(128 * 128) // 4).reshape(128, 128).astype(np.uint16)).save(path, pnginfo=info)
+    return str(path)
+
+
+def test_cache_keeps_the_grey_levels_of_12_bit_images(tmp_path):
+    path = write_12bit_ramp(tmp_path / 'ramp.png')
+    root = cache.write_cache([path], tmp_path, tmp_path / 'cache', size=64)
+    opened = cache.ImageCache(root, tmp_path)
+    assert opened.meta['dtype'] == 'uint16' and opened.images.dtype == np.uint16
+    image = cached(opened, path)
+    assert len(np.unique(image)) > 1000 and image.max() > 0.95  # 0.0625 if read as 16-bit
+    expected = np.asarray(Image.fromarray(read_image(path)).resize((64, 64), Image.Resampling.BILINEAR))
+    np.testing.assert_allclose(image, expected, atol=1e-4)
+
+
+def test_cache_of_8_bit_images_stays_uint8(tmp_path):
+    paths = make_images(tmp_path, n=2)
+    opened = cache.ImageCache(cache.write_cache(paths, tmp_path, tmp_path / 'cache', size=8), tmp_path)
+    assert opened.meta['dtype'] == 'uint8' and opened.images.dtype == np.uint8
+    np.testing.assert_allclose(cached(opened, paths[1]), np.full((8, 8), 20 / 255, np.float32))
+
+
+def test_cache_is_written_and_used_with_one_intensity(tmp_path, caplog):
+    path = write_12bit_ramp(tmp_path / 'ramp.png', significant_bits=None)
+    root = cache.write_cache([path], tmp_path, tmp_path / 'cache', size=16, intensity=12)
+    assert cached(cache.ImageCache(root, tmp_path), path).max() > 0.95  # 0.0625 if read as 16-bit
+    config = Config()
+    config.DATA.update(cache_dir=str(root), image_size=16, intensity=12)
+    assert cache.open_cache(config, tmp_path) is not None
+    config.DATA['intensity'] = 'auto'
+    assert cache.open_cache(config, tmp_path) is None
+    assert 'written with DATA.intensity=12, not auto' in caplog.text

@@ -4,6 +4,7 @@ import importlib.util
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
 
@@ -40,6 +41,52 @@ def test_png_16bit_keeps_precision(tmp_path):
     pixels = np.array([[0, 65535], [32768, 1]], dtype=np.uint16)
     Image.fromarray(pixels).save(tmp_path / 'a.png')
     np.testing.assert_allclose(read_image(tmp_path / 'a.png'), pixels / 65535.0, atol=1e-7)
+
+
+def write_png16(path, pixels, significant_bits=None):
+    """A 16-bit grey PNG, with an sBIT chunk when significant_bits is given."""
+    info = PngInfo()
+    if significant_bits is not None:
+        info.add(b'sBIT', bytes([significant_bits]))
+    Image.fromarray(pixels.astype(np.uint16)).save(path, pnginfo=info)
+    return path
+
+
+RAMP_12BIT = np.arange(0, 4096, 65, dtype=np.uint16).reshape(8, 8)  # 0 .. 4095
+
+
+def test_png_sbit_12_bits_stored_as_is_reads_full_range(tmp_path):
+    path = write_png16(tmp_path / 'a.png', RAMP_12BIT, significant_bits=12)
+    image = read_image(path)
+    assert image.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(image, RAMP_12BIT / 4095.0, atol=1e-7)
+
+
+def test_png_sbit_with_samples_scaled_as_the_standard_says(tmp_path):
+    scaled = RAMP_12BIT * 16  # 12-bit samples shifted up to 16 bits: the full range already
+    np.testing.assert_allclose(read_image(write_png16(tmp_path / 'a.png', scaled, significant_bits=12)),
+                               scaled / 65535.0, atol=1e-7)
+
+
+def test_png_12_bits_without_sbit_needs_the_bit_depth(tmp_path):
+    path = write_png16(tmp_path / 'a.png', RAMP_12BIT)
+    np.testing.assert_allclose(read_image(path), RAMP_12BIT / 65535.0, atol=1e-7)  # auto: 16-bit range
+    np.testing.assert_allclose(read_image(path, intensity=12), RAMP_12BIT / 4095.0, atol=1e-7)
+    np.testing.assert_allclose(read_image(path, intensity=10), np.minimum(RAMP_12BIT / 1023.0, 1.0), atol=1e-7)
+
+
+def test_minmax_intensity_stretches_each_image(tmp_path):
+    path = write_png16(tmp_path / 'a.png', np.array([[1000, 2000], [3000, 1500]]), significant_bits=12)
+    np.testing.assert_allclose(read_image(path, intensity='minmax'), [[0.0, 0.5], [1.0, 0.25]], atol=1e-7)
+    Image.fromarray(np.array([[50, 100], [150, 75]], np.uint8)).save(tmp_path / 'b.png')
+    np.testing.assert_allclose(read_image(tmp_path / 'b.png', intensity='minmax'), [[0.0, 0.5], [1.0, 0.25]])
+
+
+@pytest.mark.parametrize('intensity', ['bogus', 'AUTO', 0, 17, 12.0, True, None])
+def test_unknown_intensity_names_the_accepted_values(tmp_path, intensity):
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / 'a.png')
+    with pytest.raises(ValueError, match=r"intensity must be 'auto', 'minmax' or a bit depth from 1 to 16"):
+        read_image(tmp_path / 'a.png', intensity=intensity)
 
 
 @pytest.mark.parametrize('mode', ['RGB', 'RGBA'])

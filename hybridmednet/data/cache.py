@@ -1,11 +1,13 @@
-"""A memory-mapped image cache: every image resized once to uint8 [S, S] in one .npy file.
+"""A memory-mapped image cache: every image resized once to [S, S] in one .npy file.
 
 Decoding a 1024 px PNG costs far more than the training step wants to wait for;
-reading a 256 px uint8 slice from a memory map costs almost nothing. Datasets use
-the cache when it holds an image and read the file otherwise.
+reading a 256 px slice from a memory map costs almost nothing. Datasets use the cache
+when it holds an image and read the file otherwise. Pixels are uint16 when any source
+holds more than 8 bits (DICOM, 16-bit PNG: a 12-bit image keeps its 4096 grey levels),
+else uint8, half the size.
 
-Layout of the cache folder: `meta.json` (size, count, and the names of the current
-`images-<id>.npy`, uint8 [N, S, S], and `index-<id>.csv`: the path of each row relative
+Layout of the cache folder: `meta.json` (size, count, dtype, DATA.intensity, and the names
+of the current `images-<id>.npy`, [N, S, S], and `index-<id>.csv`: the path of each row relative
 to the data folder, with the file's size and mtime when it was cached, so that a file
 changed since is read again instead of served stale). A rebuild writes new files beside the old ones and then replaces
 meta.json in one rename: a rebuild that fails leaves the old cache as it was, and jobs
@@ -20,15 +22,16 @@ import logging
 import os
 import secrets
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from hybridmednet.config import Config, load_config
-from hybridmednet.data.io import read_image
+from hybridmednet.data.io import read_image, stores_more_than_8_bits
 from hybridmednet.errors import DataError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -86,9 +89,9 @@ class ImageCache:
             raise DataError(f"{images_file} is missing (was the cache rebuilt or removed while this job ran?); "
                             f"{REBUILD}") from None
         expected = (self.meta['count'], self.size, self.size)
-        if images.shape != expected or images.dtype != np.uint8:
+        if images.shape != expected or images.dtype != self.meta['dtype']:
             raise DataError(f"{images_file}: holds {images.dtype} {images.shape}, but {self.root / 'meta.json'} "
-                            f"says uint8 {expected}; {REBUILD}")
+                            f"says {self.meta['dtype']} {expected}; {REBUILD}")
         return images
 
     def __getstate__(self) -> dict:
@@ -104,11 +107,12 @@ class ImageCache:
         return np.array([self._row.get(os.path.relpath(p, self.data_dir), -1) for p in paths], dtype=np.int64)
 
     def image(self, row: int) -> np.ndarray:
-        return self.images[row].astype(np.float32) / 255.0
+        return self.images[row].astype(np.float32) / np.iinfo(self.images.dtype).max
 
 
 def open_cache(config: Config, data_dir: Path) -> ImageCache | None:
-    """The cache for this data folder when one exists and is at least DATA['image_size'] wide."""
+    """The cache for this data folder when one exists, is at least DATA['image_size'] wide and was
+    written with this DATA['intensity']."""
     root = cache_dir(config, data_dir)
     if not (root / 'meta.json').is_file():
         return None
@@ -117,69 +121,75 @@ def open_cache(config: Config, data_dir: Path) -> ImageCache | None:
         log.warning("image cache %s holds %d px images, smaller than DATA.image_size %d: reading files instead",
                     root, cache.size, config.DATA['image_size'])
         return None
+    if cache.meta['intensity'] != config.DATA['intensity']:
+        log.warning("image cache %s was written with DATA.intensity=%s, not %s: reading files instead (%s)",
+                    root, cache.meta['intensity'], config.DATA['intensity'], REBUILD)
+        return None
     return cache
 
 
-def _resize(args: tuple[str, int]) -> tuple[os.stat_result, np.ndarray] | str:
-    """(the file's stat, the resized image), or the error message; stat first, so a file
-    rewritten while it is read looks changed afterwards rather than cached as new."""
-    path, size = args
+def _resize(args: tuple[str, int, str | int, type]) -> tuple[os.stat_result, np.ndarray] | str:
+    """(the file's stat, the resized image as `dtype`), or the error message; stat first, so a
+    file rewritten while it is read looks changed afterwards rather than cached as new."""
+    path, size, intensity, dtype = args
     try:
         stat = os.stat(path)
-        image = read_image(path)
+        image = read_image(path, intensity=intensity)
     except ImageReadError as exc:
         return str(exc)
     except OSError as exc:  # from os.stat: missing or not accessible
         return f"{path}: {exc.strerror}"
-    u8 = Image.fromarray((image * 255.0 + 0.5).astype(np.uint8))
-    return stat, np.asarray(u8.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    return stat, (np.clip(resized, 0.0, 1.0) * np.iinfo(dtype).max + 0.5).astype(dtype)
 
 
 def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, workers: int = 1,
-                skip_bad_images: bool = False) -> Path:
+                skip_bad_images: bool = False, intensity: str | int = 'auto') -> Path:
     """Resize each image in `paths` into the cache folder `root`; bad files stop it unless skip_bad_images.
 
-    Nothing in `root` is touched until the new cache is complete: see the module docstring.
+    `intensity` is read_image's. Nothing in `root` is touched until the new cache is complete:
+    see the module docstring.
     """
     paths = list(dict.fromkeys(paths))
     root.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(4)
     images_file, index_file = root / f'images-{tag}.npy', root / f'index-{tag}.csv'
     meta_file = root / f'meta-{tag}.json'
-    try:
-        index, skipped = _write_images(paths, data_dir, images_file, size, workers, skip_bad_images)
-        index.to_csv(index_file, index=False)
-        meta_file.write_text(json.dumps({'format': FORMAT, 'size': size, 'count': len(index), 'skipped': skipped,
-                                         'images': images_file.name, 'index': index_file.name}))
-        os.replace(meta_file, root / 'meta.json')  # the one step that switches readers to the new cache
-    except BaseException:
-        for name in (images_file, index_file, meta_file):
-            name.unlink(missing_ok=True)
-        raise
-    _remove_old_files(root, keep={images_file.name, index_file.name})
-    return root
-
-
-def _write_images(paths: list[str], data_dir: Path, images_file: Path, size: int, workers: int,
-                  skip_bad_images: bool) -> tuple[pd.DataFrame, int]:
-    """Fill `images_file`; (the index: path relative to data_dir, size, mtime_ns; unreadable files skipped)."""
-    images = np.lib.format.open_memmap(images_file, mode='w+', dtype=np.uint8, shape=(len(paths), size, size))
-    kept, bad = [], []
-    jobs = ((p, size) for p in paths)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        for path, result in zip(paths, pool.map(_resize, jobs, chunksize=64) if pool else map(_resize, jobs)):
-            if isinstance(result, str):
-                if not skip_bad_images:
-                    raise ImageReadError(result)
-                bad.append(result)
-                continue
-            stat, image = result
-            images[len(kept)] = image
-            kept.append((os.path.relpath(path, data_dir), stat.st_size, stat.st_mtime_ns))
+        run = partial(pool.map, chunksize=64) if pool else map
+        dtype = np.uint16 if any(run(stores_more_than_8_bits, paths)) else np.uint8
+        index, skipped = _write_images(paths, data_dir, images_file, size, dtype, intensity, skip_bad_images, run)
+        index.to_csv(index_file, index=False)
+        meta_file.write_text(json.dumps({
+            'format': FORMAT, 'size': size, 'count': len(index), 'skipped': skipped, 'dtype': np.dtype(dtype).name,
+            'intensity': intensity, 'images': images_file.name, 'index': index_file.name}))
+        os.replace(meta_file, root / 'meta.json')  # the one step that switches readers to the new cache
+    except BaseException:
+        _remove([images_file, index_file, meta_file])
+        raise
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+    old = [*root.glob('images-*.npy'), *root.glob('index-*.csv'), root / 'images.npy', root / 'index.csv']
+    _remove([f for f in old if f.name not in (images_file.name, index_file.name)])  # earlier and killed rebuilds
+    return root
+
+
+def _write_images(paths: list[str], data_dir: Path, images_file: Path, size: int, dtype: type,
+                  intensity: str | int, skip_bad_images: bool, run: Callable) -> tuple[pd.DataFrame, int]:
+    """Fill `images_file`; (the index: path relative to data_dir, size, mtime_ns; unreadable files skipped)."""
+    images = np.lib.format.open_memmap(images_file, mode='w+', dtype=dtype, shape=(len(paths), size, size))
+    kept, bad = [], []
+    for path, result in zip(paths, run(_resize, ((p, size, intensity, dtype) for p in paths))):
+        if isinstance(result, str):
+            if not skip_bad_images:
+                raise ImageReadError(result)
+            bad.append(result)
+            continue
+        stat, image = result
+        images[len(kept)] = image
+        kept.append((os.path.relpath(path, data_dir), stat.st_size, stat.st_mtime_ns))
     images.flush()
     del images
     if bad:  # shrink the file to the images kept
@@ -192,15 +202,13 @@ def _write_images(paths: list[str], data_dir: Path, images_file: Path, size: int
     return pd.DataFrame(kept, columns=['path', 'size', 'mtime_ns']), len(bad)
 
 
-def _remove_old_files(root: Path, keep: set[str]) -> None:
-    """Unlink earlier caches' files (and those of rebuilds that were killed); running jobs keep their maps."""
-    old = [*root.glob('images-*.npy'), *root.glob('index-*.csv'), root / 'images.npy', root / 'index.csv']
-    for name in old:
-        if name.name not in keep:
-            try:
-                name.unlink(missing_ok=True)
-            except OSError as exc:  # Windows refuses to unlink a file another process has mapped
-                log.warning("could not remove the old cache file %s (%s); delete it by hand", name, exc)
+def _remove(files: list[Path]) -> None:
+    """Unlink cache files; jobs that have one memory-mapped keep reading it."""
+    for name in files:
+        try:
+            name.unlink(missing_ok=True)
+        except OSError as exc:  # Windows refuses to unlink a file that is mapped
+            log.warning("could not remove the cache file %s (%s); delete it by hand", name, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from hybridmednet.data.datasets import build_index, resolve_data_dir  # main() moves to the commands package
     data_dir = resolve_data_dir(config)
     root = write_cache(build_index(config).records['path'], data_dir, cache_dir(config, data_dir), args.size,
-                       args.workers, config.DATA['skip_bad_images'])
+                       args.workers, config.DATA['skip_bad_images'], config.DATA['intensity'])
     meta = json.loads((root / 'meta.json').read_text())
     print(f"cached {meta['count']} images at {args.size} px in {root}"
           + (f" ({meta['skipped']} unreadable skipped)" if meta['skipped'] else ''))

@@ -5,28 +5,40 @@ Everything downstream (transforms, cache, predict) sees the same thing: a float3
 """
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from hybridmednet.config import INTENSITY_MODES
+from hybridmednet.errors import ImageReadError
+
 DICOM_SUFFIXES = {'.dcm', '.dicom', '.dic'}
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff'} | DICOM_SUFFIXES  # what read_image reads
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # Pillow's modes for 16-bit grey
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
-class ImageReadError(OSError):
-    """A file that cannot be read as an image; the message names the file and why."""
+def read_image(path: str | Path, *, intensity: str | int = 'auto') -> np.ndarray:
+    """Read one image as float32 [H, W] in [0, 1]; raise ImageReadError naming the file.
 
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read one image as float32 [H, W] in [0, 1]; raise ImageReadError naming the file."""
+    `intensity` maps the stored values of PNG/JPEG/TIFF/BMP files to [0, 1]: 'auto' divides by
+    2**n - 1 where a PNG sBIT chunk says n bits are significant, else by the format's full range;
+    'minmax' stretches each image's own range; an int n divides by 2**n - 1 and clips (12-bit
+    data in 16-bit files). DICOM files carry their own mapping (window, VOI LUT) and ignore it.
+    """
+    if not (intensity in INTENSITY_MODES or (type(intensity) is int and 1 <= intensity <= 16)):
+        raise ValueError(f"intensity must be {', '.join(map(repr, INTENSITY_MODES))} or a bit depth "
+                         f"from 1 to 16 (an int), got {intensity!r}")
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty")
     try:
-        image = _read_dicom(path) if is_dicom(path) else _read_pil(path)
+        image = _read_dicom(path) if is_dicom(path) else _read_pil(path, intensity)
     except ImageReadError:
         raise
     except Exception as exc:  # truncated or corrupt data surfaces as many exception types
@@ -43,20 +55,61 @@ def is_dicom(path: Path) -> bool:
         return f.read(4) == b'DICM'
 
 
-def _read_pil(path: Path) -> np.ndarray:
+def stores_more_than_8_bits(path: str | Path) -> bool:
+    """DICOM, 16-bit and float images, told from the header alone (False when unreadable)."""
+    try:
+        if is_dicom(Path(path)):
+            return True
+        with Image.open(path) as img:
+            return img.mode in SIXTEEN_BIT_MODES or img.mode == 'F'
+    except Exception:  # whatever is wrong with the file, read_image reports it
+        return False
+
+
+def _read_pil(path: Path, intensity: str | int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later in a worker
-            if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
-                return np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
-            if img.mode == 'F':
-                arr = np.asarray(img, dtype=np.float32)
-                return _minmax(arr)
-            if img.mode != 'L':
-                img = img.convert('L')  # RGB/RGBA/P/LA/1 -> luminance, alpha dropped
-            return np.asarray(img, dtype=np.float32) / 255.0
+            if img.mode in SIXTEEN_BIT_MODES:
+                full = 65535
+            elif img.mode == 'F':
+                full = None  # no nominal range
+            else:
+                full = 255
+                if img.mode != 'L':
+                    img = img.convert('L')  # RGB/RGBA/P/LA/1 -> luminance, alpha dropped
+            arr = np.asarray(img, dtype=np.float32)
+            significant = _png_significant_bits(path) if img.format == 'PNG' else None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a recognised image file") from None
+    if intensity == 'minmax' or (intensity == 'auto' and full is None):
+        return _minmax(arr)
+    if intensity != 'auto':
+        return np.clip(arr / (2 ** intensity - 1), 0.0, 1.0)
+    if significant and 2 ** significant - 1 < full and arr.max() < 2 ** significant:
+        # The PNG standard scales n-bit samples up to the full depth and records n in sBIT; most
+        # 12-bit exports store 0..4095 as they are. A maximum below 2**n tells those apart.
+        full = 2 ** significant - 1
+    return np.clip(arr / full, 0.0, 1.0)
+
+
+def _png_significant_bits(path: Path) -> int | None:
+    """The bits the PNG sBIT chunk marks significant (grey, or the most of R, G, B); None without one.
+
+    Pillow reads the chunk but does not expose it, so the chunks before the image data are walked here.
+    """
+    with open(path, 'rb') as f:
+        if f.read(8) != PNG_SIGNATURE:
+            return None
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack('>I4s', head)
+            if kind == b'sBIT':
+                bits = f.read(length)
+                return max(bits[:3] if length >= 3 else bits[:1], default=0) or None  # alpha left out
+            if kind in (b'PLTE', b'IDAT'):  # sBIT comes before both
+                return None
+            f.seek(length + 4, os.SEEK_CUR)  # the chunk's data and CRC
+    return None
 
 
 def _read_dicom(path: Path) -> np.ndarray:
