@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridmednet.models.backbones import PretrainedWeightsError
+from hybridmednet.errors import PretrainedWeightsError
 from hybridmednet.models.mamba import (VIM_VARIANTS, BiMamba, VimBackbone, VisionMamba, load_vim_checkpoint,
                                        resize_pos_embed)
 from hybridmednet.models.selective_scan import (_channel_major, _softplus, _time_major, scan_function, selective_scan,
@@ -293,10 +293,10 @@ def test_checkpoint_that_does_not_fit_is_a_loud_error(tmp_path):
     del sd['layers.1.mixer.x_proj_b.weight']
     sd['layers.0.mixer.gamma'] = torch.ones(192)
     torch.save({'model': sd}, tmp_path / 'bad.pth')
-    with pytest.raises(ValueError, match=r'x_proj_b.weight.*gamma|gamma.*x_proj_b'):
+    with pytest.raises(PretrainedWeightsError, match=r'x_proj_b.weight.*gamma|gamma.*x_proj_b'):
         build_backbone('vim_tiny', pretrained=str(tmp_path / 'bad.pth'), depth=2)
     torch.save({'model': official_state_dict(dim=384, depth=2)}, tmp_path / 'small.pth')
-    with pytest.raises(ValueError, match='shape mismatches'):
+    with pytest.raises(PretrainedWeightsError, match='shape mismatches'):
         build_backbone('vim_tiny', pretrained=str(tmp_path / 'small.pth'), depth=2)
 
 

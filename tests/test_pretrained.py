@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from hybridmednet import create_model
-from hybridmednet.models.backbones import PretrainedWeightsError
+from hybridmednet.errors import PretrainedWeightsError
 
 
 def _trunk(model):
@@ -46,12 +46,12 @@ def test_local_swin_weights_resize_to_other_image_sizes(tmp_path):
 def test_wrong_weights_file_is_a_loud_error(tmp_path):
     path = tmp_path / 'other.safetensors'
     save_file(timm.create_model('resnet18', pretrained=False).state_dict(), str(path))
-    with pytest.raises(ValueError, match='does not fit'):
+    with pytest.raises(PretrainedWeightsError, match='does not fit'):
         create_model('convnext_atto', pretrained=str(path))
     save_file(timm.create_model('resnet34', pretrained=False).state_dict(), str(path))
-    with pytest.raises(ValueError, match='does not fit.*missing keys'):
+    with pytest.raises(PretrainedWeightsError, match='does not fit.*missing keys'):
         create_model('resnet18', pretrained=str(path))
-    with pytest.raises(FileNotFoundError, match='nothing.pth'):
+    with pytest.raises(PretrainedWeightsError, match='nothing.pth'):
         create_model('convnext_atto', pretrained=str(tmp_path / 'nothing.pth'))
 
 

@@ -18,9 +18,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
-
-class PretrainedWeightsError(RuntimeError):
-    """ImageNet weights were asked for but cannot be had; never replaced by a random init."""
+from hybridmednet.errors import ConfigError, PretrainedWeightsError
 
 
 class TimmPyramid(nn.Module):
@@ -112,7 +110,7 @@ def timm_size_options(spec: Any, img_size: int) -> dict[str, int]:
 def swin_window_size(name: str, img_size: int) -> int:
     """Swin's last stage is img_size/32 tokens wide; one window across it divides every stage."""
     if img_size % 32:
-        raise ValueError(f"{name}: image size {img_size} is not a multiple of 32; Swin's windows must "
+        raise ConfigError(f"{name}: image size {img_size} is not a multiple of 32; Swin's windows must "
                          f"divide every stage (try {img_size // 32 * 32} or {img_size // 32 * 32 + 32})")
     return img_size // 32
 
@@ -146,8 +144,8 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
         try:
             state = filter_fn(state, model)
         except Exception as exc:
-            raise ValueError(f"weights file {path} does not fit {type(model).__name__}: "
-                             f"timm's key conversion failed ({type(exc).__name__}: {exc})") from exc
+            raise PretrainedWeightsError(f"weights file {path} does not fit {type(model).__name__}: "
+                                         f"timm's key conversion failed ({type(exc).__name__}: {exc})") from exc
     head = model.pretrained_cfg.get('classifier') or ''
     heads = [head] if isinstance(head, str) else list(head)
     is_head = lambda k: any(h and (k == h or k.startswith(h + '.')) for h in heads)
@@ -158,15 +156,17 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise `what: ... missing keys, ... unexpected keys, ... shape mismatches` unless `state` matches
-    the model's own state dict key for key and shape for shape."""
+    """Raise PretrainedWeightsError `what: ... missing keys, ... unexpected keys, ... shape mismatches`
+    unless `state` matches the model's own state dict key for key and shape for shape."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise ValueError(f"{what}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:8]}, {len(wrong)} shape mismatches {wrong[:8]}")
+        raise PretrainedWeightsError(
+            f"{what}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}, "
+            f"{len(wrong)} shape mismatches {wrong[:8]}. Use weights saved from this architecture, or set "
+            "MODEL['pretrained'] = True (ImageNet weights) or False")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -175,7 +175,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     script saves its arguments as one beside the weights."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise PretrainedWeightsError(f"weights file not found: {path}; set MODEL['pretrained'] to an existing "
+                                     ".safetensors/.pth file, True (ImageNet weights) or False")
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         return load_file(str(path))
@@ -193,7 +194,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+        raise PretrainedWeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict "
+                                     "(a dict of tensors, or one under 'state_dict', 'model' or 'module')")
     return {k.removeprefix('module.'): v for k, v in state.items()}
 
 

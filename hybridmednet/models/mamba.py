@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from torch import Tensor, nn
 
-from hybridmednet.models.backbones import PretrainedWeightsError, check_fits, deconv_upsamplers, read_state_dict
+from hybridmednet.errors import PretrainedWeightsError
+from hybridmednet.models.backbones import check_fits, deconv_upsamplers, read_state_dict
 from hybridmednet.models.selective_scan import scan_function, selective_scan
 
 VIM_VARIANTS: dict[str, dict[str, Any]] = {
@@ -230,7 +231,8 @@ def load_vim_checkpoint(model: VisionMamba, path: str | Path) -> None:
         old = state['pos_embed']
         side = math.isqrt(old.shape[1] - 1)
         if side * side != old.shape[1] - 1:
-            raise ValueError(f"{path}: pos_embed has {old.shape[1]} entries, not a square grid plus a class token")
+            raise PretrainedWeightsError(f"Vim checkpoint {path}: pos_embed has {old.shape[1]} entries, not a square "
+                                         "grid plus a class token; is it a Vision Mamba checkpoint?")
         state['pos_embed'] = resize_pos_embed(old, (side, side), model.grid)
     check_fits(model.state_dict(), state,
                f"Vim checkpoint {path} does not fit a Vim with embed_dim={model.embed_dim}, depth={len(model.layers)}")
