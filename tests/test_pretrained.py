@@ -32,6 +32,32 @@ def test_local_weights_file_loads_exactly(tmp_path, name, suffix):
     assert loaded and all(torch.equal(v, ref[k]) for k, v in loaded.items())
 
 
+def batchnorm_weights_without_counters():
+    """resnet18 weights as old torchvision files hold them: random values, no num_batches_tracked entries."""
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in timm.create_model('resnet18', pretrained=False).state_dict().items()}
+    counters = [k for k in state if k.endswith('.num_batches_tracked')]
+    assert counters
+    return {k: v for k, v in state.items() if k not in counters}
+
+
+def test_weights_without_batchnorm_counters_load(tmp_path):
+    state = batchnorm_weights_without_counters()
+    torch.save(state, tmp_path / 'resnet18-f37072fd.pth')
+    trunk = _trunk(create_model('resnet18', pretrained=str(tmp_path / 'resnet18-f37072fd.pth'))).state_dict()
+    loaded = {k: v for k, v in trunk.items() if not k.endswith('.num_batches_tracked')}
+    assert set(loaded) == set(state) - {'fc.weight', 'fc.bias'}
+    assert all(torch.equal(v, state[k]) for k, v in loaded.items())
+
+
+def test_only_batchnorm_counters_may_be_missing(tmp_path):
+    state = batchnorm_weights_without_counters()
+    del state['layer1.0.bn1.running_var']
+    torch.save(state, tmp_path / 'resnet18.pth')
+    with pytest.raises(PretrainedWeightsError, match=r"resnet18\.pth does not fit.*1 missing keys \['layer1.0.bn1.running_var'\]"):
+        create_model('resnet18', pretrained=str(tmp_path / 'resnet18.pth'))
+
+
 def test_local_swin_weights_resize_to_other_image_sizes(tmp_path):
     reference = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False)
     path = tmp_path / 'swin.safetensors'

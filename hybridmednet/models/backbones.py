@@ -157,8 +157,11 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
 
 def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
     """Raise PretrainedWeightsError `what: ... missing keys, ... unexpected keys, ... shape mismatches`
-    unless `state` matches the model's own state dict key for key and shape for shape."""
-    missing = sorted(set(own) - set(state))
+    unless `state` matches the model's own state dict key for key and shape for shape. BatchNorm's
+    `num_batches_tracked` counters may be missing, as PyTorch's own strict load allows: files from before
+    the counter existed (old torchvision ResNets, TF-ported EfficientNets) lack them, and the model
+    keeps its own."""
+    missing = sorted(k for k in set(own) - set(state) if k.rpartition('.')[2] != 'num_batches_tracked')
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
