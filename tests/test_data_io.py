@@ -133,6 +133,65 @@ def test_dicom_voi_lut_sequence(tmp_path):
     np.testing.assert_allclose(read_image(path), [[0.0, 0.2, 0.4, 1.0]], atol=1e-6)
 
 
+BODY = np.array([[100, 200, 300, 250]])  # min-max: 0, 0.5, 1, 0.75
+
+
+def with_padding(value, pixels=BODY):
+    """The body with a padding border of `value` around it."""
+    return np.pad(pixels, 1, constant_values=value)
+
+
+@pytest.mark.parametrize('padding', [0, 4095, 65535])
+@pytest.mark.parametrize('photometric', ['MONOCHROME2', 'MONOCHROME1'])
+def test_dicom_padding_is_left_out_of_min_max_and_black(tmp_path, padding, photometric):
+    path = write_dicom(tmp_path / 'a.dcm', with_padding(padding), PixelPaddingValue=padding,
+                       PhotometricInterpretation=photometric)
+    body = np.array([[0.0, 0.5, 1.0, 0.75]])
+    np.testing.assert_allclose(read_image(path), with_padding(0.0, body if photometric == 'MONOCHROME2' else 1 - body))
+
+
+def test_dicom_padding_range_limit(tmp_path):
+    pixels = with_padding(40, BODY)
+    pixels[0, :3] = [0, 10, 50]  # PixelPaddingValue 50 .. PixelPaddingRangeLimit 0, either order
+    path = write_dicom(tmp_path / 'a.dcm', pixels, PixelPaddingValue=50, PixelPaddingRangeLimit=0)
+    np.testing.assert_allclose(read_image(path), with_padding(0.0, np.array([[0.0, 0.5, 1.0, 0.75]])))
+
+
+def test_dicom_padding_is_black_through_a_window_too(tmp_path):
+    path = write_dicom(tmp_path / 'a.dcm', with_padding(4095), PixelPaddingValue=4095,
+                       WindowCenter=200.5, WindowWidth=201)
+    np.testing.assert_allclose(read_image(path), with_padding(0.0, np.array([[0.0, 0.5, 1.0, 0.75]])), atol=1e-6)
+
+
+def lut_item(descriptor, entries):
+    lut = Dataset()
+    lut.LUTDescriptor = descriptor
+    lut.LUTData = np.asarray(entries, np.uint16).tobytes()
+    return lut
+
+
+@pytest.mark.parametrize('attrs, expected', [
+    ({'WindowCenter': '', 'WindowWidth': ''}, [0.0, 0.5, 1.0]),  # min-max
+    ({'WindowCenter': 150.5, 'WindowWidth': ''}, [0.0, 0.5, 1.0]),
+    ({'WindowCenter': 150.5, 'WindowWidth': 0}, [0.0, 0.5, 1.0]),
+    ({'WindowCenter': '', 'WindowWidth': '', 'VOILUTSequence': [lut_item([201, 0, 8], np.arange(201) // 2)]},
+     [0.0, 50 / 255, 100 / 255]),
+    ({'VOILUTSequence': [], 'WindowCenter': 150.5, 'WindowWidth': 101}, [0.0, 0.0, 1.0]),  # the window
+])
+def test_dicom_empty_window_or_lut_falls_back_to_the_next(tmp_path, attrs, expected):
+    path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 100, 200]]), **attrs)
+    np.testing.assert_allclose(read_image(path), [expected], atol=1e-6)
+
+
+def test_dicom_8_bit_voi_lut_with_more_than_256_entries(tmp_path):
+    table = np.arange(4096) * 255 // 4095  # 12-bit input, 8-bit output
+    pixels = np.arange(0, 4096, 64).reshape(8, 8)
+    path = write_dicom(tmp_path / 'a.dcm', pixels, VOILUTSequence=[lut_item([4096, 0, 8], table)])
+    image = read_image(path)
+    assert image.max() == pytest.approx(table[4032] / 255)
+    np.testing.assert_allclose(image, table[pixels] / 255.0, atol=1e-6)
+
+
 def test_dicom_found_by_marker_without_suffix(tmp_path):
     path = write_dicom(tmp_path / 'IM0001', np.array([[0, 10]]))
     np.testing.assert_allclose(read_image(path), [[0.0, 1.0]])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -134,26 +135,63 @@ def _read_dicom(path: Path) -> np.ndarray:
             raise ImageReadError(f"{path}: compressed DICOM ({syntax.name}) needs the decoders: "
                                  f"pip install 'hybridmednet[dicom]'") from None
         raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({exc})") from None
+    padding = _padding(arr, ds)
     if arr.ndim == 3:  # colour DICOM (rare for X-rays): luminance
         arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     arr = apply_modality_lut(arr, ds)  # stored values -> physical (LUT or slope/intercept)
-    if 'VOILUTSequence' in ds:
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        image = apply_voi(arr, ds).astype(np.float64) / (2 ** bits - 1)
-    elif 'WindowCenter' in ds and 'WindowWidth' in ds:
-        image = _window(arr.astype(np.float64), _first(ds.WindowCenter), _first(ds.WindowWidth),
-                        str(ds.get('VOILUTFunction', 'LINEAR')).upper())
-    else:
-        image = _minmax(arr.astype(np.float64))
+    image = _voi(arr, ds, padding)
     if ds.get('PhotometricInterpretation') == 'MONOCHROME1':  # low values are white
         image = 1.0 - image
+    if padding is not None:
+        image[padding] = 0.0  # outside the body: black, whichever way the body is shown
     return np.clip(image, 0.0, 1.0)
 
 
-def _first(value) -> float:
-    """Window centre/width may be multi-valued; the first pair is the default view."""
-    from pydicom.multival import MultiValue
-    return float(value[0] if isinstance(value, (MultiValue, list, tuple)) else value)
+def _padding(arr: np.ndarray, ds) -> np.ndarray | None:
+    """Padding pixels (outside the body): the stored PixelPaddingValue, or the values from it
+    to PixelPaddingRangeLimit; None when the file declares none."""
+    value = ds.get('PixelPaddingValue')
+    if value is None or arr.ndim != 2:
+        return None
+    low, high = sorted((int(value), int(ds.get('PixelPaddingRangeLimit', value))))
+    return (arr >= low) & (arr <= high)
+
+
+def _voi(arr: np.ndarray, ds, padding: np.ndarray | None) -> np.ndarray:
+    """Modality values -> [0, 1] by the first the file gives usably: VOI LUT, window, else min-max
+    of the body (padding left out, or its value would set the range)."""
+    item = (ds.get('VOILUTSequence') or [None])[0]
+    if item is not None and item.get('LUTDescriptor') and item.get('LUTData'):
+        return _apply_voi_lut(arr, ds, item)
+    center, width = _first(ds.get('WindowCenter')), _first(ds.get('WindowWidth'))
+    if center is not None and width is not None and width > 0:
+        return _window(arr.astype(np.float64), center, width, str(ds.get('VOILUTFunction') or 'LINEAR').upper())
+    return _minmax(arr.astype(np.float64), None if padding is None else ~padding)
+
+
+def _apply_voi_lut(arr: np.ndarray, ds, item) -> np.ndarray:
+    from pydicom.pixels import apply_voi
+
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 2 ** 16  # 0 stands for 65536
+    if entries > 256 and bits <= 8:
+        # pydicom 3.0 (3.0.2 at least) indexes an 8-bit table with uint8 indices, which wrap past
+        # 256 entries: a 4096-entry table peaks at 15/255. Look such tables up here instead.
+        if isinstance(item.LUTData, bytes):  # OW: one entry per 16-bit word
+            table = np.frombuffer(item.LUTData, '<u2' if ds.original_encoding[1] else '>u2', count=entries)
+        else:
+            table = np.asarray(item.LUTData).reshape(-1)
+        out = table[np.clip(np.rint(arr) - first, 0, len(table) - 1).astype(np.intp)]
+    else:
+        out = apply_voi(arr, ds)
+    return out.astype(np.float64) / (2 ** bits - 1)
+
+
+def _first(value) -> float | None:
+    """Window centre/width may be multi-valued: the first is the default view. None when empty."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = value[0] if len(value) else None
+    return None if value is None or value == '' else float(value)
 
 
 def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -165,6 +203,10 @@ def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.n
     return np.clip((arr - (center - 0.5)) / max(width - 1.0, 1e-3) + 0.5, 0.0, 1.0)
 
 
-def _minmax(arr: np.ndarray) -> np.ndarray:
-    lo, hi = float(arr.min()), float(arr.max())
+def _minmax(arr: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Stretch to [0, 1] by the range of the pixels in `keep` (all by default)."""
+    values = arr if keep is None else arr[keep]
+    if values.size == 0:
+        return np.zeros_like(arr, dtype=np.float64)
+    lo, hi = float(values.min()), float(values.max())
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr, dtype=np.float64)
