@@ -57,7 +57,7 @@ def parse_value(text: str) -> Any:
 
 
 class Config:
-    MODEL = {
+    MODEL: dict[str, Any] = {
         'backbone': 'convnext_base',
         'use_modern_attention': True,
         'use_cross_scale_attention': True,
@@ -73,7 +73,7 @@ class Config:
         'attention_pool_size': 7,    # keys/values pooled to at most this side
         'drop_path_rate': 0.0,
     }
-    TRAIN = {
+    TRAIN: dict[str, Any] = {
         'batch_size': 32,
         'epochs': 50,
         'learning_rate': 1e-4,
@@ -95,7 +95,7 @@ class Config:
         'device': 'auto',            # auto | cpu | cuda | cuda:N
         'max_steps_per_epoch': None, # cap for quick runs
     }
-    DATA = {
+    DATA: dict[str, Any] = {
         'dataset': 'nih',            # nih | chexpert | csv | folder
         'data_dir': None,            # None or 'sample': the built-in synthetic dataset
         'labels_file': None,
@@ -117,7 +117,7 @@ class Config:
         'sample_size': 2000,         # built-in sample dataset: images
         'sample_image_size': 256,
     }
-    LOSS = {
+    LOSS: dict[str, Any] = {
         'type': 'bce',               # bce | focal | asymmetric
         'pos_weight': None,          # None | 'auto' | list of K floats
         'focal_gamma': 2.0,
@@ -128,16 +128,16 @@ class Config:
         'coarse_weight': 0.5,
         'consistency_weight': 0.1,
     }
-    CHECKPOINT = {
+    CHECKPOINT: dict[str, Any] = {
         'dir': 'checkpoints',
         'save_freq': 1,              # epochs between 'last' checkpoints
     }
-    LOGGING = {
+    LOGGING: dict[str, Any] = {
         'log_dir': 'logs',
         'tensorboard': True,
         'log_freq': 10,              # steps between progress lines
     }
-    EVAL = {
+    EVAL: dict[str, Any] = {
         'threshold_method': 'youden',  # youden | f1 | sensitivity
         'target_sensitivity': 0.9,
         'bootstrap_samples': 1000,

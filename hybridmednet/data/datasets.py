@@ -341,11 +341,25 @@ class ChestXrayDataset(Dataset):
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         self.bad_files: list[str] = []   # filled when skipping (per process: each worker keeps its own)
+        self.epoch_seed: int | None = None  # set_epoch: random augmentation as a function of (seed, image)
         self._cache = cache
         self._cache_rows = cache.rows(self.records['path']) if cache is not None else None
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def set_epoch(self, epoch_seed: int) -> None:
+        """Draw each image's augmentation from (epoch_seed, index) rather than from the process's random
+        stream: what a worker serves no longer depends on how many workers there are or where a run
+        resumed, so a run resumed mid-epoch repeats the uninterrupted one exactly."""
+        self.epoch_seed = epoch_seed
+
+    def _transform(self, image: np.ndarray, i: int) -> torch.Tensor:
+        if self.epoch_seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.epoch_seed * 1_000_003 + i)
+            return self.transform(image)
 
     def load_image(self, i: int) -> np.ndarray:
         """Float [H, W] in [0, 1]: from the memory-mapped cache when it holds the image, else the file."""
@@ -364,7 +378,7 @@ class ChestXrayDataset(Dataset):
                 self.bad_files.append(str(exc))
                 log.warning("skipping bad image (%d so far in this process): %s", len(self.bad_files), exc)
                 continue
-            return self.transform(image), torch.from_numpy(self.labels[j]), torch.from_numpy(self.mask[j])
+            return self._transform(image, j), torch.from_numpy(self.labels[j]), torch.from_numpy(self.mask[j])
         raise ImageReadError("every image in the dataset failed to read")
 
 

@@ -28,6 +28,7 @@ from scipy.ndimage import zoom
 from scipy.stats import norm
 
 from hybridmednet.config import NIH_FINDINGS
+from hybridmednet.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def generate_sample_dataset(out_dir: str | Path, n: int = 2000, size: int = 256,
                             workers: int | None = None) -> Path:
     """Write the sample dataset (NIH layout) into out_dir and return it."""
     if n < 10:
-        raise ValueError(f"sample dataset size n={n} is too small (need at least 10 images)")
+        raise DataError(f"sample dataset size n={n} is too small (need at least 10 images)")
     out = Path(out_dir)
     (out / 'images').mkdir(parents=True, exist_ok=True)
     table, labels = _plan(n, seed)

@@ -77,6 +77,10 @@ class Trainer:
         self.dist, self.device = dist_info, device
         seed_everything(t['seed'] + self.dist.rank)
         self.datasets = datasets or self._build_datasets()
+        if len(self.datasets['val']) == 0:    # found now, not after a whole epoch of training
+            raise TrainingError("the validation split is empty: validation picks the best model and drives early "
+                                "stopping. Set DATA.val_split > 0 (e.g. 0.1, with train/test adjusted to sum to 1), "
+                                "or give rows with split 'val' in a CSV dataset")
         names = getattr(self.datasets['train'], 'class_names', None)
         if config.DATA['class_names'] is None and names and list(names) != config.class_names:
             config.DATA['class_names'] = list(names)  # CheXpert, CSV, folders: the data's own labels
@@ -171,7 +175,7 @@ class Trainer:
         self.model.load_state_dict(ckpt['model_state_dict'], strict=True)
         self.optimizer.load_state_dict(ckpt['optimizer_state_dict'])
         self.schedule.load_state_dict(ckpt['scheduler_state_dict'])
-        self.scaler.load_state_dict(ckpt['scaler_state_dict'])
+        self._load_scaler(ckpt['scaler_state_dict'], path)
         if (self.ema is None) != (ckpt['ema_state_dict'] is None):
             raise TrainingError(f"{path}: TRAIN.ema_decay must stay on/off as it was when the checkpoint was written")
         self.ema = ckpt['ema_state_dict'] and {k: v.to(self.device) for k, v in ckpt['ema_state_dict'].items()}
@@ -183,6 +187,16 @@ class Trainer:
                      f"{self.dist.world}: the data order is kept, random augmentations are reseeded")
             seed_everything(self.config.TRAIN['seed'] + 1000 * self.progress.epoch + self.dist.rank)
         self.log(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")
+
+    def _load_scaler(self, state: dict[str, Any], path: str | Path) -> None:
+        """The loss scale carries over only between runs that both use it (fp16 on CUDA); a CPU run
+        continued on a GPU, or the reverse, starts or drops the scale instead of failing."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
+        elif state or self.scaler.is_enabled():
+            self.log(f"note: {path} was written with TRAIN.mixed_precision="
+                     f"{'on' if state else 'off'}; this run has it {'on' if self.scaler.is_enabled() else 'off'}: "
+                     f"the fp16 loss scale {'starts fresh' if self.scaler.is_enabled() else 'is not needed'}")
 
     # -- data ----------------------------------------------------------------------------------------
     def epoch_indices(self, epoch: int) -> list[int]:
@@ -211,8 +225,11 @@ class Trainer:
         n_micro = self.steps_per_epoch * self.accum
         indices = self.epoch_indices(epoch)[p.batch_in_epoch * self.batch_size:n_micro * self.batch_size]
         self.net.train()
+        seed_epoch = getattr(self.datasets['train'], 'set_epoch', None)
+        if seed_epoch is not None:     # augmentation drawn per (seed, epoch, image): resumes repeat it exactly
+            seed_epoch(t['seed'] * 100_003 + epoch)
         bar = _progress_bar(len(indices) * self.dist.world, f"epoch {epoch + 1}/{t['epochs']}", self.dist.is_main)
-        group_ok = True
+        group_ok, group_known = True, 0.0
         for micro, (images, target, mask) in enumerate(self.loader(self.datasets['train'], indices, True),
                                                        start=p.batch_in_epoch):
             images, target, mask = (x.to(self.device, non_blocking=True) for x in (images, target, mask))
@@ -223,16 +240,21 @@ class Trainer:
                 with self.autocast():
                     loss = self.criterion(self.forward(self.net, images), target, mask)
                 finite = self.dist.all_reduce([float(torch.isfinite(loss))], dist.ReduceOp.MIN)[0] == 1.0
+                # The loss is a mean over this micro-batch's known labels; backward takes their sum, and
+                # the step divides by the known labels of the whole effective batch (all ranks, all
+                # micro-batches), so k micro-batches step exactly like one batch k times larger.
+                known = float(mask.sum())
+                group_known += known
                 if finite:
-                    self.scaler.scale(loss / self.accum).backward()
+                    self.scaler.scale(loss * known).backward()
                     p.epoch_loss = [p.epoch_loss[0] + loss.item(), p.epoch_loss[1] + 1]
                 group_ok &= finite
             p.batch_in_epoch = micro + 1
             bar.update(images.shape[0] * self.dist.world)
             if not last_micro:
                 continue
-            self.optimizer_step(group_ok)
-            group_ok = True
+            self.optimizer_step(group_ok, self.dist.all_reduce([group_known])[0] / self.dist.world)
+            group_ok, group_known = True, 0.0
             if p.step % self.config.LOGGING['log_freq'] == 0 and p.epoch_loss[1]:
                 self.log_scalars({'train/loss_running': p.epoch_loss[0] / p.epoch_loss[1],
                                   'train/lr': self.optimizer.param_groups[0]['lr']}, p.step)
@@ -245,8 +267,10 @@ class Trainer:
         total, count = self.dist.all_reduce(p.epoch_loss)
         return total / max(count, 1)
 
-    def optimizer_step(self, ok: bool) -> None:
-        """One optimizer step at the scheduled rate, or a counted skip when a loss was NaN/Inf."""
+    def optimizer_step(self, ok: bool, known_labels: float) -> None:
+        """One optimizer step at the scheduled rate, or a counted skip when a loss was NaN/Inf.
+
+        The gradients hold sums over labels; `known_labels` (per rank: DDP averages) turns them into the mean."""
         p, t = self.progress, self.config.TRAIN
         for group in self.optimizer.param_groups:
             group['lr'] = t['learning_rate'] * self.schedule.factor(p.step)
@@ -264,6 +288,9 @@ class Trainer:
                     f"TRAIN.mixed_precision=false, then resume from the last checkpoint.")
             return
         self.bad_in_a_row = 0
+        for param in self.model.parameters():
+            if param.grad is not None:
+                param.grad.div_(max(known_labels, 1.0))
         if t['grad_clip_norm']:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), t['grad_clip_norm'])
@@ -370,7 +397,7 @@ class Trainer:
                 val = self.score_validation(self.eval_model())
                 self.schedule.epoch_end(val['mean_auc'])
                 score = val['mean_auc'] if math.isfinite(val['mean_auc']) else -1.0
-                improved = score > p.best_auc
+                improved = score > p.best_auc + t['early_stopping_min_delta']
                 p.best_auc, p.bad_epochs = (score, 0) if improved else (p.best_auc, p.bad_epochs + 1)
                 p.epoch, p.batch_in_epoch, p.epoch_loss = epoch + 1, 0, [0.0, 0.0]
                 seconds = time.perf_counter() - start
