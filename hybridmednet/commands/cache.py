@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         index = build_index(config)
         root = write_cache(list(dict.fromkeys(index.records['path'])), index.data_dir,
                            cache_dir(config, index.data_dir), args.size, args.workers,
-                           config.DATA['skip_bad_images'])
+                           config.DATA['skip_bad_images'], config.DATA['intensity'])
         meta = json.loads((root / 'meta.json').read_text())
         print(f"cached {meta['count']} images at {args.size} px in {root}"
               + (f" ({meta['skipped']} unreadable skipped)" if meta['skipped'] else ''))

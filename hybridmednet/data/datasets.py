@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from hybridmednet.config import NIH_FINDINGS, Config
-from hybridmednet.data.cache import open_cache
+from hybridmednet.data.cache import ImageCache, open_cache
 from hybridmednet.data.io import IMAGE_SUFFIXES, read_image
 from hybridmednet.data.splits import SPLITS, official_split, patient_leaks, patient_split
 from hybridmednet.data.synthetic import cached_sample_dataset
@@ -332,7 +332,7 @@ class ChestXrayDataset(Dataset):
     """Items are (image FloatTensor[3, S, S], target FloatTensor[K], mask FloatTensor[K])."""
 
     def __init__(self, index: DataIndex, transform: Callable[[np.ndarray], torch.Tensor],
-                 cache=None, skip_bad_images: bool = False):
+                 cache: ImageCache | None = None, skip_bad_images: bool = False, intensity: str | int = 'auto'):
         self.records = index.records
         self.labels = index.labels
         self.mask = index.mask
@@ -340,6 +340,7 @@ class ChestXrayDataset(Dataset):
         self.data_dir = index.data_dir
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.intensity = intensity
         self.bad_files: list[str] = []   # filled when skipping (per process: each worker keeps its own)
         self.epoch_seed: int | None = None  # set_epoch: random augmentation as a function of (seed, image)
         self._cache = cache
@@ -365,7 +366,7 @@ class ChestXrayDataset(Dataset):
         """Float [H, W] in [0, 1]: from the memory-mapped cache when it holds the image, else the file."""
         if self._cache_rows is not None and self._cache_rows[i] >= 0:
             return self._cache.image(int(self._cache_rows[i]))
-        return read_image(self.records['path'].iat[i])
+        return read_image(self.records['path'].iat[i], intensity=self.intensity)
 
     def __getitem__(self, i: int):
         for j in range(i, i + len(self)):
@@ -394,11 +395,11 @@ def build_datasets(config: Config) -> dict[str, ChestXrayDataset]:
     index = _drop_missing(index, cache, config.DATA['skip_bad_images'])
     return {split: ChestXrayDataset(index.subset((index.records['split'] == split).to_numpy()),
                                     build_transforms(config, train=split == 'train'), cache,
-                                    config.DATA['skip_bad_images'])
+                                    config.DATA['skip_bad_images'], config.DATA['intensity'])
             for split in SPLITS}
 
 
-def _drop_missing(index: DataIndex, cache, skip: bool) -> DataIndex:
+def _drop_missing(index: DataIndex, cache: ImageCache | None, skip: bool) -> DataIndex:
     """Missing files fail now, with a count and an example, not at epoch 3 (or are dropped when skipping)."""
     paths = index.records['path']
     present = cache.rows(paths) >= 0 if cache is not None else np.zeros(len(paths), dtype=bool)

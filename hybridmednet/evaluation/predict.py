@@ -68,7 +68,7 @@ def predict_files(model: torch.nn.Module, config: Config, op: OperatingPoint, fi
             loaded = []
             for path in files[start:start + batch_size]:
                 try:
-                    image = read_image(path)
+                    image = read_image(path, intensity=config.DATA['intensity'])
                     loaded.append((path, image, transform(image)))
                 except (ImageReadError, ValueError, RuntimeError) as exc:
                     errors.append({'path': str(path), 'error': str(exc)})
