@@ -1,4 +1,5 @@
 """Pretrained weights: local files for real, the Hugging Face cache for real, and a plain offline error."""
+import json
 import os
 import subprocess
 import sys
@@ -79,6 +80,47 @@ def test_wrong_weights_file_is_a_loud_error(tmp_path):
         create_model('resnet18', pretrained=str(path))
     with pytest.raises(PretrainedWeightsError, match='nothing.pth'):
         create_model('convnext_atto', pretrained=str(tmp_path / 'nothing.pth'))
+
+
+def save_stating_architecture(state, folder, architecture, where):
+    """A model.safetensors naming `architecture` in its metadata, or in a config.json beside it laid out
+    as timm's push_to_hub writes one."""
+    path = folder / 'model.safetensors'
+    save_file(state, str(path), metadata={'format': 'pt', 'architecture': architecture} if where == 'metadata' else None)
+    if where == 'config.json':
+        (folder / 'config.json').write_text(json.dumps({'architecture': architecture, 'num_classes': 1000,
+                                                        'pretrained_cfg': {'tag': architecture.partition('.')[2]}}))
+    return path
+
+
+@pytest.mark.parametrize('where', ['metadata', 'config.json'])
+def test_weights_of_another_architecture_with_the_same_keys_are_refused(tmp_path, where):
+    # timm's efficientnetv2_s and the tf_efficientnetv2_s our efficientnetv2_s is cut from share every key and shape
+    state = timm.create_model('efficientnetv2_s', pretrained=False).state_dict()
+    own = timm.create_model('tf_efficientnetv2_s', pretrained=False).state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in own.items()}
+    path = save_stating_architecture(state, tmp_path, 'efficientnetv2_s.ra_in1k', where)
+    with pytest.raises(PretrainedWeightsError, match=r"efficientnetv2_s\.ra_in1k.*'tf_efficientnetv2_s'"):
+        create_model('efficientnetv2_s', pretrained=str(path))
+
+
+@pytest.mark.parametrize('where', ['metadata', 'config.json'])
+def test_weights_stating_the_same_architecture_load(tmp_path, where):
+    state = timm.create_model('resnet18', pretrained=False).state_dict()
+    path = save_stating_architecture(state, tmp_path, 'resnet18.a1_in1k', where)  # another tag is fine
+    trunk = _trunk(create_model('resnet18', pretrained=str(path))).state_dict()
+    assert trunk and all(torch.equal(v, state[k]) for k, v in trunk.items())
+
+
+def test_weights_stating_no_architecture_load(tmp_path):
+    state = {k: v + 1 if v.is_floating_point() else v
+             for k, v in timm.create_model('resnet18', pretrained=False).state_dict().items()}
+    path = tmp_path / 'model.safetensors'
+    save_file(state, str(path), metadata={'format': 'pt'})
+    # a transformers-style config.json beside it names no timm architecture
+    (tmp_path / 'config.json').write_text(json.dumps({'architectures': ['ResNetForImageClassification']}))
+    trunk = _trunk(create_model('resnet18', pretrained=str(path))).state_dict()
+    assert trunk and all(torch.equal(v, state[k]) for k, v in trunk.items())
 
 
 def _run_offline(code: str, hf_home) -> subprocess.CompletedProcess:

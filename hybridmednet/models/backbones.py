@@ -7,6 +7,7 @@ key names (hub, Hugging Face cache or a local file), then its head is pruned and
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from timm.layers import LayerNorm2d
+from timm.models import split_model_name_tag
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
@@ -137,8 +141,17 @@ def create_timm_model(timm_name: str, pretrained: bool | str, **kwargs: Any) -> 
 
 
 def load_local_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a timm-layout state dict from a local file, strictly except for the classifier."""
+    """Load a timm-layout state dict from a local file, strictly except for the classifier. Where the file
+    says which architecture it holds, that must be the model's: another one with the same key names and
+    shapes (timm's efficientnetv2_s for tf_efficientnetv2_s) would otherwise load without a word."""
     state = read_state_dict(path)
+    expected = model.pretrained_cfg['architecture']
+    stated = weights_architecture(Path(path))
+    if stated and split_model_name_tag(stated[0])[0] != expected:
+        raise PretrainedWeightsError(
+            f"weights file {path} holds {stated[0]!r} according to {stated[1]}, but this backbone is timm's "
+            f"{expected!r}; use weights saved from {expected}, or set MODEL['pretrained'] = True (ImageNet "
+            "weights) or False")
     filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
     if filter_fn is not None:  # timm's own remapping: window or position-table resizing, old key names
         try:
@@ -153,6 +166,26 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
     state = {k: v for k, v in state.items() if not is_head(k)}
     check_fits(own, state, f"weights file {path} does not fit {type(model).__name__}")
     model.load_state_dict(state, strict=False)  # strictness checked above; only the head is left out
+
+
+def weights_architecture(path: Path) -> tuple[str, str] | None:
+    """(architecture, where it was read) for a weights file that names the timm model it holds: in its
+    safetensors metadata ('architecture'), or in a timm / Hugging Face config.json beside it (timm's
+    push_to_hub layout). None when neither names one."""
+    if path.suffix == '.safetensors':
+        with safe_open(str(path), 'pt') as f:
+            architecture = (f.metadata() or {}).get('architecture')
+        if architecture:
+            return architecture, 'its safetensors metadata'
+    config_path = path.parent / 'config.json'
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError:  # not JSON: some other tool's config.json
+        return None
+    architecture = config.get('architecture') if isinstance(config, dict) else None
+    return (architecture, str(config_path)) if isinstance(architecture, str) and architecture else None
 
 
 def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
@@ -181,7 +214,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise PretrainedWeightsError(f"weights file not found: {path}; set MODEL['pretrained'] to an existing "
                                      ".safetensors/.pth file, True (ImageNet weights) or False")
     if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
         return load_file(str(path))
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
