@@ -19,10 +19,12 @@ def test_eval_transform_is_deterministic_and_normalised():
     config = Config()
     config.DATA['image_size'] = 32
     transform = build_transforms(config, train=False)
-    out = transform(np.full((50, 40), 0.5, np.float32))
+    out = transform(np.full((50, 40), 0.5, np.float32))  # fitted to 32 x 26, padded 3 columns each side
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     for c in range(3):
-        torch.testing.assert_close(out[c], torch.full((32, 32), (0.5 - MEAN[c]) / STD[c]))
+        expected = torch.full((32, 32), -MEAN[c] / STD[c])
+        expected[:, 3:29] = (0.5 - MEAN[c]) / STD[c]
+        torch.testing.assert_close(out[c], expected)
     image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
     assert torch.equal(transform(image), transform(image))
 

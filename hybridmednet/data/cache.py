@@ -1,4 +1,4 @@
-"""A memory-mapped image cache: every image resized once to [S, S] in one .npy file.
+"""A memory-mapped image cache: every image fitted once into [S, S] (transforms.fit_square) in one .npy file.
 
 Decoding a 1024 px PNG costs far more than the training step wants to wait for;
 reading a 256 px slice from a memory map costs almost nothing. Datasets use the cache
@@ -28,10 +28,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+import torch
 
 from hybridmednet.config import Config, load_config
 from hybridmednet.data.io import read_image, stores_more_than_8_bits
+from hybridmednet.data.transforms import fit_square
 from hybridmednet.errors import DataError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,7 @@ def _resize(args: tuple[str, int, str | int, type]) -> tuple[os.stat_result, np.
         return str(exc)
     except OSError as exc:  # from os.stat: missing or not accessible
         return f"{path}: {exc.strerror}"
-    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-    return stat, (np.clip(resized, 0.0, 1.0) * np.iinfo(dtype).max + 0.5).astype(dtype)
+    return stat, (np.clip(fit_square(image, size), 0.0, 1.0) * np.iinfo(dtype).max + 0.5).astype(dtype)
 
 
 def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, workers: int = 1,
@@ -155,7 +155,8 @@ def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, wor
     tag = secrets.token_hex(4)
     images_file, index_file = root / f'images-{tag}.npy', root / f'index-{tag}.csv'
     meta_file = root / f'meta-{tag}.json'
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    # One torch thread per worker process: `workers` processes already fill the cores.
+    pool = ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
     try:
         run = partial(pool.map, chunksize=64) if pool else map
         dtype = np.uint16 if any(run(stores_more_than_8_bits, paths)) else np.uint8

@@ -6,13 +6,18 @@ a rotation is a grid_sample, which alone costs more than the rest of the pipelin
 CPU, while the random resized crop already varies position and scale. Evaluation is
 always the same deterministic resize, whatever trained the model. Horizontal flips are
 off unless asked for: the heart is on the patient's left.
+
+Every path, the cache included, starts with `fit_square`: a non-square image (CheXpert's
+390 x 320) keeps its aspect ratio and is padded, so it is trained and scored in one geometry.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from hybridmednet.config import Config
@@ -31,6 +36,22 @@ def grey_to_rgb(image: torch.Tensor) -> torch.Tensor:
     return image.expand(3, -1, -1)
 
 
+def fit_square(image: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
+    """[..., H, W] -> [..., size, size]: antialiased resize of the longer side to `size`, aspect
+    ratio kept, the rest padded with 0 (black), centred. Arrays come back as float32 arrays."""
+    is_array = isinstance(image, np.ndarray)
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)) if is_array else image
+    h, w = tensor.shape[-2:]
+    if (h, w) != (size, size):
+        new_h, new_w = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+        resized = F.interpolate(tensor.reshape(-1, 1, h, w), size=(new_h, new_w), mode='bilinear',
+                                antialias=True, align_corners=False)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        padded = F.pad(resized, (left, size - new_w - left, top, size - new_h - top))
+        tensor = padded.reshape(*tensor.shape[:-2], size, size)
+    return tensor.numpy() if is_array else tensor
+
+
 def build_transforms(config: Config, train: bool) -> Callable[[np.ndarray], torch.Tensor]:
     """The pipeline for one split; picklable, so DataLoader workers can use it."""
     size = config.DATA['image_size']
@@ -38,13 +59,13 @@ def build_transforms(config: Config, train: bool) -> Callable[[np.ndarray], torc
     if train and config.DATA['use_albumentations']:
         return _AlbumentationsPipeline(size, config.DATA['horizontal_flip'], v2.Compose(tail))
     if not train:
-        return v2.Compose([v2.Lambda(to_tensor), v2.Resize((size, size), antialias=True), *tail])
+        return v2.Compose([v2.Lambda(to_tensor), v2.Lambda(partial(fit_square, size=size)), *tail])
     flip = [v2.RandomHorizontalFlip()] if config.DATA['horizontal_flip'] else []
     return v2.Compose([
         v2.Lambda(to_tensor),
         # Antialiased resize to 8/7 of the size once (a no-op on a 256 px cache at 224 px),
         # then a crop that rescales by at most ~1.3x needs no antialiasing: half the cost.
-        v2.Resize(round(size * 8 / 7), antialias=True),
+        v2.Lambda(partial(fit_square, size=round(size * 8 / 7))),
         v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=False),
         v2.ColorJitter(brightness=0.2, contrast=0.2),
         *flip, *tail,
@@ -60,6 +81,7 @@ class _AlbumentationsPipeline:
         except ImportError:
             raise ImportError("DATA.use_albumentations needs albumentations: "
                               "pip install 'hybridmednet[albumentations]'") from None
+        self.letterbox = round(size * 8 / 7)  # as the default pipeline: fit_square, then crop
         self.pipeline = A.Compose([
             A.RandomResizedCrop(size=(size, size), scale=(0.7, 1.0), ratio=(0.85, 1.15)),
             A.Affine(rotate=(-10, 10), translate_percent=(-0.06, 0.06), scale=(0.9, 1.1), p=0.7),
@@ -71,5 +93,5 @@ class _AlbumentationsPipeline:
         self.tail = tail
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        out = self.pipeline(image=np.ascontiguousarray(image, dtype=np.float32))['image']
+        out = self.pipeline(image=fit_square(np.asarray(image, dtype=np.float32), self.letterbox))['image']
         return self.tail(to_tensor(np.clip(out, 0.0, 1.0)))
