@@ -8,7 +8,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
 
-from hybridmednet.data.io import ImageReadError, read_image
+from hybridmednet.data.io import ImageReadError, read_image, stores_more_than_8_bits
 
 
 def write_dicom(path, pixels, syntax=ExplicitVRLittleEndian, pixel_data=None, **attrs):
@@ -80,6 +80,19 @@ def test_minmax_intensity_stretches_each_image(tmp_path):
     np.testing.assert_allclose(read_image(path, intensity='minmax'), [[0.0, 0.5], [1.0, 0.25]], atol=1e-7)
     Image.fromarray(np.array([[50, 100], [150, 75]], np.uint8)).save(tmp_path / 'b.png')
     np.testing.assert_allclose(read_image(tmp_path / 'b.png', intensity='minmax'), [[0.0, 0.5], [1.0, 0.25]])
+
+
+def test_more_than_8_bits_told_from_the_header(tmp_path):
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / 'grey.png')
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'colour.jpg')
+    Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / 'float.tif')
+    write_png16(tmp_path / 'deep.png', RAMP_12BIT)
+    write_dicom(tmp_path / 'a.dcm', np.zeros((2, 2)))
+    (tmp_path / 'junk.png').write_bytes(b'junk')
+    deep = {name: stores_more_than_8_bits(tmp_path / name)
+            for name in ('grey.png', 'colour.jpg', 'float.tif', 'deep.png', 'a.dcm', 'junk.png')}
+    assert deep == {'grey.png': False, 'colour.jpg': False, 'float.tif': True, 'deep.png': True, 'a.dcm': True,
+                    'junk.png': False}
 
 
 @pytest.mark.parametrize('intensity', ['bogus', 'AUTO', 0, 17, 12.0, True, None])

@@ -7,12 +7,12 @@ holds more than 8 bits (DICOM, 16-bit PNG: a 12-bit image keeps its 4096 grey le
 else uint8, half the size.
 
 Layout of the cache folder: `meta.json` (size, count, dtype, DATA.intensity, and the names
-of the current `images-<id>.npy`, [N, S, S], and `index-<id>.csv`: the path of each row relative
-to the data folder, with the file's size and mtime when it was cached, so that a file
-changed since is read again instead of served stale). A rebuild writes new files beside the old ones and then replaces
-meta.json in one rename: a rebuild that fails leaves the old cache as it was, and jobs
-that have the old files memory-mapped keep reading them (they are unlinked, never
-rewritten). One writer at a time per cache folder.
+of the current `images-<id>.npy`, [N, S, S], and `index-<id>.csv`: the path of each row
+relative to the data folder, with the file's size and mtime when it was cached, so that a
+file changed since is read again instead of served stale). A rebuild writes new files
+beside the old ones and then replaces meta.json in one rename: a rebuild that fails leaves
+the old cache as it was, and jobs that have the old files memory-mapped keep reading them
+(they are unlinked, never rewritten). One writer at a time per cache folder.
 """
 from __future__ import annotations
 
