@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
-from timm.models import split_model_name_tag
+from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from hybridmednet.errors import ConfigError, PretrainedWeightsError
+from hybridmednet.models.registry import get_backbone_spec
 
 
 class TimmPyramid(nn.Module):
@@ -102,6 +104,18 @@ def build_resnet_fpn(spec: Any, pretrained: bool | str = False, img_size: int = 
 def build_efficientvim(spec: Any, pretrained: bool | str = False, img_size: int = 224,
                        drop_path_rate: float = 0.0, **options: Any) -> EfficientViMPyramid:
     return EfficientViMPyramid(build_timm_backbone(spec, pretrained, img_size, drop_path_rate, **options))
+
+
+def backbone_preprocessing(name: str) -> dict[str, Any]:
+    """How images were prepared for the backbone's pretrained weights: {'mean', 'std', 'interpolation'}
+    from timm's pretrained config of its timm model (read from timm's registry: nothing is built or
+    downloaded). Vision Mamba has no timm model; its official weights were trained on ImageNet-normalised,
+    bicubic-resized images."""
+    spec = get_backbone_spec(name)
+    if spec.timm_name is None:
+        return {'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'interpolation': 'bicubic'}
+    cfg = get_pretrained_cfg(spec.timm_name)
+    return {'mean': tuple(cfg.mean), 'std': tuple(cfg.std), 'interpolation': cfg.interpolation}
 
 
 def timm_size_options(spec: Any, img_size: int) -> dict[str, int]:
