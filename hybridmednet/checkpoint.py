@@ -29,12 +29,19 @@ EXPORT_FORMAT = 'hybridmednet-weights'
 PTH_SUFFIXES = ('.pth', '.pt', '.ckpt')
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """Write to a temporary file beside `path`, then rename: a crash leaves the old file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())    # safetensors writes 0600; every model file gets the usual mode
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

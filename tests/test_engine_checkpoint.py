@@ -93,3 +93,11 @@ def test_load_model_is_loud_on_mismatch(trained, tmp_path):
     (tmp_path / 'model.onnx').write_bytes(b'onnx')
     with pytest.raises(CheckpointError, match='unknown checkpoint format'):
         load_model(tmp_path / 'model.onnx')
+
+
+def test_exported_weights_get_the_same_file_mode_as_checkpoints(tmp_path):
+    from hybridmednet.checkpoint import export_weights
+    config = Config(MODEL={'backbone': 'resnet18', 'pretrained': False})
+    pth = save_checkpoint(tmp_path / 'a.pth', {'w': torch.zeros(1)})
+    exported = export_weights(tmp_path / 'a.safetensors', {'w': torch.zeros(1)}, config)
+    assert exported.stat().st_mode == pth.stat().st_mode == exported.with_suffix('.json').stat().st_mode

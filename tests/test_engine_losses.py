@@ -60,3 +60,14 @@ def test_build_loss_from_config():
     assert isinstance(build_loss(config), HierarchicalLoss)
     with pytest.raises(ValueError, match='pos_weight'):
         build_loss(Config(LOSS={'pos_weight': [1.0, 2.0]}))
+
+
+def test_consistency_targets_the_noisy_or_of_the_group():
+    # Two members at p = 0.5 each: "any finding in the group" is 0.75, not the maximum 0.5.
+    groups = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    fine = torch.tensor([[0.0, 0.0, -20.0]])
+    loss = HierarchicalLoss(MultiLabelLoss(), MultiLabelLoss(), groups, 0.0, 0.0, 1.0)
+    noisy_or = torch.logit(torch.tensor([[0.75, 1e-6]]))
+    at_max = torch.logit(torch.tensor([[0.5, 1e-6]]))
+    assert loss((fine, noisy_or), torch.zeros(1, 3)) < 1e-8
+    assert loss((fine, at_max), torch.zeros(1, 3)) > 0.03

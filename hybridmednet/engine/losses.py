@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridmednet.config import Config
+from hybridmednet.errors import ConfigError
+from hybridmednet.models.heads import coarse_groups, group_matrix
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -68,7 +70,9 @@ class HierarchicalLoss(nn.Module):
 
     A group is positive when any known finding in it is; its label is known when a finding in it
     is known positive or all its findings are known. Consistency asks the coarse probability to
-    match the most likely finding of its group, so the two heads tell one story.
+    match the noisy-OR of its group's findings, 1 - prod(1 - p_k): the probability that any of them
+    is present if they were independent (the group's maximum is only a lower bound on it), so the
+    two heads tell one story.
     """
 
     def __init__(self, fine_loss: MultiLabelLoss, coarse_loss: MultiLabelLoss, groups: torch.Tensor,
@@ -86,9 +90,9 @@ class HierarchicalLoss(nn.Module):
         all_known = (1 - mask) @ self.groups.T == 0
         coarse_target = known_pos.float()
         coarse_mask = (known_pos | all_known).float()
-        # Max over each group's fine probabilities: members only (others pushed to -1).
-        p_fine = torch.sigmoid(fine.float()).unsqueeze(1) * self.groups - (1 - self.groups)
-        consistency = (torch.sigmoid(coarse.float()) - p_fine.amax(dim=2)).pow(2).mean()
+        # Noisy-OR over each group's members: log(1 - p) summed over the group, in log space for stability.
+        log_absent = F.logsigmoid(-fine.float()) @ self.groups.T
+        consistency = (torch.sigmoid(coarse.float()) - (1 - log_absent.exp())).pow(2).mean()
         w_fine, w_coarse, w_cons = self.weights
         return (w_fine * self.fine_loss(fine, target, mask)
                 + w_coarse * self.coarse_loss(coarse, coarse_target, coarse_mask) + w_cons * consistency)
@@ -100,13 +104,12 @@ def build_loss(config: Config, pos_weight: torch.Tensor | None = None) -> nn.Mod
     if pos_weight is None and isinstance(loss_cfg['pos_weight'], (list, tuple)):
         pos_weight = torch.tensor(loss_cfg['pos_weight'], dtype=torch.float32)
     if pos_weight is not None and len(pos_weight) != config.MODEL['num_classes']:
-        raise ValueError(f"LOSS['pos_weight'] has {len(pos_weight)} values for "
+        raise ConfigError(f"LOSS['pos_weight'] has {len(pos_weight)} values for "
                          f"{config.MODEL['num_classes']} classes")
     options = (loss_cfg['focal_gamma'], loss_cfg['asl_gamma_pos'], loss_cfg['asl_gamma_neg'], loss_cfg['asl_clip'])
     fine = MultiLabelLoss(loss_cfg['type'], pos_weight, *options)
     if not config.MODEL['hierarchical']:
         return fine
-    from hybridmednet.models.heads import coarse_groups, group_matrix
     return HierarchicalLoss(fine, MultiLabelLoss(loss_cfg['type'], None, *options),
                             group_matrix(config.class_names, coarse_groups(config)),
                             loss_cfg['fine_weight'], loss_cfg['coarse_weight'], loss_cfg['consistency_weight'])

@@ -1,13 +1,12 @@
 """Attention over the 4-scale pyramid; every module keeps each scale's shape.
 
-Cost is bounded: queries stay at full resolution but keys and values are pooled
-to at most `pool_size` x `pool_size` tokens per scale, so attention grows
-linearly with the number of pixels instead of quadratically, and runs through
+Cost is bounded: queries run on a grid of stride >= 16 (finer maps are pooled
+and their outputs upsampled) and keys and values are pooled to at most
+`pool_size` x `pool_size` tokens per scale, so attention grows linearly with the
+number of pixels instead of quadratically, and runs through
 `scaled_dot_product_attention`.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -104,9 +103,8 @@ class PyramidAttention(nn.Module):
     def __init__(self, channels: list[int], reductions: list[int], modern: bool, cross_scale: bool,
                  num_heads: int, pool_size: int):
         super().__init__()
-        if cross_scale and not modern:  # the SPEC's classic row sets only use_modern_attention=False
-            warnings.warn("MODEL['use_cross_scale_attention'] applies to the modern attention only; "
-                          "with use_modern_attention=False the model uses classic CBAM", stacklevel=3)
+        # cross_scale applies to the modern attention only: the SPEC's classic row sets just
+        # use_modern_attention=False and leaves the default (True) for cross-scale, so CBAM ignores it quietly.
         self.modern = modern
         if modern:
             self.blocks = PyramidSelfAttention(channels, reductions, num_heads, pool_size, cross_scale)
