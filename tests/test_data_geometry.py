@@ -8,7 +8,7 @@ from PIL import Image
 from hybridmednet.config import Config
 from hybridmednet.data import cache
 from hybridmednet.data.io import read_image
-from hybridmednet.data.transforms import MEAN, STD, build_transforms, fit_square
+from hybridmednet.data.transforms import MEAN, STD, build_transforms, fit_square, square_box
 
 
 def disc(height=320, width=390, radius=80):
@@ -44,6 +44,13 @@ def test_fit_square_keeps_the_aspect_ratio_and_pads_centred():
     assert isinstance(channels, torch.Tensor) and channels.shape == (3, 16, 16)
     assert (channels[:, :, :4] == 0).all() and (channels[:, :, 12:] == 0).all()
     torch.testing.assert_close(channels[:, :, 4:12], torch.ones(3, 16, 8))
+
+
+def test_square_box_locates_the_image_inside_the_square():
+    assert square_box(320, 390, 128) == (11, 0, 105, 128)
+    out = fit_square(np.ones((40, 20), np.float32), 16)
+    top, left, height, width = square_box(40, 20, 16)
+    assert out.sum() == pytest.approx(height * width) and out[top:top + height, left:left + width].min() > 0.99
 
 
 def test_fit_square_is_antialiased():

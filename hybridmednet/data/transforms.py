@@ -43,13 +43,19 @@ def fit_square(image: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torc
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)) if is_array else image
     h, w = tensor.shape[-2:]
     if (h, w) != (size, size):
-        new_h, new_w = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+        top, left, new_h, new_w = square_box(h, w, size)
         resized = F.interpolate(tensor.reshape(-1, 1, h, w), size=(new_h, new_w), mode='bilinear',
                                 antialias=True, align_corners=False)
-        top, left = (size - new_h) // 2, (size - new_w) // 2
         padded = F.pad(resized, (left, size - new_w - left, top, size - new_h - top))
         tensor = padded.reshape(*tensor.shape[:-2], size, size)
     return tensor.numpy() if is_array else tensor
+
+
+def square_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of an image inside its fit_square output: what to crop from a
+    model-sized map (Grad-CAM) to lay it back over the original image."""
+    new_h, new_w = max(1, round(height * size / max(height, width))), max(1, round(width * size / max(height, width)))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
 def build_transforms(config: Config, train: bool) -> Callable[[np.ndarray], torch.Tensor]:
