@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from hybridmednet.config import NIH_FINDINGS, Config
-from hybridmednet.data.cache import write_cache
+from hybridmednet.data.cache import cache_dir, write_cache
 from hybridmednet.data.datasets import build_datasets, build_index
 from hybridmednet.data.synthetic import _anatomy, render, sample_labels
 
@@ -53,7 +53,9 @@ def main() -> None:
         config = Config()
         config.DATA.update(data_dir=str(root), image_size=224, train_split=1.0, val_split=0.0, test_split=0.0)
         files = rate(build_datasets(config)['train'], args.repeats)
-        write_cache(config, size=256)
+        index = build_index(config)
+        write_cache(index.records['path'], index.data_dir, cache_dir(config, index.data_dir), 256,
+                    intensity=config.DATA['intensity'])
         cached = rate(build_datasets(config)['train'], args.repeats)
 
         n = 112_120  # the full NIH file, labels drawn like the sample dataset's

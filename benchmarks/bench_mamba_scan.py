@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hybridmednet.models.mamba import selective_scan, selective_scan_ref
+from hybridmednet.models.selective_scan import selective_scan, selective_scan_ref
 
 TOLERANCE = 1e-5
 

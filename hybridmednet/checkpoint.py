@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hybridmednet.config import Config
-from hybridmednet.data.transforms import MEAN, STD
+from hybridmednet.data.transforms import normalization
 from hybridmednet.errors import CheckpointError
 from hybridmednet.models.hybrid import HybridMedNet
 
@@ -75,7 +75,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu') 
 def preprocessing(config: Config) -> dict[str, Any]:
     """What a caller must do to an image before the model sees it (recorded beside the weights)."""
     return {'image_size': config.DATA['image_size'], 'channels': 3, 'input': 'grey image in [0, 1], resized, '
-            'copied to 3 channels, normalised', 'mean': list(MEAN), 'std': list(STD)}
+            'copied to 3 channels, normalised', **dict(zip(('mean', 'std'), normalization(config)))}
 
 
 def export_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: Config,

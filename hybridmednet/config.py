@@ -111,6 +111,8 @@ class Config:
         'view_positions': None,      # e.g. ['PA'] keeps PA views only
         'frontal_only': False,       # CheXpert
         'uncertainty': 'ones',       # CheXpert -1: ones | zeros | ignore
+        'mean': None,                # per-channel normalisation; None: the backbone's (set by training)
+        'std': None,
         'intensity': 'auto',         # auto (PNG sBIT, else the file's full range) | minmax | bits, e.g. 12
         'skip_bad_images': False,
         'cache_dir': None,           # memory-mapped image cache (hybridmednet cache)
@@ -354,6 +356,17 @@ def device(key: str, value: Any) -> str:
     return value
 
 
+def triple(low: float, high: float, low_open: bool = False) -> Rule:
+    """Three numbers, one per colour channel."""
+    each = number(low, high, low_open=low_open)
+
+    def check(key: str, value: Any) -> list[float]:
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise ConfigError(f"{key} must be three numbers (one per channel), got {value!r}")
+        return [each(key, v) for v in value]
+    return check
+
+
 FRACTION = number(0.0, 1.0)
 POSITIVE = integer(1)
 COUNT = integer(0)
@@ -390,6 +403,7 @@ RULES: dict[str, dict[str, Rule]] = {
         'use_albumentations': boolean, 'horizontal_flip': boolean, 'train_split': FRACTION, 'val_split': FRACTION,
         'test_split': FRACTION, 'split_seed': COUNT, 'view_positions': _nullable(string_list),
         'frontal_only': boolean, 'uncertainty': choice(*UNCERTAINTY_POLICIES), 'intensity': intensity,
+        'mean': _nullable(triple(0.0, 1.0)), 'std': _nullable(triple(0.0, 10.0, low_open=True)),
         'skip_bad_images': boolean, 'cache_dir': _nullable(path), 'sample_size': integer(10),
         'sample_image_size': integer(16),
     },

@@ -95,3 +95,19 @@ def test_the_trainer_seeds_each_epoch(tmp_path):
     data = tiny_datasets()
     run(tmp_path, datasets={'train': Recording(*data['train'].tensors), 'val': data['val']}, epochs=2)
     assert len(seen) == 2 and seen[0] != seen[1]
+
+
+def test_training_records_the_normalisation_of_the_backbone_weights(tmp_path):
+    # tf_efficientnetv2 weights expect mean = std = 0.5; the pipeline used to apply ImageNet statistics to all.
+    from hybridmednet.checkpoint import load_checkpoint
+    from hybridmednet.data.transforms import normalization
+    config = Config(MODEL={'backbone': 'efficientnetv2_s', 'pretrained': False, 'num_classes': 3},
+                    TRAIN={'epochs': 1, 'batch_size': 4, 'mixed_precision': False, 'device': 'cpu', 'warmup_epochs': 0},
+                    DATA={'class_names': ['a', 'b', 'c']}, CHECKPOINT={'dir': str(tmp_path / 'ckpt')},
+                    LOGGING={'log_dir': str(tmp_path / 'logs'), 'tensorboard': False})
+    from test_engine_train import TinyNet
+    trainer_module.train(config, model=TinyNet(), datasets=tiny_datasets())
+    saved = load_checkpoint(tmp_path / 'ckpt' / 'last_model.pth')
+    assert saved['config']['DATA']['mean'] == [0.5] * 3 and saved['config']['DATA']['std'] == [0.5] * 3
+    assert saved['preprocessing']['mean'] == [0.5] * 3
+    assert normalization(Config.from_dict(saved['config'])) == ([0.5] * 3, [0.5] * 3)

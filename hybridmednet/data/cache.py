@@ -210,22 +210,3 @@ def _remove(files: list[Path]) -> None:
             name.unlink(missing_ok=True)
         except OSError as exc:  # Windows refuses to unlink a file that is mapped
             log.warning("could not remove the cache file %s (%s); delete it by hand", name, exc)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='hybridmednet cache',
-                                     description='Write the memory-mapped image cache for a dataset.')
-    parser.add_argument('--config', help='YAML config file')
-    parser.add_argument('--size', type=int, default=256, help='cached image side in pixels (default 256)')
-    parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
-    parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='e.g. DATA.data_dir=/data/nih')
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    from hybridmednet.data.datasets import build_index, resolve_data_dir  # main() moves to the commands package
-    data_dir = resolve_data_dir(config)
-    root = write_cache(build_index(config).records['path'], data_dir, cache_dir(config, data_dir), args.size,
-                       args.workers, config.DATA['skip_bad_images'], config.DATA['intensity'])
-    meta = json.loads((root / 'meta.json').read_text())
-    print(f"cached {meta['count']} images at {args.size} px in {root}"
-          + (f" ({meta['skipped']} unreadable skipped)" if meta['skipped'] else ''))
-    return 0

@@ -58,10 +58,16 @@ def square_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
     return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
+def normalization(config: Config) -> tuple[list[float], list[float]]:
+    """(mean, std) the backbone's weights expect: DATA.mean/std, which training fills from the backbone's
+    pretrained config; configs written before that (None) were trained with ImageNet statistics."""
+    return list(config.DATA['mean'] or MEAN), list(config.DATA['std'] or STD)
+
+
 def build_transforms(config: Config, train: bool) -> Callable[[np.ndarray], torch.Tensor]:
     """The pipeline for one split; picklable, so DataLoader workers can use it."""
     size = config.DATA['image_size']
-    tail = [v2.Lambda(grey_to_rgb), v2.Normalize(MEAN, STD)]
+    tail = [v2.Lambda(grey_to_rgb), v2.Normalize(*normalization(config))]
     if train and config.DATA['use_albumentations']:
         return _AlbumentationsPipeline(size, config.DATA['horizontal_flip'], v2.Compose(tail))
     if not train:

@@ -44,6 +44,7 @@ from hybridmednet.engine.schedule import build_schedule
 from hybridmednet.errors import TrainingError
 from hybridmednet.evaluation.metrics import roc_auc
 from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
+from hybridmednet.models.backbones import backbone_preprocessing
 from hybridmednet.models.hybrid import HybridMedNet
 from hybridmednet.models.summary import count_parameters
 
@@ -75,6 +76,9 @@ class Trainer:
                  datasets: dict[str, Dataset] | None = None):
         self.config, t = config, config.TRAIN
         self.dist, self.device = dist_info, device
+        if config.DATA['mean'] is None or config.DATA['std'] is None:   # saved with the model from here on
+            expected = backbone_preprocessing(config.MODEL['backbone'])
+            config.DATA['mean'], config.DATA['std'] = list(expected['mean']), list(expected['std'])
         seed_everything(t['seed'] + self.dist.rank)
         self.datasets = datasets or self._build_datasets()
         if len(self.datasets['val']) == 0:    # found now, not after a whole epoch of training

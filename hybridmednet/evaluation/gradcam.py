@@ -16,7 +16,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
 from PIL import Image, ImageDraw
+
+from hybridmednet.data.transforms import square_box
 
 MIN_SIDE = 4
 
@@ -59,17 +62,21 @@ def _unit_max(maps: torch.Tensor) -> torch.Tensor:
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str | None = None,
             max_side: int = 1024) -> Image.Image:
-    """The grey image [H, W] in [0, 1] with the heatmap (any size, resized) blended on top in 'jet'.
+    """The grey image [H, W] in [0, 1] with the heatmap blended on top in 'jet'.
 
-    Images larger than `max_side` (a 3000-pixel DICOM) are shrunk first: the heatmap has far less detail.
+    The heatmap covers the letterboxed square the model saw (transforms.fit_square): the part over the
+    image is cut out before it is resized onto the image. Images larger than `max_side` (a 3000-pixel
+    DICOM) are shrunk first: the heatmap has far less detail.
     """
-    from matplotlib import colormaps
+    cam = np.asarray(cam, dtype=np.float32)
+    top, left, ch, cw = square_box(image.shape[0], image.shape[1], cam.shape[-1])
+    cam = cam[top:top + ch, left:left + cw]
     if max(image.shape) > max_side:
         scale = max_side / max(image.shape)
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
         image = np.asarray(Image.fromarray(image.astype(np.float32), mode='F').resize(size, Image.BILINEAR))
     h, w = image.shape
-    cam = F.interpolate(torch.from_numpy(np.asarray(cam, dtype=np.float32))[None, None], size=(h, w),
+    cam = F.interpolate(torch.from_numpy(np.ascontiguousarray(cam))[None, None], size=(h, w),
                         mode='bilinear', align_corners=False)[0, 0].clamp(0, 1).numpy()
     heat = colormaps['jet'](cam)[..., :3]
     grey = np.repeat(image[..., None], 3, axis=2)
