@@ -1,4 +1,5 @@
-"""`python evaluate.py --model_path checkpoints/best_model.pth [--save_results]`: the same as `hybridmednet evaluate`."""
+"""`python evaluate.py --model_path checkpoints/best_model.pth [--save_results]`: as `hybridmednet evaluate`."""
+
 import sys
 
 from hybridmednet.commands.evaluate import main

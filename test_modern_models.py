@@ -5,6 +5,7 @@ backward pass, checks shapes and gradients, and prints a parameter table.
 The default uses small inputs so the sweep takes a few minutes on 2 CPU cores;
 --full runs at 224 px.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,16 +25,19 @@ def check(name: str, size: int, batch: int) -> list[str]:
     lines = []
     for mode, (modern, cross) in MODES.items():
         torch.manual_seed(0)
-        model = create_model(name, num_classes=14, image_size=size, use_modern_attention=modern,
-                             use_cross_scale_attention=cross)
+        model = create_model(
+            name, num_classes=14, image_size=size, use_modern_attention=modern, use_cross_scale_attention=cross
+        )
         start = time.perf_counter()
         out = model(torch.randn(batch, 3, size, size))
         assert out.shape == (batch, 14), f'{name}/{mode}: output {tuple(out.shape)}'
         out.float().mean().backward()
         no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not no_grad, f'{name}/{mode}: no gradient for {no_grad[:3]}'
-        lines.append(f'  {mode:15s} out {tuple(out.shape)}  params {count_parameters(model) / 1e6:7.2f}M  '
-                     f'fwd+bwd {time.perf_counter() - start:5.2f}s')
+        lines.append(
+            f'  {mode:15s} out {tuple(out.shape)}  params {count_parameters(model) / 1e6:7.2f}M  '
+            f'fwd+bwd {time.perf_counter() - start:5.2f}s'
+        )
     return lines
 
 
@@ -55,6 +59,7 @@ def main() -> int:
             continue
         print(f'{name}: ok at {size}px', *lines, sep='\n')
     from hybridmednet.models.summary import format_table, parameter_row
+
     print('\nParameter counts (modern + cross-scale attention, 14 classes):')
     print(format_table([parameter_row(n) for n in args.backbones or list_backbones()]))
     print(f'\n{len(failures)} failed: {failures or ""}')

@@ -1,4 +1,5 @@
 """`python train.py [--config FILE] [--resume PATH] [SECTION.key=value ...]`: trains with configs/default_config.py."""
+
 import sys
 
 from configs.default_config import Config

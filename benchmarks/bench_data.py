@@ -6,6 +6,7 @@ plus the time to index a 112,120-row NIH Data_Entry file (labels and patient-lev
 
     .venv/bin/python benchmarks/bench_data.py [--n 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,33 +46,46 @@ def main() -> None:
         root = Path(tmp)
         (root / 'images').mkdir()
         rng = np.random.default_rng(0)
-        names = [f"{i:08d}_000.png" for i in range(args.n)]
+        names = [f'{i:08d}_000.png' for i in range(args.n)]
         for i, name in enumerate(names):
             Image.fromarray(render(np.zeros(14, bool), _anatomy(0, i, 'PA'), rng, 1024)).save(root / 'images' / name)
         pd.DataFrame({'Image Index': names, 'Finding Labels': 'No Finding', 'Patient ID': range(args.n)}).to_csv(
-            root / 'Data_Entry_2017.csv', index=False)
+            root / 'Data_Entry_2017.csv', index=False
+        )
         config = Config()
         config.DATA.update(data_dir=str(root), image_size=224, train_split=1.0, val_split=0.0, test_split=0.0)
         files = rate(build_datasets(config)['train'], args.repeats)
         index = build_index(config)
-        write_cache(index.records['path'], index.data_dir, cache_dir(config, index.data_dir), 256,
-                    intensity=config.DATA['intensity'])
+        write_cache(
+            index.records['path'],
+            index.data_dir,
+            cache_dir(config, index.data_dir),
+            256,
+            intensity=config.DATA['intensity'],
+        )
         cached = rate(build_datasets(config)['train'], args.repeats)
 
         n = 112_120  # the full NIH file, labels drawn like the sample dataset's
         patients = np.sort(np.random.default_rng(1).integers(0, 30_805, n))
         labels = sample_labels(patients, np.random.default_rng(2))
-        pd.DataFrame({'Image Index': [f"{p:08d}_{i:03d}.png" for i, p in enumerate(patients)],
-                      'Finding Labels': ['|'.join(np.array(NIH_FINDINGS)[r]) or 'No Finding' for r in labels],
-                      'Follow-up #': 0, 'Patient ID': patients + 1, 'Patient Age': 50, 'Patient Gender': 'M',
-                      'View Position': 'PA'}).to_csv(root / 'Data_Entry_2017.csv', index=False)
+        pd.DataFrame(
+            {
+                'Image Index': [f'{p:08d}_{i:03d}.png' for i, p in enumerate(patients)],
+                'Finding Labels': ['|'.join(np.array(NIH_FINDINGS)[r]) or 'No Finding' for r in labels],
+                'Follow-up #': 0,
+                'Patient ID': patients + 1,
+                'Patient Age': 50,
+                'Patient Gender': 'M',
+                'View Position': 'PA',
+            }
+        ).to_csv(root / 'Data_Entry_2017.csv', index=False)
         config.DATA.update(train_split=0.7, val_split=0.1, test_split=0.2)
         start = time.perf_counter()
         index = build_index(config)
         seconds = time.perf_counter() - start
-    print(f"(a) PNG 1024 px decode + resize + augment: {files:7.0f} images/s per core")
-    print(f"(b) cache 256 px + augment:                {cached:7.0f} images/s per core  ({cached / files:.1f}x)")
-    print(f"index {len(index.records):,} NIH rows (labels + patient split): {seconds:.1f} s")
+    print(f'(a) PNG 1024 px decode + resize + augment: {files:7.0f} images/s per core')
+    print(f'(b) cache 256 px + augment:                {cached:7.0f} images/s per core  ({cached / files:.1f}x)')
+    print(f'index {len(index.records):,} NIH rows (labels + patient split): {seconds:.1f} s')
 
 
 if __name__ == '__main__':

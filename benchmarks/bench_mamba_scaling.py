@@ -7,6 +7,7 @@ Whole classifiers (ImageNet heads), random weights, batch 1, fp32, no grad, CPU.
 the forward passes minus RSS just before them (activations and workspace, not weights).
 Time is the median of `--repeats` forwards after one warm-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ MODELS = {
 
 def build(name: str, size: int):
     import timm
+
     from hybridmednet.models.mamba import VisionMamba
+
     if name == 'vim_tiny':
         return VisionMamba(img_size=size, embed_dim=192, num_classes=1000)
     if name == 'swin_tiny':
@@ -41,7 +44,9 @@ def rss_mb() -> float:
 
 def measure(name: str, size: int, repeats: int, threads: int) -> dict:
     import torch
+
     from hybridmednet.models.summary import count_parameters
+
     torch.set_num_threads(threads)
     model = build(name, size).eval()
     x = torch.randn(1, 3, size, size)
@@ -55,8 +60,14 @@ def measure(name: str, size: int, repeats: int, threads: int) -> dict:
             if i:
                 times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    return {'model': name, 'size': size, 'params_m': params, 'ms': statistics.median(times) * 1e3,
-            'peak_mb': peak, 'tokens': (size // 16) ** 2}
+    return {
+        'model': name,
+        'size': size,
+        'params_m': params,
+        'ms': statistics.median(times) * 1e3,
+        'peak_mb': peak,
+        'tokens': (size // 16) ** 2,
+    }
 
 
 def main() -> None:
@@ -70,24 +81,43 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.repeats, args.threads)))
         return
-    print(f"batch 1, fp32, no grad, {args.threads} thread(s), median of {args.repeats}")
+    print(f'batch 1, fp32, no grad, {args.threads} thread(s), median of {args.repeats}')
     for name in args.models:
-        print(f"  {name}: {MODELS[name]}")
+        print(f'  {name}: {MODELS[name]}')
     rows = []
     for size in args.sizes:
         for name in args.models:
-            out = subprocess.run([sys.executable, __file__, '--one', name, str(size), '--repeats', str(args.repeats),
-                                  '--threads', str(args.threads)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    '--one',
+                    name,
+                    str(size),
+                    '--repeats',
+                    str(args.repeats),
+                    '--threads',
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{r['size']:>4} px  {r['model']:<10} {r['params_m']:5.1f}M params  {r['ms']:9.1f} ms  "
-                  f"{r['peak_mb']:8.1f} MB", flush=True)
-    print("\ngrowth from the smallest size (time x, memory x); 4x the pixels per step:")
+            print(
+                f'{r["size"]:>4} px  {r["model"]:<10} {r["params_m"]:5.1f}M params  {r["ms"]:9.1f} ms  '
+                f'{r["peak_mb"]:8.1f} MB',
+                flush=True,
+            )
+    print('\ngrowth from the smallest size (time x, memory x); 4x the pixels per step:')
     base = {r['model']: r for r in rows if r['size'] == args.sizes[0]}
     for r in rows:
         b = base[r['model']]
-        print(f"{r['size']:>4} px  {r['model']:<10} time x{r['ms'] / b['ms']:6.1f}   "
-              f"memory x{r['peak_mb'] / max(b['peak_mb'], 1e-9):6.1f}")
+        print(
+            f'{r["size"]:>4} px  {r["model"]:<10} time x{r["ms"] / b["ms"]:6.1f}   '
+            f'memory x{r["peak_mb"] / max(b["peak_mb"], 1e-9):6.1f}'
+        )
 
 
 if __name__ == '__main__':

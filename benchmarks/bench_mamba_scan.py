@@ -11,16 +11,16 @@ of every input gradient (fp32), absolute and relative to the largest reference v
 passes when every difference is within TOLERANCE x max(1, largest reference value), the bound the
 tests use.
 """
+
 from __future__ import annotations
 
 import argparse
 import itertools
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from hybridmednet.models.selective_scan import selective_scan, selective_scan_ref
 
@@ -31,8 +31,16 @@ def make_inputs(batch: int, d: int, n: int, length: int, seed: int = 0) -> list[
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)
     # realistic ranges: delta after softplus around 0.001..0.1 plus a tail, A from the S4D-real init
-    return [r(batch, d, length), r(batch, d, length) - 3.0, -torch.arange(1, n + 1.0).repeat(d, 1),
-            r(batch, n, length), r(batch, n, length), torch.ones(d), r(batch, d, length), r(d) * 0.5]
+    return [
+        r(batch, d, length),
+        r(batch, d, length) - 3.0,
+        -torch.arange(1, n + 1.0).repeat(d, 1),
+        r(batch, n, length),
+        r(batch, n, length),
+        torch.ones(d),
+        r(batch, d, length),
+        r(d) * 0.5,
+    ]
 
 
 def run(scan: Callable, inputs: list[torch.Tensor], grad: torch.Tensor | None, **options) -> torch.Tensor:
@@ -93,12 +101,18 @@ def main() -> None:
     parser.add_argument('--threads', type=int, nargs='+', default=sorted({1, torch.get_num_threads()}))
     parser.add_argument('--repeats', type=int, default=7)
     args = parser.parse_args()
-    print(f"batch {args.batch}, d_inner {args.d_inner}, d_state {args.d_state}, fp32, "
-          f"median of {args.repeats}; parity tolerance {TOLERANCE:g} x max(1, |ref|max)")
-    print("fast: selective_scan with mamba-ssm's [b, d, l] layout (it transposes in and out); "
-          "tf: the same scan on tokens-first inputs (tokens_first=True), as BiMamba calls it on CPU")
-    print(f"{'threads':>7} {'tokens':>6} | {'fwd ref':>8} {'fast':>6} {'x':>5} {'tf':>6} {'x':>5} | "
-          f"{'f+b ref':>8} {'fast':>6} {'x':>5} {'tf':>6} {'x':>5} | {'max abs err':>11} {'max rel err':>11} parity")
+    print(
+        f'batch {args.batch}, d_inner {args.d_inner}, d_state {args.d_state}, fp32, '
+        f'median of {args.repeats}; parity tolerance {TOLERANCE:g} x max(1, |ref|max)'
+    )
+    print(
+        "fast: selective_scan with mamba-ssm's [b, d, l] layout (it transposes in and out); "
+        'tf: the same scan on tokens-first inputs (tokens_first=True), as BiMamba calls it on CPU'
+    )
+    print(
+        f'{"threads":>7} {"tokens":>6} | {"fwd ref":>8} {"fast":>6} {"x":>5} {"tf":>6} {"x":>5} | '
+        f'{"f+b ref":>8} {"fast":>6} {"x":>5} {"tf":>6} {"x":>5} | {"max abs err":>11} {"max rel err":>11} parity'
+    )
     for threads, length in itertools.product(args.threads, args.lengths):
         torch.set_num_threads(threads)
         inputs = make_inputs(args.batch, args.d_inner, args.d_state, length)
@@ -108,15 +122,27 @@ def main() -> None:
         grad = torch.randn(args.batch, args.d_inner, length)
         grad_tf = grad.transpose(1, 2).contiguous()
         with torch.no_grad():
-            fwd = median_ms([lambda: run(selective_scan_ref, inputs, None),
-                             lambda: run(selective_scan, inputs, None),
-                             lambda: run(selective_scan, leaves_tf, None, tokens_first=True)], args.repeats)
-        both = median_ms([lambda: run(selective_scan_ref, leaves, grad),
-                          lambda: run(selective_scan, leaves, grad),
-                          lambda: run(selective_scan, leaves_tf, grad_tf, tokens_first=True)], args.repeats)
-        cells = lambda t: f"{t[0]:>8.1f} {t[1]:>6.1f} {t[0] / t[1]:>4.1f}x {t[2]:>6.1f} {t[0] / t[2]:>4.1f}x"
-        print(f"{threads:>7} {length:>6} | {cells(fwd)} | {cells(both)} | {err_abs:>11.2e} {err_rel:>11.2e} "
-              f"{'ok' if ok else 'FAIL'}")
+            fwd = median_ms(
+                [
+                    lambda inputs=inputs: run(selective_scan_ref, inputs, None),
+                    lambda inputs=inputs: run(selective_scan, inputs, None),
+                    lambda leaves_tf=leaves_tf: run(selective_scan, leaves_tf, None, tokens_first=True),
+                ],
+                args.repeats,
+            )
+        both = median_ms(
+            [
+                lambda leaves=leaves, grad=grad: run(selective_scan_ref, leaves, grad),
+                lambda leaves=leaves, grad=grad: run(selective_scan, leaves, grad),
+                lambda leaves_tf=leaves_tf, grad_tf=grad_tf: run(selective_scan, leaves_tf, grad_tf, tokens_first=True),
+            ],
+            args.repeats,
+        )
+        cells = lambda t: f'{t[0]:>8.1f} {t[1]:>6.1f} {t[0] / t[1]:>4.1f}x {t[2]:>6.1f} {t[0] / t[2]:>4.1f}x'
+        print(
+            f'{threads:>7} {length:>6} | {cells(fwd)} | {cells(both)} | {err_abs:>11.2e} {err_rel:>11.2e} '
+            f'{"ok" if ok else "FAIL"}'
+        )
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@ load hits both. Prints images/s for each and the time ratio (target: <= 1.2x).
     python benchmarks/bench_train.py                      # CPU or GPU, whichever is there
     python benchmarks/bench_train.py --batch-size 32 --steps 20 --amp   # on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,16 +24,22 @@ from hybridmednet.models.summary import count_parameters
 
 
 def hybrid(num_classes: int, image_size: int) -> nn.Module:
-    return create_model('convnext_tiny', num_classes=num_classes, image_size=image_size,
-                        use_modern_attention=True, use_cross_scale_attention=True)
+    return create_model(
+        'convnext_tiny',
+        num_classes=num_classes,
+        image_size=image_size,
+        use_modern_attention=True,
+        use_cross_scale_attention=True,
+    )
 
 
 def bare(num_classes: int, image_size: int) -> nn.Module:
     return timm.create_model('convnext_tiny', pretrained=False, num_classes=num_classes)
 
 
-def images_per_second(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
-                      steps: int, amp: bool) -> float:
+def images_per_second(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], steps: int, amp: bool
+) -> float:
     x, y = batch
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     sync()
@@ -65,20 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, build in (('HybridMedNet convnext_tiny (modern + cross-scale)', hybrid), ('timm convnext_tiny', bare)):
         model = build(14, args.image_size).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        images_per_second(model, optimizer, (x, y), 1, args.amp)          # warm-up: allocations, kernels
+        images_per_second(model, optimizer, (x, y), 1, args.amp)  # warm-up: allocations, kernels
         runs[name] = (model, optimizer, [], count_parameters(model))
     for _ in range(args.rounds):
         for model, optimizer, rates, _ in runs.values():
             rates.append(images_per_second(model, optimizer, (x, y), args.steps, args.amp))
 
-    print(f"device {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, {args.image_size} px, "
-          f"amp {args.amp}, {args.rounds} rounds x {args.steps} steps")
+    print(
+        f'device {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, {args.image_size} px, '
+        f'amp {args.amp}, {args.rounds} rounds x {args.steps} steps'
+    )
     medians = {}
     for name, (_, _, rates, params) in runs.items():
         medians[name] = statistics.median(rates)
-        print(f"  {name:52s} {params / 1e6:6.1f}M params  {medians[name]:8.2f} img/s")
+        print(f'  {name:52s} {params / 1e6:6.1f}M params  {medians[name]:8.2f} img/s')
     hybrid_rate, bare_rate = medians.values()
-    print(f"training time ratio HybridMedNet / timm: {bare_rate / hybrid_rate:.2f}x (target <= 1.2x)")
+    print(f'training time ratio HybridMedNet / timm: {bare_rate / hybrid_rate:.2f}x (target <= 1.2x)')
     return 0
 
 

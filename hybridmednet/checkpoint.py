@@ -7,13 +7,15 @@ A training checkpoint (.pth) holds only tensors and plain containers, so both
 weights are also exported as `.safetensors` with a `.json` sidecar (config, class names,
 preprocessing). The operating point `evaluate` fits is stored into these files here too.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,7 +43,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())    # safetensors writes 0600; every model file gets the usual mode
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; every model file gets the usual mode
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,31 +62,44 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu') 
     """Read a .pth safely; a file holding arbitrary Python objects is refused, not executed."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f'checkpoint not found: {path}')
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint of tensors and plain values "
-                              f"(weights_only=True refused it or it is corrupt): {exc}") from None
+        raise CheckpointError(
+            f'{path} is not a readable PyTorch checkpoint of tensors and plain values '
+            f'(weights_only=True refused it or it is corrupt): {exc}'
+        ) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+        raise CheckpointError(f'{path} holds a {type(state).__name__}, not a checkpoint dict')
     return state
 
 
 # -- inference export -----------------------------------------------------------------------------
 def preprocessing(config: Config) -> dict[str, Any]:
     """What a caller must do to an image before the model sees it (recorded beside the weights)."""
-    return {'image_size': config.DATA['image_size'], 'channels': 3, 'input': 'grey image in [0, 1], resized, '
-            'copied to 3 channels, normalised', **dict(zip(('mean', 'std'), normalization(config)))}
+    return {
+        'image_size': config.DATA['image_size'],
+        'channels': 3,
+        'input': 'grey image in [0, 1], resized, copied to 3 channels, normalised',
+        **dict(zip(('mean', 'std'), normalization(config))),
+    }
 
 
-def export_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: Config,
-                   meta: dict[str, Any] | None = None) -> Path:
+def export_weights(
+    path: str | Path, state_dict: dict[str, torch.Tensor], config: Config, meta: dict[str, Any] | None = None
+) -> Path:
     """Write `path` (.safetensors) and its `.json` sidecar, both atomically."""
     path = Path(path).with_suffix('.safetensors')
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    sidecar = {'format': EXPORT_FORMAT, 'config': config.to_dict(), 'class_names': config.class_names,
-               'preprocessing': preprocessing(config), 'thresholds': None, **(meta or {})}
+    sidecar = {
+        'format': EXPORT_FORMAT,
+        'config': config.to_dict(),
+        'class_names': config.class_names,
+        'preprocessing': preprocessing(config),
+        'thresholds': None,
+        **(meta or {}),
+    }
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={'format': EXPORT_FORMAT}))
     atomic_write(path.with_suffix('.json'), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2)))
     return path
@@ -96,25 +111,30 @@ def _read(path: Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, 
     if path.suffix == '.safetensors':
         sidecar = path.with_suffix('.json')
         if not sidecar.is_file():
-            raise CheckpointError(f"{path}: the sidecar {sidecar.name} (config, class names) is missing")
+            raise CheckpointError(f'{path}: the sidecar {sidecar.name} (config, class names) is missing')
         meta = json.loads(sidecar.read_text())
         if not path.is_file():
-            raise CheckpointError(f"checkpoint not found: {path}")
+            raise CheckpointError(f'checkpoint not found: {path}')
         return load_file(str(path), device=str(map_location)), meta
     if path.suffix not in PTH_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected a training "
-                              f"checkpoint ({', '.join(PTH_SUFFIXES)}) or a .safetensors export with its .json")
+        raise CheckpointError(
+            f'{path}: unknown checkpoint format {path.suffix!r}; expected a training '
+            f'checkpoint ({", ".join(PTH_SUFFIXES)}) or a .safetensors export with its .json'
+        )
     ckpt = load_checkpoint(path, map_location)
     if 'model_state_dict' not in ckpt or 'config' not in ckpt:
-        raise CheckpointError(f"{path} is a bare state dict without a config; build the model yourself "
-                              f"(HybridMedNet(config)) and call model.load_state_dict(checkpoint['model_state_dict'])")
+        raise CheckpointError(
+            f'{path} is a bare state dict without a config; build the model yourself '
+            f"(HybridMedNet(config)) and call model.load_state_dict(checkpoint['model_state_dict'])"
+        )
     weights = ckpt.get('ema_state_dict') or ckpt['model_state_dict']
     meta = {k: ckpt.get(k) for k in ('config', 'class_names', 'preprocessing', 'thresholds', 'epoch', 'best_auc')}
     return weights, meta
 
 
-def load_model(path: str | Path, map_location: str | torch.device = 'cpu',
-               num_classes: int | None = None) -> tuple[nn.Module, Config, dict[str, Any]]:
+def load_model(
+    path: str | Path, map_location: str | torch.device = 'cpu', num_classes: int | None = None
+) -> tuple[nn.Module, Config, dict[str, Any]]:
     """Rebuild the HybridMedNet a checkpoint was trained as; strict, and loud on any mismatch.
 
     Returns (model in eval mode, its Config, meta with class_names, thresholds, preprocessing).
@@ -124,34 +144,49 @@ def load_model(path: str | Path, map_location: str | torch.device = 'cpu',
     path = Path(path)
     state_dict, meta = _read(path, map_location)
     config = Config.from_dict(meta['config'])
-    config.MODEL['pretrained'] = False      # the weights come from the file, never the network
+    config.MODEL['pretrained'] = False  # the weights come from the file, never the network
     names = meta.get('class_names') or config.class_names
     k = config.MODEL['num_classes']
     if len(names) != k or (num_classes is not None and num_classes != k):
-        wanted = f"; {num_classes} were asked for" if num_classes is not None else ''
-        raise CheckpointError(f"{path}: class-count mismatch: the model has {k} outputs and "
-                              f"{len(names)} class names ({', '.join(names)}){wanted}")
+        wanted = f'; {num_classes} were asked for' if num_classes is not None else ''
+        raise CheckpointError(
+            f'{path}: class-count mismatch: the model has {k} outputs and '
+            f'{len(names)} class names ({", ".join(names)}){wanted}'
+        )
     model = HybridMedNet(config)
     problems = state_dict_mismatch(model.state_dict(), state_dict)
     if problems:
-        raise CheckpointError(f"{path}: weights do not fit a {config.MODEL['backbone']} HybridMedNet with "
-                              f"{k} classes: {problems}")
+        raise CheckpointError(
+            f'{path}: weights do not fit a {config.MODEL["backbone"]} HybridMedNet with {k} classes: {problems}'
+        )
     model.load_state_dict(state_dict, strict=True)
-    meta = {**meta, 'class_names': names, 'preprocessing': meta.get('preprocessing') or preprocessing(config),
-            'weights_hash': weights_hash(state_dict)}
+    meta = {
+        **meta,
+        'class_names': names,
+        'preprocessing': meta.get('preprocessing') or preprocessing(config),
+        'weights_hash': weights_hash(state_dict),
+    }
     return model.to(map_location).eval(), config, meta
 
 
 def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
     """'' when `given` fits `expected` exactly, else one line naming the missing, unexpected and misshapen keys."""
+
     def few(keys: list[str]) -> str:
         return ', '.join(keys[:3]) + (f' (+{len(keys) - 3} more)' if len(keys) > 3 else '')
+
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
-    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in given and given[k].shape != v.shape]
-    parts = [f"{len(keys)} {what}: {few(keys)}" for what, keys in
-             (('missing', missing), ('unexpected', unexpected), ('of another shape', shapes)) if keys]
+    shapes = [
+        f'{k} {tuple(given[k].shape)} vs {tuple(v.shape)}'
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
+    parts = [
+        f'{len(keys)} {what}: {few(keys)}'
+        for what, keys in (('missing', missing), ('unexpected', unexpected), ('of another shape', shapes))
+        if keys
+    ]
     return '; '.join(parts)
 
 
@@ -184,7 +219,8 @@ def write_thresholds(model_path: str | Path, record: dict[str, Any]) -> list[Pat
         if path.suffix == '.json':
             sidecar = json.loads(path.read_text())
             sidecar['thresholds'] = record
-            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2)))
+            text = json.dumps(sidecar, indent=2)
+            atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
         else:
             state = load_checkpoint(path)
             state['thresholds'] = record

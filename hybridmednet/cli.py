@@ -1,5 +1,6 @@
 """`hybridmednet SUBCOMMAND ...`: maps each name to its module in hybridmednet/commands/ (only the
 chosen one is imported)."""
+
 from __future__ import annotations
 
 import difflib
@@ -33,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] not in COMMANDS:
         close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ''
-        print(f"hybridmednet: unknown subcommand {argv[0]!r}{hint} (see hybridmednet --help)", file=sys.stderr)
+        hint = f'; did you mean {close[0]!r}?' if close else ''
+        print(f'hybridmednet: unknown subcommand {argv[0]!r}{hint} (see hybridmednet --help)', file=sys.stderr)
         return 2
-    module = importlib.import_module(f"hybridmednet.commands.{argv[0].replace('-', '_')}")
+    module = importlib.import_module(f'hybridmednet.commands.{argv[0].replace("-", "_")}')
     return module.main(argv[1:])
 
 

@@ -1,6 +1,7 @@
 """One error family: every mistake a user can make raises a `HybridMedNetError` whose message names
 the file, row, key or value and says what to do. The command layer catches this base class once and
 prints one line; anything else is a bug and keeps its traceback."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """The image cache: rebuilds never disturb the cache in use, and a cache that does not add up is refused."""
+
 import json
 import os
 import pickle
@@ -19,15 +20,15 @@ def make_images(folder, n=6, size=(40, 40)):
     """n grey PNGs, image i filled with 20 * i; their paths."""
     paths = []
     for i in range(n):
-        Image.fromarray(np.full(size[::-1], 20 * i, np.uint8)).save(folder / f"{i}.png")
-        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(np.full(size[::-1], 20 * i, np.uint8)).save(folder / f'{i}.png')
+        paths.append(str(folder / f'{i}.png'))
     return paths
 
 
 def cached(opened, path):
     """The cached image of one path (its row must exist)."""
     row = int(opened.rows([path])[0])
-    assert row >= 0, f"{path} is not cached"
+    assert row >= 0, f'{path} is not cached'
     return opened.image(row)
 
 
@@ -73,12 +74,12 @@ def test_cache_that_does_not_match_meta_is_refused(tmp_path):
     meta = json.loads((root / 'meta.json').read_text())
     images, index = root / meta['images'], root / meta['index']
     np.save(images, np.zeros((2, 8, 8), np.uint8))
-    with pytest.raises(DataError, match=rf"{images.name}: holds uint8 \(2, 8, 8\).*\(3, 8, 8\).*hybridmednet cache"):
+    with pytest.raises(DataError, match=rf'{images.name}: holds uint8 \(2, 8, 8\).*\(3, 8, 8\).*hybridmednet cache'):
         cache.ImageCache(root, tmp_path)
     np.save(images, np.zeros((3, 8, 8), np.uint8))
     cache.ImageCache(root, tmp_path)
     index.write_text('\n'.join(index.read_text().splitlines()[:-1]) + '\n')
-    with pytest.raises(DataError, match=rf"{index.name}: 2 rows.*3 images.*hybridmednet cache"):
+    with pytest.raises(DataError, match=rf'{index.name}: 2 rows.*3 images.*hybridmednet cache'):
         cache.ImageCache(root, tmp_path)
 
 
@@ -113,8 +114,9 @@ def test_file_changed_since_caching_is_not_served_from_the_cache(tmp_path, chang
     opened = cache.ImageCache(root, tmp_path)
     assert list(opened.rows(paths)) == [0, -1, 2]
     assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
-        f"1 of 3 cached images changed since the cache {root} was written: reading those files instead "
-        f"(rebuild it with `hybridmednet cache`)"]
+        f'1 of 3 cached images changed since the cache {root} was written: reading those files instead '
+        f'(rebuild it with `hybridmednet cache`)'
+    ]
 
 
 def write_12bit_ramp(path, significant_bits=12):

@@ -1,4 +1,5 @@
 """Datasets as published: exact labels, patient-level splits and errors naming the row."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,8 +7,14 @@ import torch
 from PIL import Image
 
 from hybridmednet.config import NIH_FINDINGS, Config
-from hybridmednet.data.datasets import (DataError, build_datasets, build_index, compute_pos_weight,
-                                        make_weighted_sampler, positive_counts)
+from hybridmednet.data.datasets import (
+    DataError,
+    build_datasets,
+    build_index,
+    compute_pos_weight,
+    make_weighted_sampler,
+    positive_counts,
+)
 from hybridmednet.data.io import ImageReadError
 from hybridmednet.data.splits import patient_leaks, patient_split
 
@@ -25,11 +32,11 @@ def config(data_dir, **data):
 
 def nih(tmp_path, rows, lists=None):
     """rows: (image, labels, patient, view); images split over images_001/ and images_002/."""
-    for i, (name, *_ ) in enumerate(rows):
-        png(tmp_path / f"images_00{1 + i % 2}" / 'images' / name)
+    for i, (name, *_) in enumerate(rows):
+        png(tmp_path / f'images_00{1 + i % 2}' / 'images' / name)
     pd.DataFrame(rows, columns=['Image Index', 'Finding Labels', 'Patient ID', 'View Position']).assign(
-        **{'Follow-up #': 0, 'Patient Age': '058Y', 'Patient Gender': 'M'}).to_csv(
-        tmp_path / 'Data_Entry_2017.csv', index=False)
+        **{'Follow-up #': 0, 'Patient Age': '058Y', 'Patient Gender': 'M'}
+    ).to_csv(tmp_path / 'Data_Entry_2017.csv', index=False)
     if lists:
         (tmp_path / 'train_val_list.txt').write_text('\n'.join(lists[0]) + '\n')
         (tmp_path / 'test_list.txt').write_text('\n'.join(lists[1]) + '\n')
@@ -37,8 +44,7 @@ def nih(tmp_path, rows, lists=None):
 
 
 def test_nih_labels_paths_and_columns(tmp_path):
-    nih(tmp_path, [('a.png', 'No Finding', 1, 'PA'), ('b.png', 'Mass|Nodule', 2, 'AP'),
-                   ('c.png', 'Hernia', 3, 'PA')])
+    nih(tmp_path, [('a.png', 'No Finding', 1, 'PA'), ('b.png', 'Mass|Nodule', 2, 'AP'), ('c.png', 'Hernia', 3, 'PA')])
     index = build_index(config(tmp_path))
     assert index.class_names == NIH_FINDINGS
     expected = np.zeros((3, 14), np.float32)
@@ -57,14 +63,14 @@ def test_nih_unknown_label_names_label_and_line(tmp_path):
 
 
 def test_nih_official_lists_val_by_patient_and_leak_left_out(tmp_path):
-    rows = [(f"{p:03d}_{k}.png", 'No Finding', p, 'PA') for p in range(40) for k in range(3)]
+    rows = [(f'{p:03d}_{k}.png', 'No Finding', p, 'PA') for p in range(40) for k in range(3)]
     train_val = [r[0] for r in rows if r[2] < 30]
     test = [r[0] for r in rows if r[2] >= 30] + ['leak_test.png']
     rows.append(('leak_test.png', 'Mass', 7, 'PA'))  # patient 7 is also in train_val
     index = build_index(config(nih(tmp_path, rows, (train_val, test))))
     split = index.records.set_index(index.records['path'].str.rsplit('/', n=1).str[1])['split']
     assert (split[test] == 'test').all()
-    assert (split[[f"007_{k}.png" for k in range(3)]] == '').all()  # leaking patient's train_val images left out
+    assert (split[[f'007_{k}.png' for k in range(3)]] == '').all()  # leaking patient's train_val images left out
     assert set(split[[n for n in train_val if not n.startswith('007')]]) == {'train', 'val'}
     assert patient_leaks(index.records['patient_id'], index.records['split']) == {}
     n_val = (split == 'val').sum()
@@ -74,8 +80,9 @@ def test_nih_official_lists_val_by_patient_and_leak_left_out(tmp_path):
 
 
 def test_nih_without_lists_uses_fractions_and_view_filter(tmp_path):
-    rows = [(f"{p}_{k}.png", 'Effusion' if k else 'No Finding', p, 'PA' if k else 'AP')
-            for p in range(50) for k in range(2)]
+    rows = [
+        (f'{p}_{k}.png', 'Effusion' if k else 'No Finding', p, 'PA' if k else 'AP') for p in range(50) for k in range(2)
+    ]
     index = build_index(config(nih(tmp_path, rows), view_positions=['PA']))
     assert len(index.records) == 50 and (index.records['view'] == 'PA').all()
     assert index.labels[:, 2].all()
@@ -96,9 +103,15 @@ def chexpert(tmp_path):
     root = tmp_path / 'CheXpert-v1.0-small'
     names = ['Cardiomegaly', 'Edema', 'Pleural Effusion']
     head = 'Path,Sex,Age,Frontal/Lateral,AP/PA,' + ','.join(names)
-    train = [f"CheXpert-v1.0-small/train/patient{p:05d}/study1/view1_{v}.jpg,F,60,{v.capitalize()},AP,{vals}"
-             for p, v, vals in [(1, 'frontal', '1,-1,'), (1, 'lateral', '0,1,-1'), (2, 'frontal', ',,1'),
-                                (3, 'frontal', '-1,0,0')]]
+    train = [
+        f'CheXpert-v1.0-small/train/patient{p:05d}/study1/view1_{v}.jpg,F,60,{v.capitalize()},AP,{vals}'
+        for p, v, vals in [
+            (1, 'frontal', '1,-1,'),
+            (1, 'lateral', '0,1,-1'),
+            (2, 'frontal', ',,1'),
+            (3, 'frontal', '-1,0,0'),
+        ]
+    ]
     valid = ['CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg,M,70,Frontal,PA,1,0,0']
     for lines, name in ((train, 'train.csv'), (valid, 'valid.csv')):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +199,7 @@ def test_items_missing_and_bad_images(tmp_path):
     assert skipping[1][1].tolist() == [1, 1]  # the next good image
     assert len(skipping.bad_files) == 1 and '2.png' in skipping.bad_files[0]
     (tmp_path / '4.png').unlink()
-    with pytest.raises(DataError, match=r"1 image file\(s\) listed in .*labels.csv are missing, e.g. .*4.png"):
+    with pytest.raises(DataError, match=r'1 image file\(s\) listed in .*labels.csv are missing, e.g. .*4.png'):
         build_datasets(config(tmp_path, dataset='csv'))
     assert len(build_datasets(config(tmp_path, dataset='csv', skip_bad_images=True))['train']) == 3
 
@@ -203,9 +216,10 @@ def test_pos_weight_and_sampler(tmp_path):
 
 def test_check_data_shows_official_list_leak(tmp_path, capsys):
     from hybridmednet.commands import check_data as check
+
     rows = [('a.png', 'Mass', 1, 'PA'), ('b.png', 'No Finding', 1, 'PA'), ('c.png', 'Nodule', 2, 'PA')]
     nih(tmp_path, rows, (['a.png', 'c.png'], ['b.png']))
     assert check.main(['--workers', '1', f'DATA.data_dir={tmp_path}']) == 0
     out = capsys.readouterr().out
-    assert "1 patient(s) appear in both train_val_list and test_list (e.g. 1)" in out
+    assert '1 patient(s) appear in both train_val_list and test_list (e.g. 1)' in out
     assert 'left out of every split: 1 image(s)' in out

@@ -1,5 +1,6 @@
 """One geometry on every path: a non-square image keeps its aspect ratio in the cache, in evaluation and
 in training (letterboxed by fit_square), so a model is scored on the shapes it was trained on."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,7 @@ from hybridmednet.data.transforms import MEAN, STD, build_transforms, fit_square
 def disc(height=320, width=390, radius=80):
     """A bright disc centred on a black CheXpert-sized (390 wide x 320 high) image."""
     y, x = np.mgrid[:height, :width]
-    return (((x - width / 2 + 0.5) ** 2 + (y - height / 2 + 0.5) ** 2) <= radius ** 2).astype(np.float32)
+    return (((x - width / 2 + 0.5) ** 2 + (y - height / 2 + 0.5) ** 2) <= radius**2).astype(np.float32)
 
 
 def aspect(image):
@@ -50,7 +51,7 @@ def test_square_box_locates_the_image_inside_the_square():
     assert square_box(320, 390, 128) == (11, 0, 105, 128)
     out = fit_square(np.ones((40, 20), np.float32), 16)
     top, left, height, width = square_box(40, 20, 16)
-    assert out.sum() == pytest.approx(height * width) and out[top:top + height, left:left + width].min() > 0.99
+    assert out.sum() == pytest.approx(height * width) and out[top : top + height, left : left + width].min() > 0.99
 
 
 def test_fit_square_is_antialiased():

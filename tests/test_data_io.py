@@ -1,4 +1,5 @@
 """read_image: exact values for every format, and errors that name the file."""
+
 import importlib.util
 
 import numpy as np
@@ -64,8 +65,9 @@ def test_png_sbit_12_bits_stored_as_is_reads_full_range(tmp_path):
 
 def test_png_sbit_with_samples_scaled_as_the_standard_says(tmp_path):
     scaled = RAMP_12BIT * 16  # 12-bit samples shifted up to 16 bits: the full range already
-    np.testing.assert_allclose(read_image(write_png16(tmp_path / 'a.png', scaled, significant_bits=12)),
-                               scaled / 65535.0, atol=1e-7)
+    np.testing.assert_allclose(
+        read_image(write_png16(tmp_path / 'a.png', scaled, significant_bits=12)), scaled / 65535.0, atol=1e-7
+    )
 
 
 def test_png_12_bits_without_sbit_needs_the_bit_depth(tmp_path):
@@ -89,10 +91,18 @@ def test_more_than_8_bits_told_from_the_header(tmp_path):
     write_png16(tmp_path / 'deep.png', RAMP_12BIT)
     write_dicom(tmp_path / 'a.dcm', np.zeros((2, 2)))
     (tmp_path / 'junk.png').write_bytes(b'junk')
-    deep = {name: stores_more_than_8_bits(tmp_path / name)
-            for name in ('grey.png', 'colour.jpg', 'float.tif', 'deep.png', 'a.dcm', 'junk.png')}
-    assert deep == {'grey.png': False, 'colour.jpg': False, 'float.tif': True, 'deep.png': True, 'a.dcm': True,
-                    'junk.png': False}
+    deep = {
+        name: stores_more_than_8_bits(tmp_path / name)
+        for name in ('grey.png', 'colour.jpg', 'float.tif', 'deep.png', 'a.dcm', 'junk.png')
+    }
+    assert deep == {
+        'grey.png': False,
+        'colour.jpg': False,
+        'float.tif': True,
+        'deep.png': True,
+        'a.dcm': True,
+        'junk.png': False,
+    }
 
 
 @pytest.mark.parametrize('intensity', ['bogus', 'AUTO', 0, 17, 12.0, True, None])
@@ -133,8 +143,14 @@ def test_dicom_window_centre_width(tmp_path):
 
 def test_dicom_rescale_then_window_in_physical_units(tmp_path):
     # stored 0, 512, 1024 -> -1024, 0, 1024 after slope 2 / intercept -1024; window [-1024, 1024]
-    path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 512, 1024]]), RescaleSlope=2, RescaleIntercept=-1024,
-                       WindowCenter=0.5, WindowWidth=2049)
+    path = write_dicom(
+        tmp_path / 'a.dcm',
+        np.array([[0, 512, 1024]]),
+        RescaleSlope=2,
+        RescaleIntercept=-1024,
+        WindowCenter=0.5,
+        WindowWidth=2049,
+    )
     np.testing.assert_allclose(read_image(path), [[0.0, 0.5, 1.0]], atol=1e-6)
 
 
@@ -157,8 +173,9 @@ def with_padding(value, pixels=BODY):
 @pytest.mark.parametrize('padding', [0, 4095, 65535])
 @pytest.mark.parametrize('photometric', ['MONOCHROME2', 'MONOCHROME1'])
 def test_dicom_padding_is_left_out_of_min_max_and_black(tmp_path, padding, photometric):
-    path = write_dicom(tmp_path / 'a.dcm', with_padding(padding), PixelPaddingValue=padding,
-                       PhotometricInterpretation=photometric)
+    path = write_dicom(
+        tmp_path / 'a.dcm', with_padding(padding), PixelPaddingValue=padding, PhotometricInterpretation=photometric
+    )
     body = np.array([[0.0, 0.5, 1.0, 0.75]])
     np.testing.assert_allclose(read_image(path), with_padding(0.0, body if photometric == 'MONOCHROME2' else 1 - body))
 
@@ -171,8 +188,9 @@ def test_dicom_padding_range_limit(tmp_path):
 
 
 def test_dicom_padding_is_black_through_a_window_too(tmp_path):
-    path = write_dicom(tmp_path / 'a.dcm', with_padding(4095), PixelPaddingValue=4095,
-                       WindowCenter=200.5, WindowWidth=201)
+    path = write_dicom(
+        tmp_path / 'a.dcm', with_padding(4095), PixelPaddingValue=4095, WindowCenter=200.5, WindowWidth=201
+    )
     np.testing.assert_allclose(read_image(path), with_padding(0.0, np.array([[0.0, 0.5, 1.0, 0.75]])), atol=1e-6)
 
 
@@ -183,14 +201,19 @@ def lut_item(descriptor, entries):
     return lut
 
 
-@pytest.mark.parametrize('attrs, expected', [
-    ({'WindowCenter': '', 'WindowWidth': ''}, [0.0, 0.5, 1.0]),  # min-max
-    ({'WindowCenter': 150.5, 'WindowWidth': ''}, [0.0, 0.5, 1.0]),
-    ({'WindowCenter': 150.5, 'WindowWidth': 0}, [0.0, 0.5, 1.0]),
-    ({'WindowCenter': '', 'WindowWidth': '', 'VOILUTSequence': [lut_item([201, 0, 8], np.arange(201) // 2)]},
-     [0.0, 50 / 255, 100 / 255]),
-    ({'VOILUTSequence': [], 'WindowCenter': 150.5, 'WindowWidth': 101}, [0.0, 0.0, 1.0]),  # the window
-])
+@pytest.mark.parametrize(
+    'attrs, expected',
+    [
+        ({'WindowCenter': '', 'WindowWidth': ''}, [0.0, 0.5, 1.0]),  # min-max
+        ({'WindowCenter': 150.5, 'WindowWidth': ''}, [0.0, 0.5, 1.0]),
+        ({'WindowCenter': 150.5, 'WindowWidth': 0}, [0.0, 0.5, 1.0]),
+        (
+            {'WindowCenter': '', 'WindowWidth': '', 'VOILUTSequence': [lut_item([201, 0, 8], np.arange(201) // 2)]},
+            [0.0, 50 / 255, 100 / 255],
+        ),
+        ({'VOILUTSequence': [], 'WindowCenter': 150.5, 'WindowWidth': 101}, [0.0, 0.0, 1.0]),  # the window
+    ],
+)
 def test_dicom_empty_window_or_lut_falls_back_to_the_next(tmp_path, attrs, expected):
     path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 100, 200]]), **attrs)
     np.testing.assert_allclose(read_image(path), [expected], atol=1e-6)
@@ -220,9 +243,14 @@ def test_compressed_dicom_without_decoders_names_the_extra(tmp_path):
     if importlib.util.find_spec('pylibjpeg') is not None:
         pytest.skip('pylibjpeg is installed')
     from pydicom.encaps import encapsulate
-    path = write_dicom(tmp_path / 'a.dcm', np.zeros((2, 2)), syntax=JPEG2000Lossless,
-                       pixel_data=encapsulate([b'\xff\x4f\xff\x51' + b'\x00' * 12]))
-    with pytest.raises(ImageReadError, match=r"a\.dcm: compressed DICOM .*hybridmednet\[dicom\]"):
+
+    path = write_dicom(
+        tmp_path / 'a.dcm',
+        np.zeros((2, 2)),
+        syntax=JPEG2000Lossless,
+        pixel_data=encapsulate([b'\xff\x4f\xff\x51' + b'\x00' * 12]),
+    )
+    with pytest.raises(ImageReadError, match=r'a\.dcm: compressed DICOM .*hybridmednet\[dicom\]'):
         read_image(path)
 
 
@@ -232,7 +260,11 @@ def test_bad_files_name_the_file(tmp_path):
     (tmp_path / 'truncated.png').write_bytes(data[: len(data) // 2])
     (tmp_path / 'empty.png').write_bytes(b'')
     (tmp_path / 'text.png').write_text('not an image')
-    for name, why in [('truncated.png', 'cannot read'), ('empty.png', 'empty'), ('text.png', 'not a recognised'),
-                      ('missing.png', 'not found')]:
-        with pytest.raises(ImageReadError, match=f"{name}: .*{why}"):
+    for name, why in [
+        ('truncated.png', 'cannot read'),
+        ('empty.png', 'empty'),
+        ('text.png', 'not a recognised'),
+        ('missing.png', 'not found'),
+    ]:
+        with pytest.raises(ImageReadError, match=f'{name}: .*{why}'):
             read_image(tmp_path / name)

@@ -1,12 +1,13 @@
 """The sample dataset: NIH layout, deterministic, NIH-like label statistics, usable out of the box."""
+
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from hybridmednet.config import NIH_FINDINGS, Config
 from hybridmednet.commands import sample_data
+from hybridmednet.config import NIH_FINDINGS, Config
 from hybridmednet.data import synthetic
 from hybridmednet.data.datasets import build_datasets, build_index
 from hybridmednet.data.splits import patient_leaks
@@ -19,8 +20,15 @@ def sample(tmp_path_factory):
 
 def test_layout_and_official_lists(sample):
     table = pd.read_csv(sample / 'Data_Entry_2017.csv')
-    assert list(table.columns[:7]) == ['Image Index', 'Finding Labels', 'Follow-up #', 'Patient ID',
-                                       'Patient Age', 'Patient Gender', 'View Position']
+    assert list(table.columns[:7]) == [
+        'Image Index',
+        'Finding Labels',
+        'Follow-up #',
+        'Patient ID',
+        'Patient Age',
+        'Patient Gender',
+        'View Position',
+    ]
     assert len(table) == 60 and table['Patient ID'].nunique() < 60  # several images per patient
     assert all((sample / 'images' / name).is_file() for name in table['Image Index'])
     train_val = (sample / 'train_val_list.txt').read_text().split()

@@ -1,4 +1,5 @@
 """Transforms, the memory-mapped cache and check-data."""
+
 import pickle
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from hybridmednet.commands import cache as cache_command
+from hybridmednet.commands import check_data
 from hybridmednet.config import Config
-from hybridmednet.commands import cache as cache_command, check_data
 from hybridmednet.data import cache
 from hybridmednet.data.datasets import build_datasets, build_index
 from hybridmednet.data.transforms import MEAN, STD, build_transforms
@@ -61,20 +63,22 @@ def test_albumentations_pipeline_or_one_line_error(monkeypatch):
 def make_csv(tmp_path, n=6):
     lines = ['image,labels,patient_id']
     for i in range(n):
-        Image.fromarray(np.full((40, 40), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
-        lines.append(f"{i}.png,{'a' if i % 2 else 'b'},p{i}")
+        Image.fromarray(np.full((40, 40), 20 * i, np.uint8)).save(tmp_path / f'{i}.png')
+        lines.append(f'{i}.png,{"a" if i % 2 else "b"},p{i}')
     (tmp_path / 'labels.csv').write_text('\n'.join(lines) + '\n')
     config = Config()
-    config.DATA.update(data_dir=str(tmp_path), dataset='csv', image_size=16,
-                       train_split=1.0, val_split=0.0, test_split=0.0)
+    config.DATA.update(
+        data_dir=str(tmp_path), dataset='csv', image_size=16, train_split=1.0, val_split=0.0, test_split=0.0
+    )
     return config
 
 
 def write_csv_cache(config, size, **kwargs):
     """The cache for a make_csv dataset, written where open_cache looks for it."""
     data_dir = Path(config.DATA['data_dir'])
-    return cache.write_cache(build_index(config).records['path'], data_dir, cache.cache_dir(config, data_dir),
-                             size, **kwargs)
+    return cache.write_cache(
+        build_index(config).records['path'], data_dir, cache.cache_dir(config, data_dir), size, **kwargs
+    )
 
 
 def test_cache_is_used_transparently(tmp_path):
@@ -109,8 +113,12 @@ def test_cache_written_to_any_folder_keyed_relative_to_data_dir(tmp_path):
     data_dir = tmp_path / 'data'
     data_dir.mkdir()
     make_csv(data_dir)
-    root = cache.write_cache([str(data_dir / '4.png'), str(data_dir / '1.png'), str(data_dir / '4.png')],
-                             data_dir, tmp_path / 'elsewhere', size=8)
+    root = cache.write_cache(
+        [str(data_dir / '4.png'), str(data_dir / '1.png'), str(data_dir / '4.png')],
+        data_dir,
+        tmp_path / 'elsewhere',
+        size=8,
+    )
     assert root == tmp_path / 'elsewhere' and not (data_dir / '.cache').exists()
     opened = cache.ImageCache(root, data_dir)
     rows = opened.rows([str(data_dir / '1.png'), str(data_dir / '4.png'), str(data_dir / '0.png')])
@@ -122,8 +130,17 @@ def test_cache_written_to_any_folder_keyed_relative_to_data_dir(tmp_path):
 def test_cache_cli_skips_bad_images_when_asked(tmp_path, capsys):
     make_csv(tmp_path)
     (tmp_path / '2.png').write_bytes(b'junk')
-    args = ['--size', '20', '--workers', '1', f'DATA.data_dir={tmp_path}', 'DATA.dataset=csv',
-            'DATA.train_split=1.0', 'DATA.val_split=0.0', 'DATA.test_split=0.0']
+    args = [
+        '--size',
+        '20',
+        '--workers',
+        '1',
+        f'DATA.data_dir={tmp_path}',
+        'DATA.dataset=csv',
+        'DATA.train_split=1.0',
+        'DATA.val_split=0.0',
+        'DATA.test_split=0.0',
+    ]
     assert cache_command.main(args) == 2
     assert '2.png' in capsys.readouterr().err
     assert cache_command.main(args + ['DATA.skip_bad_images=true']) == 0
@@ -138,7 +155,7 @@ def test_check_data_reports_problems(tmp_path, capsys):
     assert 'missing files: 0' in capsys.readouterr().out
     (tmp_path / '1.png').unlink()
     (tmp_path / '2.png').write_bytes(b'junk')
-    rows = [f"{i}.png,a,p{i % 4},{'test' if i == 4 else 'train'}" for i in range(6)]  # p0 in both splits
+    rows = [f'{i}.png,a,p{i % 4},{"test" if i == 4 else "train"}' for i in range(6)]  # p0 in both splits
     (tmp_path / 'labels.csv').write_text('\n'.join(['image,labels,patient_id,split', *rows]) + '\n')
     assert check_data.main(['--workers', '1', *config_args]) == 1
     out = capsys.readouterr().out
@@ -146,5 +163,5 @@ def test_check_data_reports_problems(tmp_path, capsys):
     assert 'unreadable files: 1' in out and '2.png' in out
     assert 'patients in two splits: 1' in out and 'patient p0: test, train' in out
     (tmp_path / 'labels.csv').write_text('image,labels\n0.png,zebra|a\n')
-    assert check_data.main([*config_args, "DATA.class_names=[a]", 'MODEL.num_classes=1']) == 2
+    assert check_data.main([*config_args, 'DATA.class_names=[a]', 'MODEL.num_classes=1']) == 2
     assert "line 2: unknown label 'zebra'" in capsys.readouterr().err

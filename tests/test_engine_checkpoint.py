@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, safe loading, RNG round trips, and models rebuilt from their own files."""
+
 from __future__ import annotations
 
 import datetime
@@ -9,18 +10,18 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from hybridmednet.config import NIH_FINDINGS, Config
 from hybridmednet.checkpoint import load_checkpoint, load_model, save_checkpoint
+from hybridmednet.config import NIH_FINDINGS, Config
 from hybridmednet.engine.runtime import rng_state, set_rng_state
-from hybridmednet.errors import CheckpointError
 from hybridmednet.engine.trainer import train
+from hybridmednet.errors import CheckpointError
 
 
 def test_a_crash_during_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / 'last.pth'
     save_checkpoint(path, {'epoch': 1, 'w': torch.ones(3)})
 
-    def crash(obj, f):                       # half a file written, then the process "dies"
+    def crash(obj, f):  # half a file written, then the process "dies"
         with open(f, 'wb') as handle:
             handle.write(b'PK\x03\x04 partial')
         raise OSError('disk full')
@@ -29,7 +30,7 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_intact(tmp_path, mon
     with pytest.raises(OSError, match='disk full'):
         save_checkpoint(path, {'epoch': 2, 'w': torch.zeros(3)})
     assert load_checkpoint(path)['epoch'] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ['last.pth']     # no temporary file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ['last.pth']  # no temporary file left behind
 
 
 def test_loading_refuses_pickled_objects(tmp_path):
@@ -55,14 +56,22 @@ def trained(tmp_path_factory):
     x = torch.randn(24, 3, 32, 32, generator=g)
     y = (torch.rand(24, 14, generator=g) < 0.3).float()
     m = torch.ones_like(y)
-    m[:, 0] = 0                                               # Atelectasis unknown everywhere: masked out
+    m[:, 0] = 0  # Atelectasis unknown everywhere: masked out
     data = {'train': TensorDataset(x[:16], y[:16], m[:16]), 'val': TensorDataset(x[16:], y[16:], m[16:])}
     config = Config(
-        MODEL={'backbone': 'convnext_atto', 'pretrained': False, 'hierarchical': True, 'fusion_channels': 32,
-               'num_heads': 2},
+        MODEL={
+            'backbone': 'convnext_atto',
+            'pretrained': False,
+            'hierarchical': True,
+            'fusion_channels': 32,
+            'num_heads': 2,
+        },
         TRAIN={'batch_size': 8, 'epochs': 1, 'mixed_precision': False, 'device': 'cpu', 'warmup_epochs': 0},
-        DATA={'image_size': 32, 'num_workers': 0}, LOSS={'pos_weight': [2.0] * 14},
-        CHECKPOINT={'dir': str(tmp / 'ckpt')}, LOGGING={'log_dir': str(tmp / 'logs'), 'tensorboard': True})
+        DATA={'image_size': 32, 'num_workers': 0},
+        LOSS={'pos_weight': [2.0] * 14},
+        CHECKPOINT={'dir': str(tmp / 'ckpt')},
+        LOGGING={'log_dir': str(tmp / 'logs'), 'tensorboard': True},
+    )
     result = train(config, datasets=data)
     return result, x[16:]
 
@@ -75,7 +84,7 @@ def test_checkpoint_rebuilds_its_own_model(trained):
     assert exported_meta['preprocessing']['image_size'] == 32 and len(exported_meta['preprocessing']['mean']) == 3
     with torch.no_grad():
         assert torch.equal(model(images), exported(images))
-    assert np.isnan(result['history'][0]['auc_Atelectasis'])     # a fully masked finding has no AUC
+    assert np.isnan(result['history'][0]['auc_Atelectasis'])  # a fully masked finding has no AUC
 
 
 def test_load_model_is_loud_on_mismatch(trained, tmp_path):
@@ -83,7 +92,7 @@ def test_load_model_is_loud_on_mismatch(trained, tmp_path):
     with pytest.raises(CheckpointError, match='class-count mismatch'):
         load_model(result['best_checkpoint'], num_classes=5)
     ckpt = load_checkpoint(result['best_checkpoint'])
-    ckpt['config']['MODEL']['hierarchical'] = False             # the weights no longer fit the config
+    ckpt['config']['MODEL']['hierarchical'] = False  # the weights no longer fit the config
     save_checkpoint(tmp_path / 'edited.pth', ckpt)
     with pytest.raises(CheckpointError, match='do not fit'):
         load_model(tmp_path / 'edited.pth')
@@ -97,6 +106,7 @@ def test_load_model_is_loud_on_mismatch(trained, tmp_path):
 
 def test_exported_weights_get_the_same_file_mode_as_checkpoints(tmp_path):
     from hybridmednet.checkpoint import export_weights
+
     config = Config(MODEL={'backbone': 'resnet18', 'pretrained': False})
     pth = save_checkpoint(tmp_path / 'a.pth', {'w': torch.zeros(1)})
     exported = export_weights(tmp_path / 'a.safetensors', {'w': torch.zeros(1)}, config)

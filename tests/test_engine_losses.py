@@ -1,4 +1,5 @@
 """Losses against their definitions: BCE with pos_weight, masking, focal, asymmetric, hierarchical."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,9 @@ def test_masked_labels_do_not_count(kind):
 def test_focal_and_asymmetric_reduce_to_bce():
     bce = MultiLabelLoss('bce')(LOGITS, TARGET)
     assert torch.allclose(MultiLabelLoss('focal', focal_gamma=0.0)(LOGITS, TARGET), bce)
-    assert torch.allclose(MultiLabelLoss('asymmetric', gamma_pos=0.0, gamma_neg=0.0, clip=0.0)(LOGITS, TARGET),
-                          bce, atol=1e-6)
+    assert torch.allclose(
+        MultiLabelLoss('asymmetric', gamma_pos=0.0, gamma_neg=0.0, clip=0.0)(LOGITS, TARGET), bce, atol=1e-6
+    )
     # Focusing down-weights easy examples: the focal loss is never above BCE.
     assert MultiLabelLoss('focal', focal_gamma=2.0)(LOGITS, TARGET) < bce
 
@@ -49,8 +51,9 @@ def test_hierarchical_loss_terms_and_consistency():
     agreeing, disagreeing = torch.tensor([[4.0, -4.0]]), torch.tensor([[-4.0, 4.0]])
     assert loss((fine, agreeing), target) < 1e-3 < loss((fine, disagreeing), target)
     coarse_only = HierarchicalLoss(MultiLabelLoss(), MultiLabelLoss(), groups, 0.0, 1.0, 0.0)
-    assert torch.allclose(coarse_only((fine, agreeing), target),
-                          F.binary_cross_entropy_with_logits(agreeing, torch.tensor([[1.0, 0.0]])))
+    assert torch.allclose(
+        coarse_only((fine, agreeing), target), F.binary_cross_entropy_with_logits(agreeing, torch.tensor([[1.0, 0.0]]))
+    )
 
 
 def test_build_loss_from_config():

@@ -1,4 +1,5 @@
 """Exactness across process boundaries: resume after SIGKILL, and DDP on 2 gloo processes."""
+
 from __future__ import annotations
 
 import os
@@ -9,12 +10,11 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-
-from test_engine_train import assert_same_weights, run, tiny_config, tiny_datasets, TinyNet
+from test_engine_train import TinyNet, assert_same_weights, run, tiny_config, tiny_datasets
 
 TESTS = Path(__file__).parent
 
-KILLED_RUN = f'''
+KILLED_RUN = f"""
 import signal, sys
 sys.path.insert(0, {str(TESTS)!r})
 from test_engine_train import SignalAt, run, tiny_datasets
@@ -23,7 +23,7 @@ data = tiny_datasets()
 # 48 images, batch 4: item 48 + 4*7 + 1 is read in the middle of epoch 2.
 data['train'] = SignalAt(data['train'], at=48 + 4 * 7 + 1, sig=signal.SIGKILL)
 run(Path(sys.argv[1]), datasets=data, epochs=3)
-'''
+"""
 
 
 def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
@@ -31,13 +31,13 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     proc = subprocess.run([sys.executable, '-c', KILLED_RUN, str(tmp_path / 'run')], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     last = tmp_path / 'run' / 'ckpt' / 'last_model.pth'
-    assert torch.load(last, weights_only=True)['epoch'] == 1     # the epoch-1 checkpoint survived the kill
+    assert torch.load(last, weights_only=True)['epoch'] == 1  # the epoch-1 checkpoint survived the kill
     result, resumed = run(tmp_path / 'run', resume=last, epochs=3)
     assert result['epochs'] == 3 and len(result['history']) == 3
     assert_same_weights(resumed, reference)
 
 
-CTRL_C_WITH_WORKERS = f'''
+CTRL_C_WITH_WORKERS = f"""
 import sys
 sys.path.insert(0, {str(TESTS)!r})
 from test_engine_train import SignalAt, run, tiny_datasets
@@ -46,13 +46,17 @@ data = tiny_datasets()
 data['train'] = SignalAt(data['train'], at=10, group=True)     # read in a DataLoader worker
 result, _ = run(Path(sys.argv[1]), datasets=data, epochs=3, num_workers=1, gradient_accumulation_steps=4)
 print('interrupted', result['interrupted'])
-'''
+"""
 
 
 def test_ctrl_c_in_a_terminal_with_dataloader_workers(tmp_path):
     # The whole process group gets SIGINT, workers included; the run must still stop cleanly.
-    proc = subprocess.run([sys.executable, '-c', CTRL_C_WITH_WORKERS, str(tmp_path)], capture_output=True,
-                          text=True, start_new_session=True)
+    proc = subprocess.run(
+        [sys.executable, '-c', CTRL_C_WITH_WORKERS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+    )
     assert proc.returncode == 0 and 'interrupted True' in proc.stdout, proc.stderr
     ckpt = torch.load(tmp_path / 'ckpt' / 'last_model.pth', weights_only=True)
     assert ckpt['epoch'] == 0 and ckpt['batch_in_epoch'] > 0
@@ -65,10 +69,17 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo',
-                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+        GLOO_SOCKET_IFNAME='lo',
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     from hybridmednet.engine.trainer import train
+
     train(tiny_config(Path(out), batch_size=8 // world, epochs=2), model=TinyNet(), datasets=tiny_datasets())
 
 
@@ -101,10 +112,17 @@ class BatchNormNet(torch.nn.Module):
 
 
 def _ddp_batchnorm_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo',
-                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+        GLOO_SOCKET_IFNAME='lo',
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     from hybridmednet.engine.trainer import train
+
     train(tiny_config(Path(out), batch_size=4, epochs=2), model=BatchNormNet(), datasets=tiny_datasets())
 
 

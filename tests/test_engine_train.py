@@ -2,6 +2,7 @@
 
 `TinyNet` and `tiny_datasets` are also imported by the subprocess and DDP tests (test_engine_resume.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from hybridmednet.config import Config
 from hybridmednet.checkpoint import load_checkpoint
+from hybridmednet.config import Config
 from hybridmednet.engine.schedule import LRSchedule
 from hybridmednet.engine.trainer import train
 from hybridmednet.errors import TrainingError
@@ -49,22 +50,34 @@ def tiny_datasets() -> dict[str, Dataset]:
 
 def tiny_config(tmp_path, num_workers: int = 0, **train) -> Config:
     return Config(
-        TRAIN={'batch_size': 4, 'epochs': 2, 'learning_rate': 1e-2, 'warmup_epochs': 1, 'mixed_precision': False,
-               'device': 'cpu', 'seed': 0, **train},
-        MODEL={'num_classes': K}, DATA={'class_names': ['a', 'b', 'c'], 'num_workers': num_workers},
-        CHECKPOINT={'dir': str(tmp_path / 'ckpt')}, LOGGING={'log_dir': str(tmp_path / 'logs'), 'tensorboard': False})
+        TRAIN={
+            'batch_size': 4,
+            'epochs': 2,
+            'learning_rate': 1e-2,
+            'warmup_epochs': 1,
+            'mixed_precision': False,
+            'device': 'cpu',
+            'seed': 0,
+            **train,
+        },
+        MODEL={'num_classes': K},
+        DATA={'class_names': ['a', 'b', 'c'], 'num_workers': num_workers},
+        CHECKPOINT={'dir': str(tmp_path / 'ckpt')},
+        LOGGING={'log_dir': str(tmp_path / 'logs'), 'tensorboard': False},
+    )
 
 
 def run(tmp_path, datasets=None, resume=None, num_workers=0, **train_options):
     model = TinyNet()
-    result = train(tiny_config(tmp_path, num_workers, **train_options), resume, model=model,
-                   datasets=datasets or tiny_datasets())
+    result = train(
+        tiny_config(tmp_path, num_workers, **train_options), resume, model=model, datasets=datasets or tiny_datasets()
+    )
     return result, model
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module, atol: float = 0.0) -> None:
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(x, y, rtol=0, atol=atol), f"{name} differs by {(x - y).abs().max()}"
+        assert torch.allclose(x, y, rtol=0, atol=atol), f'{name} differs by {(x - y).abs().max()}'
 
 
 # -- learning-rate schedules ----------------------------------------------------------------------------
@@ -72,7 +85,7 @@ def test_warmup_then_cosine_at_given_steps():
     s = LRSchedule('cosine', total_steps=100, warmup_steps=10, steps_per_epoch=10)
     assert [s.factor(i) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert s.factor(10) == pytest.approx(1.0)
-    assert s.factor(55) == pytest.approx(0.5)                 # half-way through the cosine
+    assert s.factor(55) == pytest.approx(0.5)  # half-way through the cosine
     assert s.factor(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
 
 
@@ -80,7 +93,7 @@ def test_step_and_plateau_schedules():
     step = LRSchedule('step', total_steps=100, warmup_steps=0, steps_per_epoch=10, step_size=2, gamma=0.1)
     assert [step.factor(i) for i in (0, 19, 20, 40)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
     plateau = LRSchedule('plateau', 100, 0, 10, gamma=0.5, patience=1)
-    for auc in (0.7, 0.8, 0.8, 0.79):                         # two epochs without a better AUC
+    for auc in (0.7, 0.8, 0.8, 0.79):  # two epochs without a better AUC
         plateau.epoch_end(auc)
     assert plateau.factor(50) == 0.5
 
@@ -89,7 +102,7 @@ def test_learning_rate_applied_per_step(tmp_path):
     # 48 images / batch 4 = 12 steps per epoch; warmup 1 epoch; the last step of the run is step 23.
     result, _ = run(tmp_path, epochs=2, warmup_epochs=1)
     lrs = [h['lr'] for h in result['history']]
-    assert lrs[0] == pytest.approx(1e-2)                      # end of warmup: the full rate
+    assert lrs[0] == pytest.approx(1e-2)  # end of warmup: the full rate
     assert lrs[1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 11 / 12)))
 
 
@@ -112,7 +125,7 @@ def test_nan_loss_skips_the_step_and_is_counted(tmp_path):
     data = tiny_datasets()
     x, y, m = data['train'].tensors
     x = x.clone()
-    x[5] = float('nan')                                       # one poisoned image: one bad step per epoch
+    x[5] = float('nan')  # one poisoned image: one bad step per epoch
     result, model = run(tmp_path, datasets={'train': TensorDataset(x, y, m), 'val': data['val']})
     assert result['bad_steps'] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -123,22 +136,36 @@ def test_nan_losses_in_a_row_abort_with_a_clear_message(tmp_path):
     data = tiny_datasets()
     x, y, m = data['train'].tensors
     with pytest.raises(TrainingError, match='3 steps in a row had a NaN/Inf loss'):
-        run(tmp_path, datasets={'train': TensorDataset(torch.full_like(x, float('nan')), y, m), 'val': data['val']},
-            max_bad_steps=3)
+        run(
+            tmp_path,
+            datasets={'train': TensorDataset(torch.full_like(x, float('nan')), y, m), 'val': data['val']},
+            max_bad_steps=3,
+        )
 
 
 def test_checkpoint_contents_logs_and_plots(tmp_path):
     result, model = run(tmp_path, ema_decay=0.9, tensorboard=False)
     last = tmp_path / 'ckpt' / 'last_model.pth'
-    ckpt = torch.load(last, weights_only=True)               # nothing but tensors and plain values
-    for key in ('model_state_dict', 'optimizer_state_dict', 'scheduler_state_dict', 'scaler_state_dict',
-                'ema_state_dict', 'epoch', 'step', 'rng_states', 'config', 'class_names', 'history'):
+    ckpt = torch.load(last, weights_only=True)  # nothing but tensors and plain values
+    for key in (
+        'model_state_dict',
+        'optimizer_state_dict',
+        'scheduler_state_dict',
+        'scaler_state_dict',
+        'ema_state_dict',
+        'epoch',
+        'step',
+        'rng_states',
+        'config',
+        'class_names',
+        'history',
+    ):
         assert key in ckpt, key
     assert ckpt['epoch'] == 2 and ckpt['step'] == 24 and ckpt['class_names'] == ['a', 'b', 'c']
     assert ckpt['config']['TRAIN']['ema_decay'] == 0.9
     assert isinstance(ckpt['rng_states'][0]['torch'], torch.Tensor)
     legacy = TinyNet(seed=1)
-    legacy.load_state_dict(torch.load(last)['model_state_dict'])   # the SPEC's loading recipe
+    legacy.load_state_dict(torch.load(last)['model_state_dict'])  # the SPEC's loading recipe
     assert_same_weights(legacy, model)
     assert not torch.equal(ckpt['ema_state_dict']['fc.weight'], ckpt['model_state_dict']['fc.weight'])
     best = load_checkpoint(tmp_path / 'ckpt' / 'best_model.pth')
@@ -172,7 +199,7 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path):
     result, _ = run(tmp_path / 'run', datasets=interrupted_data, epochs=3, ema_decay=0.5)
     assert result['interrupted']
     last = tmp_path / 'run' / 'ckpt' / 'last_model.pth'
-    assert load_checkpoint(last)['batch_in_epoch'] == 6       # stopped after the step in progress
+    assert load_checkpoint(last)['batch_in_epoch'] == 6  # stopped after the step in progress
     resumed_result, resumed = run(tmp_path / 'run', resume=last, epochs=3, ema_decay=0.5)
     assert not resumed_result['interrupted'] and resumed_result['epochs'] == 3
     assert_same_weights(resumed, reference)
@@ -187,8 +214,11 @@ def test_out_of_memory_names_the_remedies(tmp_path):
     with pytest.raises(TrainingError) as info:
         train(tiny_config(tmp_path, batch_size=8), model=_OutOfMemory(), datasets=tiny_datasets())
     message = str(info.value)
-    for remedy in ('TRAIN.batch_size=4 TRAIN.gradient_accumulation_steps=2', 'MODEL.backbone=convnext_tiny',
-                   'MODEL.use_cross_scale_attention=false'):
+    for remedy in (
+        'TRAIN.batch_size=4 TRAIN.gradient_accumulation_steps=2',
+        'MODEL.backbone=convnext_tiny',
+        'MODEL.use_cross_scale_attention=false',
+    ):
         assert remedy in message
 
 
@@ -196,12 +226,13 @@ def test_class_names_come_from_the_data_when_not_configured(tmp_path):
     """A CSV dataset's own labels name the model's outputs (not the NIH defaults)."""
     import numpy as np
     from PIL import Image
+
     data = tmp_path / 'data'
     data.mkdir()
     rows = []
     for i in range(12):
         Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(data / f'{i}.png')
-        rows.append(f"{i}.png,{('a', 'b|c', 'No Finding', 'c')[i % 4]},p{i},{('train', 'train', 'val')[i % 3]}")
+        rows.append(f'{i}.png,{("a", "b|c", "No Finding", "c")[i % 4]},p{i},{("train", "train", "val")[i % 3]}')
     (data / 'labels.csv').write_text('image,labels,patient_id,split\n' + '\n'.join(rows) + '\n')
     config = tiny_config(tmp_path, epochs=1)
     config.DATA.update(dataset='csv', data_dir=str(data), class_names=None, image_size=8)

@@ -4,6 +4,7 @@ The model is untrained on purpose: these tests check that every number written i
 scikit-learn computes from the written predictions, that thresholds travel with the model, and
 how the commands fail, not how good the model is.
 """
+
 import json
 import shutil
 import socket
@@ -13,23 +14,32 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
+from test_data_io import write_dicom
 
-from hybridmednet.config import Config
-from hybridmednet.data.synthetic import generate_sample_dataset
 from hybridmednet.checkpoint import export_weights, load_model, save_checkpoint
 from hybridmednet.commands import card, evaluate, predict
+from hybridmednet.config import Config
+from hybridmednet.data.synthetic import generate_sample_dataset
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
-from test_data_io import write_dicom
 
 
 def make_checkpoint(path, data_dir, seed):
-    config = Config(MODEL={'backbone': 'resnet18', 'pretrained': False},
-                    DATA={'data_dir': str(data_dir), 'image_size': 32, 'num_workers': 0}).validate()
+    config = Config(
+        MODEL={'backbone': 'resnet18', 'pretrained': False},
+        DATA={'data_dir': str(data_dir), 'image_size': 32, 'num_workers': 0},
+    ).validate()
     torch.manual_seed(seed)
     model = HybridMedNet(config)
-    save_checkpoint(path, {'model_state_dict': model.state_dict(), 'config': config.to_dict(),
-                           'class_names': config.class_names, 'epoch': 1})
+    save_checkpoint(
+        path,
+        {
+            'model_state_dict': model.state_dict(),
+            'config': config.to_dict(),
+            'class_names': config.class_names,
+            'epoch': 1,
+        },
+    )
     export_weights(path.with_suffix('.safetensors'), model.state_dict(), config, {'epoch': 1})
     return path
 
@@ -38,16 +48,29 @@ def make_checkpoint(path, data_dir, seed):
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp('evaluation')
     data = generate_sample_dataset(root / 'data', n=300, size=32, seed=0, workers=1)
-    return {'root': root, 'data': data,
-            'model_a': make_checkpoint(root / 'a' / 'best.pth', data, 0),
-            'model_b': make_checkpoint(root / 'b' / 'best.pth', data, 1)}
+    return {
+        'root': root,
+        'data': data,
+        'model_a': make_checkpoint(root / 'a' / 'best.pth', data, 0),
+        'model_b': make_checkpoint(root / 'b' / 'best.pth', data, 1),
+    }
 
 
 @pytest.fixture(scope='module')
 def evaluated(workspace):
     out = workspace['root'] / 'results_a'
-    rc = evaluate.main(['--model_path', str(workspace['model_a']), '--save_results', '--output_dir', str(out),
-                        '--bootstrap_samples', '100', '--temperature_scaling'])
+    rc = evaluate.main(
+        [
+            '--model_path',
+            str(workspace['model_a']),
+            '--save_results',
+            '--output_dir',
+            str(out),
+            '--bootstrap_samples',
+            '100',
+            '--temperature_scaling',
+        ]
+    )
     assert rc == 0
     return json.loads((out / 'results.json').read_text()), out
 
@@ -94,8 +117,22 @@ def test_thresholds_travel_with_the_model(workspace, evaluated):
 def test_compare_two_models(workspace, evaluated):
     _, out_a = evaluated
     out_b = workspace['root'] / 'results_b'
-    assert evaluate.main(['--model_path', str(workspace['model_b']), '--save_results', '--output_dir', str(out_b),
-                          '--bootstrap_samples', '100', '--compare', str(out_a / 'results.json')]) == 0
+    assert (
+        evaluate.main(
+            [
+                '--model_path',
+                str(workspace['model_b']),
+                '--save_results',
+                '--output_dir',
+                str(out_b),
+                '--bootstrap_samples',
+                '100',
+                '--compare',
+                str(out_a / 'results.json'),
+            ]
+        )
+        == 0
+    )
     a, b = (json.loads((o / 'results.json').read_text()) for o in (out_a, out_b))
     comparison = b['comparison']
     assert comparison['n_images'] == b['data']['n_images']
@@ -113,21 +150,31 @@ def test_predict_directory_skips_unreadable_files(workspace, evaluated, tmp_path
     shutil.copy(sources[0], images / 'a.png')
     shutil.copy(sources[1], images / 'nested' / 'b.png')
     shutil.copy(sources[2], images / 'c.png')
-    pixels = (np.asarray(Image.open(sources[0])).astype(np.uint16) * 257)
+    pixels = np.asarray(Image.open(sources[0])).astype(np.uint16) * 257
     write_dicom(images / 'd.dcm', pixels)
-    write_dicom(images / 'nested' / 'pacs_export', pixels)          # no suffix
+    write_dicom(images / 'nested' / 'pacs_export', pixels)  # no suffix
     (images / 'notes.txt').write_text('not an image, not listed')
     (images / 'broken.png').write_bytes(b'not an image')
     (images / 'truncated.png').write_bytes(sources[0].read_bytes()[:200])
     out = tmp_path / 'out'
-    rc = predict.main(['--image_path', str(images), '--model_path', str(workspace['model_a']),
-                       '--save_dir', str(out), '--batch_size', '2'])
+    rc = predict.main(
+        [
+            '--image_path',
+            str(images),
+            '--model_path',
+            str(workspace['model_a']),
+            '--save_dir',
+            str(out),
+            '--batch_size',
+            '2',
+        ]
+    )
     assert rc == 0
     result = json.loads((out / 'predictions.json').read_text())
     assert sorted(e['path'].split('/')[-1] for e in result['errors']) == ['broken.png', 'truncated.png']
     assert len(result['images']) == 5
     by_name = {i['path'].split('/')[-1]: i['probabilities'] for i in result['images']}
-    assert by_name['pacs_export'] == by_name['d.dcm']      # DICOM found by its marker, scored alike
+    assert by_name['pacs_export'] == by_name['d.dcm']  # DICOM found by its marker, scored alike
     assert 'broken.png' in capsys.readouterr().err
     rows = (out / 'predictions.csv').read_text().splitlines()
     assert len(rows) == 6 and rows[0].startswith('path,Atelectasis')
@@ -146,11 +193,21 @@ def test_predict_offline_from_safetensors_alone(workspace, evaluated, tmp_path, 
 
     def no_network(*args, **kwargs):
         raise OSError('network access attempted')
+
     monkeypatch.setattr(socket.socket, 'connect', no_network)
     image = sorted((workspace['data'] / 'images').glob('*.png'))[0]
     out = tmp_path / 'out'
-    rc = predict.main(['--image_path', str(image), '--model_path', str(export / 'model.safetensors'),
-                       '--visualize', '--save_dir', str(out)])
+    rc = predict.main(
+        [
+            '--image_path',
+            str(image),
+            '--model_path',
+            str(export / 'model.safetensors'),
+            '--visualize',
+            '--save_dir',
+            str(out),
+        ]
+    )
     assert rc == 0
     pred = json.loads((out / 'predictions.json').read_text())['images'][0]
     assert pred['positive_findings'], 'the untrained model at youden thresholds flags something'
@@ -179,13 +236,24 @@ def test_clear_errors(workspace, tmp_path, capsys):
 def test_model_card(workspace, evaluated, tmp_path):
     _, out = evaluated
     path = tmp_path / 'card.md'
-    assert card.main(['--model_path', str(workspace['model_a']), '--results', str(out / 'results.json'),
-                      '--output', str(path)]) == 0
+    assert (
+        card.main(
+            ['--model_path', str(workspace['model_a']), '--results', str(out / 'results.json'), '--output', str(path)]
+        )
+        == 0
+    )
     text = path.read_text()
     results = json.loads((out / 'results.json').read_text())
-    for heading in ('Intended use', 'Data', 'Discrimination', 'Calibration', 'Thresholds stored with the model',
-                    'Limitations', 'Configuration'):
+    for heading in (
+        'Intended use',
+        'Data',
+        'Discrimination',
+        'Calibration',
+        'Thresholds stored with the model',
+        'Limitations',
+        'Configuration',
+    ):
         assert f'## {heading}' in text
     assert results['data']['split_hashes']['train'] in text
     assert 'youden rule, fitted on the val split' in text
-    assert f"{results['metrics']['mean_auc']['value']:.3f}" in text
+    assert f'{results["metrics"]["mean_auc"]["value"]:.3f}' in text

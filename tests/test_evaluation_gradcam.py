@@ -1,4 +1,5 @@
 """Grad-CAM: follows a bright object, has the input's shape for every backbone family, overlays."""
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,7 @@ class BrightSpotNet(nn.Module):
 
 def square_image(row: int, col: int, size: int = 128, side: int = 16) -> torch.Tensor:
     x = torch.zeros(3, size, size)
-    x[:, row:row + side, col:col + side] = 1.0
+    x[:, row : row + side, col : col + side] = 1.0
     return x
 
 
@@ -37,19 +38,20 @@ def test_heatmap_follows_the_object():
         cam = grad_cam(model, square_image(row, col), [0])[0]
         r, c = peak(cam)
         assert row - 8 <= r < row + 24 and col - 8 <= c < col + 24
-        inside = cam[row:row + 16, col:col + 16].mean()
+        inside = cam[row : row + 16, col : col + 16].mean()
         assert inside > 3 * cam.mean()
 
 
-@pytest.mark.parametrize('backbone,size', [('resnet18', 64), ('convnext_atto', 64), ('efficientnet_b0', 64),
-                                           ('swin_tiny', 224)])
+@pytest.mark.parametrize(
+    'backbone,size', [('resnet18', 64), ('convnext_atto', 64), ('efficientnet_b0', 64), ('swin_tiny', 224)]
+)
 def test_heatmap_shape_for_every_family(backbone, size):
     torch.manual_seed(0)
     model = create_model(backbone, num_classes=3, image_size=size).eval()
     cams = grad_cam(model, torch.randn(3, size, size), [0, 2])
     assert cams.shape == (2, size, size)
     assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() == pytest.approx(1.0)
-    assert not any(p.grad is not None for p in model.parameters())   # no gradients left behind
+    assert not any(p.grad is not None for p in model.parameters())  # no gradients left behind
 
 
 def test_overlay_keeps_the_image_size_and_shrinks_huge_ones():
@@ -75,7 +77,7 @@ def test_trained_model_heatmap_moves_with_the_object():
         y = (torch.rand(12, generator=g) < 0.5).float()
         corner = torch.randint(0, size - side, (12, 2), generator=g)
         for i in torch.nonzero(y).flatten().tolist():
-            x[i, 0, corner[i, 0]:corner[i, 0] + side, corner[i, 1]:corner[i, 1] + side] = 1.0
+            x[i, 0, corner[i, 0] : corner[i, 0] + side, corner[i, 1] : corner[i, 1] + side] = 1.0
         loss = nn.functional.binary_cross_entropy_with_logits(model(x.expand(-1, 3, -1, -1))[:, 0], y)
         optimizer.zero_grad()
         loss.backward()
@@ -84,8 +86,8 @@ def test_trained_model_heatmap_moves_with_the_object():
     g = torch.Generator().manual_seed(1)
     for row, col in ((3, 3), (3, 35), (35, 3), (35, 35), (18, 18), (10, 30), (30, 10)):
         x = torch.rand(1, size, size, generator=g) * 0.3
-        x[0, row:row + side, col:col + side] = 1.0
+        x[0, row : row + side, col : col + side] = 1.0
         cam = grad_cam(model, x.expand(3, -1, -1), [0])[0]
         r, c = peak(cam)
         assert abs(r - (row + side / 2)) <= side and abs(c - (col + side / 2)) <= side, (row, col, r, c)
-        assert cam[row:row + side, col:col + side].mean() > 1.5 * cam.mean()
+        assert cam[row : row + side, col : col + side].mean() > 1.5 * cam.mean()

@@ -1,5 +1,6 @@
 """Vision Mamba: the chunked scan against the sequential one, the bidirectional design, the
 pyramid, parameter counts, official checkpoint layout, and that it learns."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,18 +12,38 @@ import torch
 import torch.nn.functional as F
 
 from hybridmednet.errors import PretrainedWeightsError
-from hybridmednet.models.mamba import (VIM_VARIANTS, BiMamba, VimBackbone, VisionMamba, load_vim_checkpoint,
-                                       resize_pos_embed)
-from hybridmednet.models.selective_scan import (_channel_major, _softplus, _time_major, scan_function, selective_scan,
-                                                selective_scan_ref)
+from hybridmednet.models.mamba import (
+    VIM_VARIANTS,
+    BiMamba,
+    VimBackbone,
+    VisionMamba,
+    load_vim_checkpoint,
+    resize_pos_embed,
+)
 from hybridmednet.models.registry import build_backbone, get_backbone_spec, list_backbones
+from hybridmednet.models.selective_scan import (
+    _channel_major,
+    _softplus,
+    _time_major,
+    scan_function,
+    selective_scan,
+    selective_scan_ref,
+)
 
 
 def scan_inputs(b=2, d=12, n=4, length=37, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)
-    return [r(b, d, length), r(b, d, length) - 1, -torch.rand(d, n, generator=g) * 4 - 0.1,
-            r(b, n, length), r(b, n, length), r(d), r(b, d, length), r(d)]
+    return [
+        r(b, d, length),
+        r(b, d, length) - 1,
+        -torch.rand(d, n, generator=g) * 4 - 0.1,
+        r(b, n, length),
+        r(b, n, length),
+        r(d),
+        r(b, d, length),
+        r(d),
+    ]
 
 
 def run_scan(scan, inputs, **kw):
@@ -118,8 +139,9 @@ def test_cpu_uses_the_pytorch_scan():
     assert scan_function(torch.device('cpu')) is selective_scan
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec('mamba_ssm') is None,
-                    reason='needs a GPU and mamba-ssm')
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec('mamba_ssm') is None, reason='needs a GPU and mamba-ssm'
+)
 def test_mamba_ssm_kernel_matches_pytorch_scan():
     leaves = [t.cuda().requires_grad_() for t in scan_inputs(length=200)]
     kernel = scan_function(leaves[0].device)
@@ -137,20 +159,28 @@ def test_backward_branch_is_the_forward_branch_on_reversed_tokens():
         for p in mixer.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # the two directions differ
     swapped = BiMamba(16, d_state=4).eval()
-    pairs = [('conv1d', 'conv1d_b'), ('x_proj', 'x_proj_b'), ('dt_proj', 'dt_proj_b'), ('A_log', 'A_b_log'), ('D', 'D_b')]
+    pairs = [
+        ('conv1d', 'conv1d_b'),
+        ('x_proj', 'x_proj_b'),
+        ('dt_proj', 'dt_proj_b'),
+        ('A_log', 'A_b_log'),
+        ('D', 'D_b'),
+    ]
     state = mixer.state_dict()
     new = dict(state)
     for fwd, bwd in pairs:
         for key in [k for k in state if k == fwd or k.startswith(fwd + '.')]:
-            other = bwd + key[len(fwd):]
+            other = bwd + key[len(fwd) :]
             new[key], new[other] = state[other], state[key]
     swapped.load_state_dict(new)
     x = torch.randn(2, 11, 16)
     # swapping the directions' parameters is the same as reading the sequence backwards
     torch.testing.assert_close(swapped(x.flip(1)).flip(1), mixer(x), rtol=1e-5, atol=1e-6)
     xi, z = mixer.in_proj(x).chunk(2, dim=-1)
-    torch.testing.assert_close(mixer.scan_direction(xi.flip(1), z.flip(1), backward=True),
-                               swapped.scan_direction(xi.flip(1), z.flip(1), backward=False))
+    torch.testing.assert_close(
+        mixer.scan_direction(xi.flip(1), z.flip(1), backward=True),
+        swapped.scan_direction(xi.flip(1), z.flip(1), backward=False),
+    )
 
 
 @pytest.mark.parametrize('name,paper_m', [('vim_tiny', 7.15), ('vim_small', 25.8), ('vim_base', 97.6)])
@@ -169,10 +199,19 @@ def test_backbone_pyramid_shapes_and_gradients():
     assert model.reductions == [4, 8, 16, 32] and model.channels == [48, 96, 192, 192]
     x = torch.randn(2, 3, 64, 64)
     maps = model(x)
-    assert [tuple(m.shape) for m in maps] == [(2, c, 64 // r, 64 // r) for c, r in zip(model.channels, model.reductions)]
+    assert [tuple(m.shape) for m in maps] == [
+        (2, c, 64 // r, 64 // r) for c, r in zip(model.channels, model.reductions)
+    ]
     sum(m.square().mean() for m in maps).backward()
-    for name in ('trunk.patch_embed.proj.weight', 'trunk.pos_embed', 'trunk.cls_token', 'trunk.layers.0.mixer.A_log',
-                 'trunk.layers.0.mixer.A_b_log', 'trunk.layers.7.mixer.dt_proj_b.weight', 'resample.0.0.weight'):
+    for name in (
+        'trunk.patch_embed.proj.weight',
+        'trunk.pos_embed',
+        'trunk.cls_token',
+        'trunk.layers.0.mixer.A_log',
+        'trunk.layers.0.mixer.A_b_log',
+        'trunk.layers.7.mixer.dt_proj_b.weight',
+        'resample.0.0.weight',
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -202,8 +241,12 @@ def test_resize_pos_embed_keeps_the_middle_class_token():
 def official_state_dict(dim=192, depth=2, num_classes=1000, grid=14):
     """A state dict written from the published Vim layout (hustvl/Vim vim/models_mamba.py), not from our modules."""
     inner, rank, n = 2 * dim, -(-dim // 16), 16
-    sd = {'patch_embed.proj.weight': torch.randn(dim, 3, 16, 16), 'patch_embed.proj.bias': torch.randn(dim),
-          'cls_token': torch.randn(1, 1, dim), 'pos_embed': torch.randn(1, grid * grid + 1, dim)}
+    sd = {
+        'patch_embed.proj.weight': torch.randn(dim, 3, 16, 16),
+        'patch_embed.proj.bias': torch.randn(dim),
+        'cls_token': torch.randn(1, 1, dim),
+        'pos_embed': torch.randn(1, grid * grid + 1, dim),
+    }
     for i in range(depth):
         p = f'layers.{i}.'
         sd[p + 'norm.weight'] = torch.rand(dim) + 0.5
@@ -245,6 +288,7 @@ def test_loads_an_official_vim_checkpoint(tmp_path):
 
 def test_loads_safetensors_and_plain_state_dicts(tmp_path):
     from safetensors.torch import save_file
+
     sd = official_state_dict(depth=1)
     save_file(sd, tmp_path / 'vim.safetensors')
     torch.save(sd, tmp_path / 'plain.pth')
@@ -260,12 +304,32 @@ def test_loads_a_vim_training_checkpoint_with_its_argparse_namespace(tmp_path):
     source(torch.randn(2, 3, 64, 64)).sum().backward()
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 300)
-    args = argparse.Namespace(model='vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2',
-                              batch_size=128, lr=5e-4, epochs=300, input_size=224, drop_path=0.0, betas=None,
-                              data_path='/data/imagenet', device='cuda', model_ema=False, if_amp=True, seed=0)
+    args = argparse.Namespace(
+        model='vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2',
+        batch_size=128,
+        lr=5e-4,
+        epochs=300,
+        input_size=224,
+        drop_path=0.0,
+        betas=None,
+        data_path='/data/imagenet',
+        device='cuda',
+        model_ema=False,
+        if_amp=True,
+        seed=0,
+    )
     path = tmp_path / 'vim_t_checkpoint.pth'
-    torch.save({'model': source.state_dict(), 'optimizer': optimizer.state_dict(), 'lr_scheduler': scheduler.state_dict(),
-                'epoch': 299, 'scaler': torch.amp.GradScaler('cpu').state_dict(), 'args': args}, path)
+    torch.save(
+        {
+            'model': source.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'lr_scheduler': scheduler.state_dict(),
+            'epoch': 299,
+            'scaler': torch.amp.GradScaler('cpu').state_dict(),
+            'args': args,
+        },
+        path,
+    )
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)  # the layout this test is about
     model = VisionMamba(img_size=64, embed_dim=192, depth=2, num_classes=10)
@@ -283,7 +347,9 @@ class Unexpected:
 
 def test_checkpoint_holding_other_objects_is_refused(tmp_path):
     path = tmp_path / 'vim_with_object.pth'
-    torch.save({'model': official_state_dict(depth=1), 'args': argparse.Namespace(lr=5e-4), 'extra': Unexpected()}, path)
+    torch.save(
+        {'model': official_state_dict(depth=1), 'args': argparse.Namespace(lr=5e-4), 'extra': Unexpected()}, path
+    )
     with pytest.raises(PretrainedWeightsError, match=r'vim_with_object\.pth.*Unexpected'):
         build_backbone('vim_tiny', pretrained=str(path), depth=1)
 
@@ -308,9 +374,11 @@ def test_pretrained_true_asks_for_a_local_file():
 @pytest.mark.parametrize('modern,cross', [(False, False), (True, False), (True, True)])
 def test_hybridmednet_with_vim_in_every_attention_mode(modern, cross, monkeypatch):
     from hybridmednet.models.hybrid import create_model
+
     monkeypatch.setitem(VIM_VARIANTS, 'vim_tiny', dict(embed_dim=192, depth=4))  # same wiring, fewer blocks
-    model = create_model('vim_tiny', num_classes=3, image_size=64, use_modern_attention=modern,
-                         use_cross_scale_attention=cross)
+    model = create_model(
+        'vim_tiny', num_classes=3, image_size=64, use_modern_attention=modern, use_cross_scale_attention=cross
+    )
     logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 3)
     logits.sum().backward()
@@ -327,7 +395,7 @@ def test_short_training_run_loss_falls():
     x = torch.randn(32, 3, 32, 32) * 0.1
     y = torch.randint(0, 2, (32,)).float()
     for i, side in enumerate(y.long().tolist()):
-        x[i, :, 8:16, 4 + side * 16:12 + side * 16] += 2.0
+        x[i, :, 8:16, 4 + side * 16 : 12 + side * 16] += 2.0
     losses = []
     for _ in range(25):
         logits = head(backbone(x)[-1].mean((2, 3))).squeeze(1)
@@ -345,7 +413,9 @@ def test_mambaout_backbones_are_registered_pyramids(name):
     model = build_backbone(name, img_size=64)
     assert model.reductions == [4, 8, 16, 32]
     maps = model(torch.randn(1, 3, 64, 96))
-    assert [tuple(m.shape) for m in maps] == [(1, c, 64 // r, 96 // r) for c, r in zip(model.channels, model.reductions)]
+    assert [tuple(m.shape) for m in maps] == [
+        (1, c, 64 // r, 96 // r) for c, r in zip(model.channels, model.reductions)
+    ]
 
 
 @pytest.mark.parametrize('name', ['efficientvim_m1', 'efficientvim_m2'])
@@ -354,7 +424,9 @@ def test_efficientvim_backbones_resample_strides_16_to_64_into_4_to_32(name):
     model = build_backbone(name, img_size=64)
     assert model.reductions == [4, 8, 16, 32]
     maps = model(torch.randn(1, 3, 64, 96))
-    assert [tuple(m.shape) for m in maps] == [(1, c, 64 // r, 96 // r) for c, r in zip(model.channels, model.reductions)]
+    assert [tuple(m.shape) for m in maps] == [
+        (1, c, 64 // r, 96 // r) for c, r in zip(model.channels, model.reductions)
+    ]
     maps[-1].sum().backward()  # the stride-64 stage feeds the stride-32 map
     assert all(p.grad is not None for p in model.body.model.stages[2].parameters())
 
@@ -362,9 +434,13 @@ def test_efficientvim_backbones_resample_strides_16_to_64_into_4_to_32(name):
 @pytest.mark.parametrize('modern,cross', [(False, False), (True, False), (True, True)])
 def test_efficientvim_trains_inside_hybridmednet(modern, cross):
     from hybridmednet import create_model
-    model = create_model('efficientvim_m1', num_classes=3, image_size=64, use_modern_attention=modern,
-                         use_cross_scale_attention=cross)
+
+    model = create_model(
+        'efficientvim_m1', num_classes=3, image_size=64, use_modern_attention=modern, use_cross_scale_attention=cross
+    )
     logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 3)
     logits.sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.body.model.patch_embed.parameters())
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.body.model.patch_embed.parameters()
+    )

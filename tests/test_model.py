@@ -5,9 +5,21 @@ import torch
 from hybridmednet import Config, HybridMedNet, create_model, list_backbones
 from hybridmednet.models.registry import get_backbone_spec
 
-SPEC_BACKBONES = ['resnet34', 'resnet50', 'resnet101', 'convnext_tiny', 'convnext_small', 'convnext_base',
-                  'convnext_large', 'swin_tiny', 'swin_small', 'swin_base', 'efficientnetv2_s', 'efficientnetv2_m',
-                  'efficientnetv2_l']
+SPEC_BACKBONES = [
+    'resnet34',
+    'resnet50',
+    'resnet101',
+    'convnext_tiny',
+    'convnext_small',
+    'convnext_base',
+    'convnext_large',
+    'swin_tiny',
+    'swin_small',
+    'swin_base',
+    'efficientnetv2_s',
+    'efficientnetv2_m',
+    'efficientnetv2_l',
+]
 MODES = [(False, False), (True, False), (True, True)]
 SMALLEST = ['resnet34', 'convnext_tiny', 'swin_tiny', 'efficientnetv2_s']
 
@@ -92,7 +104,7 @@ def test_eval_output_does_not_depend_on_batch_composition():
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
         shuffled = model(x.flip(0)).flip(0)
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(together, shuffled, atol=1e-5, rtol=1e-4)
@@ -101,8 +113,9 @@ def test_eval_output_does_not_depend_on_batch_composition():
 def test_attention_modes_differ_and_cross_scale_mixes_scales():
     """Cross-scale: changing only the coarsest map changes the finest map's output."""
     from hybridmednet.models.attention import PyramidAttention
+
     channels, reductions = [16, 32, 64, 128], [4, 8, 16, 32]
-    maps = [torch.randn(1, c, 32 // (2 ** i), 32 // (2 ** i)) for i, c in enumerate(channels)]
+    maps = [torch.randn(1, c, 32 // (2**i), 32 // (2**i)) for i, c in enumerate(channels)]
     changed = maps[:3] + [maps[3] + torch.randn_like(maps[3])]
     for cross in (False, True):
         torch.manual_seed(0)
@@ -127,8 +140,10 @@ def test_hierarchical_head():
 
 
 def test_spec_smoke_snippet_runs_as_written():
-    import subprocess, sys
-    code = '''
+    import subprocess
+    import sys
+
+    code = """
 from configs.default_config import Config
 from models.hybrid_med_net import HybridMedNet
 import torch
@@ -140,7 +155,7 @@ model = HybridMedNet(config)
 x = torch.randn(2, 3, 224, 224)
 output = model(x)
 print(f"Output shape: {output.shape}")
-'''
+"""
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert 'Output shape: torch.Size([2, 14])' in out.stdout

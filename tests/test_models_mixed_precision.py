@@ -1,5 +1,6 @@
 """Vision Mamba under mixed precision: the selective scan keeps its state in float32 for fp16 and bf16
 inputs (as mamba-ssm's kernel does), and the model trains under autocast."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,16 @@ def half_inputs(dtype, length=1025, seed=0):
     g = torch.Generator().manual_seed(seed)
     b, d, n = 2, 16, 16
     r = lambda *s: torch.randn(*s, generator=g)
-    return [r(b, d, length).to(dtype), (r(b, d, length) - 1).to(dtype), -torch.rand(d, n, generator=g) * 4 - 0.1,
-            r(b, n, length).to(dtype), r(b, n, length).to(dtype), r(d), r(b, d, length).to(dtype), r(d)]
+    return [
+        r(b, d, length).to(dtype),
+        (r(b, d, length) - 1).to(dtype),
+        -torch.rand(d, n, generator=g) * 4 - 0.1,
+        r(b, n, length).to(dtype),
+        r(b, n, length).to(dtype),
+        r(d),
+        r(b, d, length).to(dtype),
+        r(d),
+    ]
 
 
 def run_scan(scan, inputs):
@@ -59,10 +68,15 @@ def test_half_precision_backward_keeps_float32_state_and_input_dtypes(dtype):
         assert_within_rounding(grad, grad_exact)
 
 
-@pytest.mark.parametrize('device,dtype', [
-    ('cpu', torch.bfloat16),
-    pytest.param('cuda', torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')),
-])
+@pytest.mark.parametrize(
+    'device,dtype',
+    [
+        ('cpu', torch.bfloat16),
+        pytest.param(
+            'cuda', torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+        ),
+    ],
+)
 def test_vision_mamba_trains_under_autocast(device, dtype):
     torch.manual_seed(0)
     model = VisionMamba(img_size=64, embed_dim=192, depth=2, num_classes=3).to(device)
@@ -76,8 +90,14 @@ def test_vision_mamba_trains_under_autocast(device, dtype):
     assert logits.dtype == dtype
     torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.05 * reference.abs().max().item())
     logits.float().square().sum().backward()
-    for name in ('layers.0.mixer.A_log', 'layers.1.mixer.A_b_log', 'layers.0.mixer.dt_proj.bias',
-                 'layers.1.mixer.D_b', 'layers.0.mixer.in_proj.weight', 'patch_embed.proj.weight'):
+    for name in (
+        'layers.0.mixer.A_log',
+        'layers.1.mixer.A_b_log',
+        'layers.0.mixer.dt_proj.bias',
+        'layers.1.mixer.D_b',
+        'layers.0.mixer.in_proj.weight',
+        'patch_embed.proj.weight',
+    ):
         grad, expected = dict(model.named_parameters())[name].grad, reference_grads[name]
         assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
         assert torch.cosine_similarity(grad.flatten(), expected.flatten(), dim=0) > 0.95, name

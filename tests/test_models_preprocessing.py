@@ -1,4 +1,5 @@
 """Per-backbone input normalisation, read from timm's pretrained configs without building a model."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,16 +11,19 @@ from hybridmednet.models.registry import list_backbones
 IMAGENET = {'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)}
 
 
-@pytest.mark.parametrize('name,expected', [
-    ('resnet50', {**IMAGENET, 'interpolation': 'bilinear'}),  # torchvision weights
-    ('convnext_tiny', {**IMAGENET, 'interpolation': 'bicubic'}),
-    ('swin_tiny', {**IMAGENET, 'interpolation': 'bicubic'}),
-    ('efficientnetv2_s', {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5), 'interpolation': 'bicubic'}),  # TF port
-    ('efficientnetv2_l', {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5), 'interpolation': 'bicubic'}),
-    ('vim_tiny', {**IMAGENET, 'interpolation': 'bicubic'}),
-    ('mambaout_femto', {**IMAGENET, 'interpolation': 'bicubic'}),
-    ('efficientvim_m1', {**IMAGENET, 'interpolation': 'bicubic'}),
-])
+@pytest.mark.parametrize(
+    'name,expected',
+    [
+        ('resnet50', {**IMAGENET, 'interpolation': 'bilinear'}),  # torchvision weights
+        ('convnext_tiny', {**IMAGENET, 'interpolation': 'bicubic'}),
+        ('swin_tiny', {**IMAGENET, 'interpolation': 'bicubic'}),
+        ('efficientnetv2_s', {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5), 'interpolation': 'bicubic'}),  # TF port
+        ('efficientnetv2_l', {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5), 'interpolation': 'bicubic'}),
+        ('vim_tiny', {**IMAGENET, 'interpolation': 'bicubic'}),
+        ('mambaout_femto', {**IMAGENET, 'interpolation': 'bicubic'}),
+        ('efficientvim_m1', {**IMAGENET, 'interpolation': 'bicubic'}),
+    ],
+)
 def test_each_family_gets_the_normalisation_its_weights_were_trained_with(name, expected):
     assert backbone_preprocessing(name) == expected
 
@@ -27,6 +31,7 @@ def test_each_family_gets_the_normalisation_its_weights_were_trained_with(name, 
 def test_every_backbone_is_answered_without_building_a_model(monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError('backbone_preprocessing built a model')
+
     monkeypatch.setattr(timm, 'create_model', no_model)
     for name in list_backbones():
         info = backbone_preprocessing(name)

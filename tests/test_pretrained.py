@@ -1,4 +1,5 @@
 """Pretrained weights: local files for real, the Hugging Face cache for real, and a plain offline error."""
+
 import json
 import os
 import subprocess
@@ -17,10 +18,18 @@ def _trunk(model):
     return getattr(model.backbone, 'body', model.backbone).model
 
 
-@pytest.mark.parametrize('name,suffix', [('convnext_atto', '.safetensors'), ('resnet18', '.pth'),
-                                         ('efficientnet_b0', '.pth'), ('efficientvim_m1', '.safetensors')])
+@pytest.mark.parametrize(
+    'name,suffix',
+    [
+        ('convnext_atto', '.safetensors'),
+        ('resnet18', '.pth'),
+        ('efficientnet_b0', '.pth'),
+        ('efficientvim_m1', '.safetensors'),
+    ],
+)
 def test_local_weights_file_loads_exactly(tmp_path, name, suffix):
     from hybridmednet.models.registry import get_backbone_spec
+
     reference = timm.create_model(get_backbone_spec(name).timm_name, pretrained=False)
     path = tmp_path / f'weights{suffix}'
     if suffix == '.safetensors':
@@ -35,8 +44,10 @@ def test_local_weights_file_loads_exactly(tmp_path, name, suffix):
 
 def batchnorm_weights_without_counters():
     """resnet18 weights as old torchvision files hold them: random values, no num_batches_tracked entries."""
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v
-             for k, v in timm.create_model('resnet18', pretrained=False).state_dict().items()}
+    state = {
+        k: torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in timm.create_model('resnet18', pretrained=False).state_dict().items()
+    }
     counters = [k for k in state if k.endswith('.num_batches_tracked')]
     assert counters
     return {k: v for k, v in state.items() if k not in counters}
@@ -55,7 +66,9 @@ def test_only_batchnorm_counters_may_be_missing(tmp_path):
     state = batchnorm_weights_without_counters()
     del state['layer1.0.bn1.running_var']
     torch.save(state, tmp_path / 'resnet18.pth')
-    with pytest.raises(PretrainedWeightsError, match=r"resnet18\.pth does not fit.*1 missing keys \['layer1.0.bn1.running_var'\]"):
+    with pytest.raises(
+        PretrainedWeightsError, match=r"resnet18\.pth does not fit.*1 missing keys \['layer1.0.bn1.running_var'\]"
+    ):
         create_model('resnet18', pretrained=str(tmp_path / 'resnet18.pth'))
 
 
@@ -86,10 +99,19 @@ def save_stating_architecture(state, folder, architecture, where):
     """A model.safetensors naming `architecture` in its metadata, or in a config.json beside it laid out
     as timm's push_to_hub writes one."""
     path = folder / 'model.safetensors'
-    save_file(state, str(path), metadata={'format': 'pt', 'architecture': architecture} if where == 'metadata' else None)
+    save_file(
+        state, str(path), metadata={'format': 'pt', 'architecture': architecture} if where == 'metadata' else None
+    )
     if where == 'config.json':
-        (folder / 'config.json').write_text(json.dumps({'architecture': architecture, 'num_classes': 1000,
-                                                        'pretrained_cfg': {'tag': architecture.partition('.')[2]}}))
+        (folder / 'config.json').write_text(
+            json.dumps(
+                {
+                    'architecture': architecture,
+                    'num_classes': 1000,
+                    'pretrained_cfg': {'tag': architecture.partition('.')[2]},
+                }
+            )
+        )
     return path
 
 
@@ -113,8 +135,10 @@ def test_weights_stating_the_same_architecture_load(tmp_path, where):
 
 
 def test_weights_stating_no_architecture_load(tmp_path):
-    state = {k: v + 1 if v.is_floating_point() else v
-             for k, v in timm.create_model('resnet18', pretrained=False).state_dict().items()}
+    state = {
+        k: v + 1 if v.is_floating_point() else v
+        for k, v in timm.create_model('resnet18', pretrained=False).state_dict().items()
+    }
     path = tmp_path / 'model.safetensors'
     save_file(state, str(path), metadata={'format': 'pt'})
     # a transformers-style config.json beside it names no timm architecture
@@ -129,12 +153,17 @@ def _run_offline(code: str, hf_home) -> subprocess.CompletedProcess:
 
 
 def test_no_weights_offline_names_the_three_fixes(tmp_path):
-    out = _run_offline("from hybridmednet import create_model; create_model('convnext_atto', pretrained=True)",
-                       tmp_path / 'empty_cache')
+    out = _run_offline(
+        "from hybridmednet import create_model; create_model('convnext_atto', pretrained=True)",
+        tmp_path / 'empty_cache',
+    )
     assert out.returncode != 0
     assert 'PretrainedWeightsError' in out.stderr
-    for fix in ("MODEL['pretrained'] = False", "MODEL['pretrained'] = '/path/to/weights.safetensors'",
-                'Hugging Face cache'):
+    for fix in (
+        "MODEL['pretrained'] = False",
+        "MODEL['pretrained'] = '/path/to/weights.safetensors'",
+        'Hugging Face cache',
+    ):
         assert fix in out.stderr
     assert issubclass(PretrainedWeightsError, RuntimeError)
 
@@ -149,7 +178,7 @@ def test_pretrained_true_reads_a_populated_hugging_face_cache(tmp_path):
     (repo / 'snapshots' / commit).mkdir(parents=True)
     save_file(reference.state_dict(), str(repo / 'snapshots' / commit / 'model.safetensors'))
     torch.save(reference.state_dict(), tmp_path / 'ref.pt')
-    code = f'''
+    code = f"""
 import torch
 from hybridmednet import create_model
 model = create_model('convnext_atto', pretrained=True)
@@ -157,7 +186,7 @@ ref = torch.load({str(tmp_path / 'ref.pt')!r})
 trunk = model.backbone.model.state_dict()
 assert all(torch.equal(v, ref[k]) for k, v in trunk.items())
 print('loaded', len(trunk))
-'''
+"""
     out = _run_offline(code, tmp_path / 'hf')
     assert out.returncode == 0, out.stderr
     assert 'loaded' in out.stdout

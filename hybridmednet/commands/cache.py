@@ -1,4 +1,5 @@
 """`hybridmednet cache [--config FILE] [--size S] [SECTION.key=value ...]`: write the memory-mapped image cache."""
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,19 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         config = config_from(args)
         index = build_index(config)
-        root = write_cache(list(dict.fromkeys(index.records['path'])), index.data_dir,
-                           cache_dir(config, index.data_dir), args.size, args.workers,
-                           config.DATA['skip_bad_images'], config.DATA['intensity'])
+        root = write_cache(
+            list(dict.fromkeys(index.records['path'])),
+            index.data_dir,
+            cache_dir(config, index.data_dir),
+            args.size,
+            args.workers,
+            config.DATA['skip_bad_images'],
+            config.DATA['intensity'],
+        )
         meta = json.loads((root / 'meta.json').read_text())
-        print(f"cached {meta['count']} images at {args.size} px in {root}"
-              + (f" ({meta['skipped']} unreadable skipped)" if meta['skipped'] else ''))
+        print(
+            f'cached {meta["count"]} images at {args.size} px in {root}'
+            + (f' ({meta["skipped"]} unreadable skipped)' if meta['skipped'] else '')
+        )
+
     return run('cache', body)

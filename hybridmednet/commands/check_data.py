@@ -3,6 +3,7 @@
 Exit status 0: all good; 1: missing or unreadable files, or patients in two splits; 2: a config or
 labels-file mistake (one line on stderr).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,4 +47,5 @@ def main(argv: list[str] | None = None) -> int:
         leaks = patient_leaks(index.records['patient_id'], index.records['split'])
         print(report(index, leaks, missing, corrupt, collect.messages))
         return PROBLEMS_FOUND if missing or corrupt or leaks else 0
+
     return run('check-data', body)

@@ -3,6 +3,7 @@
 train (the shipped quickstart config) -> evaluate on the test split (metrics with confidence
 intervals, thresholds fitted on validation) -> predict a few test images with Grad-CAM heatmaps.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -21,8 +22,14 @@ from hybridmednet.evaluation.predict import list_images, predict_files, write_pr
 def main(argv: list[str] | None = None) -> int:
     p = parser('demo', __doc__.splitlines()[0])
     add_config(p, 'training config (default: quickstart, shipped with the package)')
-    p.add_argument('--output_dir', '--out', dest='output_dir', default='outputs/demo', metavar='DIR',
-                   help='where checkpoints, logs, report and heatmaps go (default outputs/demo)')
+    p.add_argument(
+        '--output_dir',
+        '--out',
+        dest='output_dir',
+        default='outputs/demo',
+        metavar='DIR',
+        help='where checkpoints, logs, report and heatmaps go (default outputs/demo)',
+    )
     p.add_argument('--n_predict', type=int, default=6, help='test images to predict with heatmaps')
     args = p.parse_args(argv)
     out = Path(args.output_dir)
@@ -49,12 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(path, images / Path(path).name)
         model, model_config, meta = load_model(best)
         op = OperatingPoint.of_model(meta)
-        predictions = predict_files(model, model_config, op, list_images(images), images,
-                                    heatmap_dir=out / 'predictions' / 'heatmaps')
+        predictions = predict_files(
+            model, model_config, op, list_images(images), images, heatmap_dir=out / 'predictions' / 'heatmaps'
+        )
         write_predictions(predictions, op, str(best), out / 'predictions')
         for pred in predictions.images:
-            print(f"{Path(pred.path).name}: {', '.join(pred.positive_findings) or 'no finding'}")
-        print(f'\ndone. training curves: {out / "logs"}; report: {out / "evaluation"}; '
-              f'heatmaps and predictions: {out / "predictions"}; model: {best}')
+            print(f'{Path(pred.path).name}: {", ".join(pred.positive_findings) or "no finding"}')
+        print(
+            f'\ndone. training curves: {out / "logs"}; report: {out / "evaluation"}; '
+            f'heatmaps and predictions: {out / "predictions"}; model: {best}'
+        )
         return 0
+
     return run('demo', body)

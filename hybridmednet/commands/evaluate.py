@@ -1,4 +1,5 @@
 """`hybridmednet evaluate --model_path PATH [--save_results] [options] [SECTION.key=value ...]` (and evaluate.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,13 +9,22 @@ from hybridmednet.config import THRESHOLD_METHODS
 from hybridmednet.evaluation.evaluate import evaluate_model, summary_table
 from hybridmednet.evaluation.report import default_output_dir
 
-EVAL_OPTIONS = ('threshold_method', 'target_sensitivity', 'bootstrap_samples', 'confidence_level',
-                'temperature_scaling', 'tta')
+EVAL_OPTIONS = (
+    'threshold_method',
+    'target_sensitivity',
+    'bootstrap_samples',
+    'confidence_level',
+    'temperature_scaling',
+    'tta',
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser('evaluate', 'Per-finding AUC, AP and operating-point metrics with bootstrap confidence intervals; '
-                           'thresholds fitted on the validation split and stored with the model.')
+    p = parser(
+        'evaluate',
+        'Per-finding AUC, AP and operating-point metrics with bootstrap confidence intervals; '
+        'thresholds fitted on the validation split and stored with the model.',
+    )
     add_model(p)
     add_config(p, "YAML applied over the checkpoint's config (e.g. other data)")
     p.add_argument('--save_results', action='store_true', help='write report (md, html), figures and results.json')
@@ -34,11 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = (args.output_dir or default_output_dir(args.model_path)) if args.save_results else None
 
     def body() -> None:
-        results = evaluate_model(args.model_path, args.overrides, args.config, args.split, options, args.device,
-                                 args.batch_size, out_dir, args.compare, not args.no_store_thresholds, args.seed)
+        results = evaluate_model(
+            args.model_path,
+            args.overrides,
+            args.config,
+            args.split,
+            options,
+            args.device,
+            args.batch_size,
+            out_dir,
+            args.compare,
+            not args.no_store_thresholds,
+            args.seed,
+        )
         print(summary_table(results))
         if results.get('stored_in'):
-            print(f"thresholds ({results['operating_point']['method']}) stored in: {', '.join(results['stored_in'])}")
+            print(f'thresholds ({results["operating_point"]["method"]}) stored in: {", ".join(results["stored_in"])}')
         if out_dir is not None:
-            print(f"report: {results['written']['html']} (+ .md, results.json, figures) in {out_dir}")
+            print(f'report: {results["written"]["html"]} (+ .md, results.json, figures) in {out_dir}')
+
     return run('evaluate', body)

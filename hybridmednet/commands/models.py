@@ -1,4 +1,5 @@
 """`hybridmednet models [--family F]`: the registered backbones with parameter counts."""
+
 from __future__ import annotations
 
 from hybridmednet.commands import parser, run
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         names = list_backbones(args.family)
         if not names:
             families = sorted({get_backbone_spec(n).family for n in list_backbones()})
-            raise ConfigError(f"no backbones in family {args.family!r}; families: {', '.join(families)}")
+            raise ConfigError(f'no backbones in family {args.family!r}; families: {", ".join(families)}')
         print(format_table([parameter_row(n) for n in names]))
+
     return run('models', body)

@@ -1,4 +1,5 @@
-"""`hybridmednet predict --image_path FILE_OR_DIR --model_path PATH [--visualize] [--output_dir DIR]` (and predict.py)."""
+"""`hybridmednet predict --image_path FILE_OR_DIR --model_path PATH [--visualize] [--output_dir DIR]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,27 @@ NOTHING_SCORED = 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser('predict', 'Probabilities and positive findings per image (PNG, JPEG, DICOM), '
-                          'at the thresholds stored with the model.')
+    p = parser(
+        'predict',
+        'Probabilities and positive findings per image (PNG, JPEG, DICOM), at the thresholds stored with the model.',
+    )
     p.add_argument('--image_path', required=True, help='an image file or a folder (searched recursively)')
     add_model(p)
     p.add_argument('--visualize', action='store_true', help='Grad-CAM overlay per positive finding')
-    p.add_argument('--output_dir', '--save_dir', dest='output_dir', default='predictions', metavar='DIR',
-                   help='where predictions.csv/.json and heatmaps go (default predictions)')
-    p.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None,
-                   help="test-time augmentation (default: the model config's EVAL.tta)")
+    p.add_argument(
+        '--output_dir',
+        '--save_dir',
+        dest='output_dir',
+        default='predictions',
+        metavar='DIR',
+        help='where predictions.csv/.json and heatmaps go (default predictions)',
+    )
+    p.add_argument(
+        '--tta',
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="test-time augmentation (default: the model config's EVAL.tta)",
+    )
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -31,19 +44,36 @@ def main(argv: list[str] | None = None) -> int:
         op = OperatingPoint.of_model(meta)
         files = list_images(args.image_path)
         if not files:
-            raise DataError(f"no PNG, JPEG or DICOM files in {args.image_path}")
+            raise DataError(f'no PNG, JPEG or DICOM files in {args.image_path}')
         out = Path(args.output_dir)
         image_path = Path(args.image_path)
         root = image_path if image_path.is_dir() else image_path.parent
         tta = config.EVAL['tta'] if args.tta is None else args.tta
-        result = predict_files(model, config, op, files, root, args.batch_size or 16, args.device, tta,
-                               out / 'heatmaps' if args.visualize else None)
+        result = predict_files(
+            model,
+            config,
+            op,
+            files,
+            root,
+            args.batch_size or 16,
+            args.device,
+            tta,
+            out / 'heatmaps' if args.visualize else None,
+        )
         written = write_predictions(result, op, args.model_path, out)
-        print_rows([f"{pred.path}: " + (', '.join(f'{n} ({pred.probabilities[n]:.2f})' for n in pred.positive_findings)
-                                        or 'no finding') for pred in result.images])
-        print(f"{len(result.images)} image(s) scored, {len(result.errors)} skipped; {written['csv']}, "
-              f"{written['json']}" + (f", heatmaps in {out / 'heatmaps'}" if args.visualize else ''))
+        print_rows(
+            [
+                f'{pred.path}: '
+                + (', '.join(f'{n} ({pred.probabilities[n]:.2f})' for n in pred.positive_findings) or 'no finding')
+                for pred in result.images
+            ]
+        )
+        print(
+            f'{len(result.images)} image(s) scored, {len(result.errors)} skipped; {written["csv"]}, '
+            f'{written["json"]}' + (f', heatmaps in {out / "heatmaps"}' if args.visualize else '')
+        )
         if result.errors:
-            print("skipped (unreadable): " + '; '.join(e['path'] for e in result.errors), file=sys.stderr)
+            print('skipped (unreadable): ' + '; '.join(e['path'] for e in result.errors), file=sys.stderr)
         return 0 if result.images else NOTHING_SCORED
+
     return run('predict', body)

@@ -1,4 +1,5 @@
 """`hybridmednet sample-data OUT_DIR [--n N] [--size S]`: write the synthetic sample dataset (NIH layout)."""
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         out = generate_sample_dataset(args.out_dir, args.n, args.size, args.seed, args.workers)
         info = json.loads((out / 'sample_info.json').read_text())
-        print(f"wrote {info['n']} images of {info['patients']} patients to {out}")
-        print('images per finding: ' + ', '.join(f"{k} {v}" for k, v in info['label_counts'].items()))
+        print(f'wrote {info["n"]} images of {info["patients"]} patients to {out}')
+        print('images per finding: ' + ', '.join(f'{k} {v}' for k, v in info['label_counts'].items()))
+
     return run('sample-data', body)

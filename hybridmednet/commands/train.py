@@ -1,4 +1,5 @@
 """`hybridmednet train [--config FILE] [--resume PATH] [SECTION.key=value ...]` (and the root train.py)."""
+
 from __future__ import annotations
 
 from hybridmednet.checkpoint import load_checkpoint
@@ -6,14 +7,17 @@ from hybridmednet.commands import add_config, config_from, parser, run
 from hybridmednet.config import Config
 from hybridmednet.engine.trainer import train
 
-INTERRUPTED = 130   # the shell's status for Ctrl-C: a resumable checkpoint was written
+INTERRUPTED = 130  # the shell's status for Ctrl-C: a resumable checkpoint was written
 
 
 def main(argv: list[str] | None = None, base: type[Config] = Config) -> int:
     p = parser('train', 'Train a HybridMedNet. Without DATA.data_dir it trains on the built-in sample dataset.')
     add_config(p)
-    p.add_argument('--resume', metavar='PATH', help="continue exactly from a checkpoint "
-                   "(with the checkpoint's own config unless --config is given)")
+    p.add_argument(
+        '--resume',
+        metavar='PATH',
+        help="continue exactly from a checkpoint (with the checkpoint's own config unless --config is given)",
+    )
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -22,4 +26,5 @@ def main(argv: list[str] | None = None, base: type[Config] = Config) -> int:
         else:
             config = config_from(args, base)
         return INTERRUPTED if train(config, args.resume)['interrupted'] else 0
+
     return run('train', body)

@@ -14,23 +14,23 @@ beside the old ones and then replaces meta.json in one rename: a rebuild that fa
 the old cache as it was, and jobs that have the old files memory-mapped keep reading them
 (they are unlinked, never rewritten). One writer at a time per cache folder.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import secrets
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from hybridmednet.config import Config, load_config
+from hybridmednet.config import Config
 from hybridmednet.data.io import read_image, stores_more_than_8_bits
 from hybridmednet.data.transforms import fit_square
 from hybridmednet.errors import DataError, ImageReadError
@@ -38,7 +38,7 @@ from hybridmednet.errors import DataError, ImageReadError
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # meta.json 'format'; 1 (unversioned) rewrote images.npy in place
-REBUILD = "rebuild it with `hybridmednet cache`"
+REBUILD = 'rebuild it with `hybridmednet cache`'
 
 
 def cache_dir(config: Config, data_dir: Path) -> Path:
@@ -53,21 +53,28 @@ class ImageCache:
         try:
             self.meta = json.loads(meta_file.read_text())
         except ValueError:
-            raise DataError(f"{meta_file}: not valid JSON; {REBUILD}") from None
+            raise DataError(f'{meta_file}: not valid JSON; {REBUILD}') from None
         if self.meta.get('format') != FORMAT:
-            raise DataError(f"{meta_file}: cache written by an older version of hybridmednet; {REBUILD}")
+            raise DataError(f'{meta_file}: cache written by an older version of hybridmednet; {REBUILD}')
         self.size = int(self.meta['size'])
         self.images = self._open_images()
         index_file = root / self.meta['index']
-        index = pd.read_csv(index_file, dtype={'path': str, 'size': np.int64, 'mtime_ns': np.int64},
-                            keep_default_na=False)
+        index = pd.read_csv(
+            index_file, dtype={'path': str, 'size': np.int64, 'mtime_ns': np.int64}, keep_default_na=False
+        )
         if len(index) != self.meta['count']:
-            raise DataError(f"{index_file}: {len(index)} rows, but {meta_file} says {self.meta['count']} images; "
-                            f"{REBUILD}")
+            raise DataError(
+                f'{index_file}: {len(index)} rows, but {meta_file} says {self.meta["count"]} images; {REBUILD}'
+            )
         changed = self._changed(index)
         if changed.any():
-            log.warning("%d of %d cached images changed since the cache %s was written: reading those files "
-                        "instead (%s)", changed.sum(), len(index), root, REBUILD)
+            log.warning(
+                '%d of %d cached images changed since the cache %s was written: reading those files instead (%s)',
+                changed.sum(),
+                len(index),
+                root,
+                REBUILD,
+            )
         self._row = {k: i for i, k in enumerate(index['path']) if not changed[i]}
 
     def _changed(self, index: pd.DataFrame) -> np.ndarray:
@@ -87,12 +94,15 @@ class ImageCache:
         try:
             images = np.load(images_file, mmap_mode='r')
         except FileNotFoundError:
-            raise DataError(f"{images_file} is missing (was the cache rebuilt or removed while this job ran?); "
-                            f"{REBUILD}") from None
+            raise DataError(
+                f'{images_file} is missing (was the cache rebuilt or removed while this job ran?); {REBUILD}'
+            ) from None
         expected = (self.meta['count'], self.size, self.size)
         if images.shape != expected or images.dtype != self.meta['dtype']:
-            raise DataError(f"{images_file}: holds {images.dtype} {images.shape}, but {self.root / 'meta.json'} "
-                            f"says {self.meta['dtype']} {expected}; {REBUILD}")
+            raise DataError(
+                f'{images_file}: holds {images.dtype} {images.shape}, but {self.root / "meta.json"} '
+                f'says {self.meta["dtype"]} {expected}; {REBUILD}'
+            )
         return images
 
     def __getstate__(self) -> dict:
@@ -119,12 +129,21 @@ def open_cache(config: Config, data_dir: Path) -> ImageCache | None:
         return None
     cache = ImageCache(root, data_dir)
     if cache.size < config.DATA['image_size']:
-        log.warning("image cache %s holds %d px images, smaller than DATA.image_size %d: reading files instead",
-                    root, cache.size, config.DATA['image_size'])
+        log.warning(
+            'image cache %s holds %d px images, smaller than DATA.image_size %d: reading files instead',
+            root,
+            cache.size,
+            config.DATA['image_size'],
+        )
         return None
     if cache.meta['intensity'] != config.DATA['intensity']:
-        log.warning("image cache %s was written with DATA.intensity=%s, not %s: reading files instead (%s)",
-                    root, cache.meta['intensity'], config.DATA['intensity'], REBUILD)
+        log.warning(
+            'image cache %s was written with DATA.intensity=%s, not %s: reading files instead (%s)',
+            root,
+            cache.meta['intensity'],
+            config.DATA['intensity'],
+            REBUILD,
+        )
         return None
     return cache
 
@@ -139,12 +158,19 @@ def _resize(args: tuple[str, int, str | int, type]) -> tuple[os.stat_result, np.
     except ImageReadError as exc:
         return str(exc)
     except OSError as exc:  # from os.stat: missing or not accessible
-        return f"{path}: {exc.strerror}"
+        return f'{path}: {exc.strerror}'
     return stat, (np.clip(fit_square(image, size), 0.0, 1.0) * np.iinfo(dtype).max + 0.5).astype(dtype)
 
 
-def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, workers: int = 1,
-                skip_bad_images: bool = False, intensity: str | int = 'auto') -> Path:
+def write_cache(
+    paths: Sequence[str],
+    data_dir: Path,
+    root: Path,
+    size: int,
+    workers: int = 1,
+    skip_bad_images: bool = False,
+    intensity: str | int = 'auto',
+) -> Path:
     """Resize each image in `paths` into the cache folder `root`; bad files stop it unless skip_bad_images.
 
     `intensity` is read_image's. Nothing in `root` is touched until the new cache is complete:
@@ -162,9 +188,20 @@ def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, wor
         dtype = np.uint16 if any(run(stores_more_than_8_bits, paths)) else np.uint8
         index, skipped = _write_images(paths, data_dir, images_file, size, dtype, intensity, skip_bad_images, run)
         index.to_csv(index_file, index=False)
-        meta_file.write_text(json.dumps({
-            'format': FORMAT, 'size': size, 'count': len(index), 'skipped': skipped, 'dtype': np.dtype(dtype).name,
-            'intensity': intensity, 'images': images_file.name, 'index': index_file.name}))
+        meta_file.write_text(
+            json.dumps(
+                {
+                    'format': FORMAT,
+                    'size': size,
+                    'count': len(index),
+                    'skipped': skipped,
+                    'dtype': np.dtype(dtype).name,
+                    'intensity': intensity,
+                    'images': images_file.name,
+                    'index': index_file.name,
+                }
+            )
+        )
         os.replace(meta_file, root / 'meta.json')  # the one step that switches readers to the new cache
     except BaseException:
         _remove([images_file, index_file, meta_file])
@@ -177,8 +214,16 @@ def write_cache(paths: Sequence[str], data_dir: Path, root: Path, size: int, wor
     return root
 
 
-def _write_images(paths: list[str], data_dir: Path, images_file: Path, size: int, dtype: type,
-                  intensity: str | int, skip_bad_images: bool, run: Callable) -> tuple[pd.DataFrame, int]:
+def _write_images(
+    paths: list[str],
+    data_dir: Path,
+    images_file: Path,
+    size: int,
+    dtype: type,
+    intensity: str | int,
+    skip_bad_images: bool,
+    run: Callable,
+) -> tuple[pd.DataFrame, int]:
     """Fill `images_file`; (the index: path relative to data_dir, size, mtime_ns; unreadable files skipped)."""
     images = np.lib.format.open_memmap(images_file, mode='w+', dtype=dtype, shape=(len(paths), size, size))
     kept, bad = [], []
@@ -196,10 +241,10 @@ def _write_images(paths: list[str], data_dir: Path, images_file: Path, size: int
     if bad:  # shrink the file to the images kept
         shrunk = images_file.with_suffix('.kept.npy')
         full = np.load(images_file, mmap_mode='r')
-        np.save(shrunk, full[:len(kept)])
+        np.save(shrunk, full[: len(kept)])
         del full
         os.replace(shrunk, images_file)
-        log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0])
+        log.warning('skipped %d unreadable image(s), e.g. %s', len(bad), bad[0])
     return pd.DataFrame(kept, columns=['path', 'size', 'mtime_ns']), len(bad)
 
 
@@ -209,4 +254,4 @@ def _remove(files: list[Path]) -> None:
         try:
             name.unlink(missing_ok=True)
         except OSError as exc:  # Windows refuses to unlink a file that is mapped
-            log.warning("could not remove the cache file %s (%s); delete it by hand", name, exc)
+            log.warning('could not remove the cache file %s (%s); delete it by hand', name, exc)

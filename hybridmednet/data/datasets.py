@@ -4,13 +4,14 @@ Each format has one `index_*` function turning the files as published into a
 `DataIndex` (records, labels, mask, class names, split per row). `ChestXrayDataset`
 then serves `(image [3, S, S], target [K], mask [K])` for any of them.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,9 +29,20 @@ from hybridmednet.errors import DataError, ImageReadError
 log = logging.getLogger(__name__)
 
 CHEXPERT_OBSERVATIONS = [
-    'No Finding', 'Enlarged Cardiomediastinum', 'Cardiomegaly', 'Lung Opacity', 'Lung Lesion',
-    'Edema', 'Consolidation', 'Pneumonia', 'Atelectasis', 'Pneumothorax', 'Pleural Effusion',
-    'Pleural Other', 'Fracture', 'Support Devices',
+    'No Finding',
+    'Enlarged Cardiomediastinum',
+    'Cardiomegaly',
+    'Lung Opacity',
+    'Lung Lesion',
+    'Edema',
+    'Consolidation',
+    'Pneumonia',
+    'Atelectasis',
+    'Pneumothorax',
+    'Pleural Effusion',
+    'Pleural Other',
+    'Fracture',
+    'Support Devices',
 ]
 NIH_CSV_NAMES = ('Data_Entry_2017_v2020.csv', 'Data_Entry_2017.csv')
 NO_FINDING = 'No Finding'
@@ -39,21 +51,27 @@ NO_FINDING = 'No Finding'
 @dataclass
 class DataIndex:
     """A dataset as indexed: one row per image, `split` in train/val/test ('' = left out)."""
-    records: pd.DataFrame   # path, patient_id, split, [view, sex, age]
-    labels: np.ndarray      # float32 [N, K]
-    mask: np.ndarray        # float32 [N, K], 0 = label unknown (ignored by the loss)
-    class_names: list[str]
-    source: str             # the file the labels came from, for messages
-    data_dir: Path          # the data folder, resolved once (the sample dataset's cache folder too)
 
-    def subset(self, keep: np.ndarray) -> 'DataIndex':
-        return DataIndex(self.records[keep].reset_index(drop=True), self.labels[keep],
-                         self.mask[keep], self.class_names, self.source, self.data_dir)
+    records: pd.DataFrame  # path, patient_id, split, [view, sex, age]
+    labels: np.ndarray  # float32 [N, K]
+    mask: np.ndarray  # float32 [N, K], 0 = label unknown (ignored by the loss)
+    class_names: list[str]
+    source: str  # the file the labels came from, for messages
+    data_dir: Path  # the data folder, resolved once (the sample dataset's cache folder too)
+
+    def subset(self, keep: np.ndarray) -> DataIndex:
+        return DataIndex(
+            self.records[keep].reset_index(drop=True),
+            self.labels[keep],
+            self.mask[keep],
+            self.class_names,
+            self.source,
+            self.data_dir,
+        )
 
 
 # -- labels ------------------------------------------------------------------------
-def parse_labels(texts: pd.Series, class_names: Sequence[str], source: str,
-                 ignore: Sequence[str] = ()) -> np.ndarray:
+def parse_labels(texts: pd.Series, class_names: Sequence[str], source: str, ignore: Sequence[str] = ()) -> np.ndarray:
     """'|'-joined label strings -> multi-hot [N, K]. 'No Finding' or blank = all zero.
 
     A label neither in `class_names` nor in `ignore` is an error naming it and its line.
@@ -64,8 +82,10 @@ def parse_labels(texts: pd.Series, class_names: Sequence[str], source: str,
     codes = exploded.map(position)
     unknown = exploded[codes.isna()]
     if len(unknown):
-        raise DataError(f"{source}: line {int(unknown.index[0]) + 2}: unknown label {unknown.iloc[0]!r}; "
-                        f"class names are: {', '.join(class_names)}")
+        raise DataError(
+            f'{source}: line {int(unknown.index[0]) + 2}: unknown label {unknown.iloc[0]!r}; '
+            f'class names are: {", ".join(class_names)}'
+        )
     labels = np.zeros((len(texts), len(class_names)), dtype=np.float32)
     labels[codes.index.to_numpy(dtype=np.int64), codes.to_numpy(dtype=np.int64)] = 1.0
     return labels
@@ -73,13 +93,14 @@ def parse_labels(texts: pd.Series, class_names: Sequence[str], source: str,
 
 def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
     if not path.is_file():
-        raise DataError(f"labels file not found: {path}")
+        raise DataError(f'labels file not found: {path}')
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     frame.columns = [c.strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-                        f"found {', '.join(map(repr, frame.columns))}")
+        raise DataError(
+            f'{path}: missing column(s) {", ".join(map(repr, missing))}; found {", ".join(map(repr, frame.columns))}'
+        )
     return frame
 
 
@@ -91,8 +112,10 @@ def _labels_file(config: Config, data_dir: Path, defaults: Sequence[str]) -> Pat
     for default in defaults:
         if (data_dir / default).is_file():
             return data_dir / default
-    raise DataError(f"no labels file in {data_dir}: expected {' or '.join(defaults)} "
-                    f"(or set DATA.labels_file){_layout_hint(config, data_dir)}")
+    raise DataError(
+        f'no labels file in {data_dir}: expected {" or ".join(defaults)} '
+        f'(or set DATA.labels_file){_layout_hint(config, data_dir)}'
+    )
 
 
 def guess_dataset_kind(data_dir: Path) -> str | None:
@@ -103,8 +126,11 @@ def guess_dataset_kind(data_dir: Path) -> str | None:
         return 'chexpert'
     if (data_dir / 'labels.csv').is_file():
         return 'csv'
-    if any(d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
-           for d in data_dir.iterdir() if not d.name.startswith('.')):
+    if any(
+        d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
+        for d in data_dir.iterdir()
+        if not d.name.startswith('.')
+    ):
         return 'folder'
     return None
 
@@ -113,7 +139,7 @@ def _layout_hint(config: Config, data_dir: Path) -> str:
     kind = guess_dataset_kind(data_dir)
     if kind is None or kind == config.DATA['dataset']:
         return ''
-    return f"; {data_dir} looks like a {kind!r} layout: set DATA.dataset={kind} (docs/datasets.md)"
+    return f'; {data_dir} looks like a {kind!r} layout: set DATA.dataset={kind} (docs/datasets.md)'
 
 
 def _fractions(config: Config) -> tuple[float, float, float]:
@@ -143,12 +169,17 @@ def index_nih(config: Config, data_dir: Path) -> DataIndex:
     try:
         frame = _read_csv(csv, ['Image Index', 'Finding Labels', 'Patient ID'])
     except DataError as exc:
-        raise DataError(f"{exc}{_layout_hint(config, data_dir)}") from None
+        raise DataError(f'{exc}{_layout_hint(config, data_dir)}') from None
     class_names = config.class_names
-    labels = parse_labels(frame['Finding Labels'], class_names, str(csv),
-                          ignore=[n for n in NIH_FINDINGS if n not in class_names])
-    records = pd.DataFrame({'path': _nih_image_paths(data_dir, frame['Image Index']),
-                            'patient_id': frame['Patient ID'].str.strip().to_numpy()})
+    labels = parse_labels(
+        frame['Finding Labels'], class_names, str(csv), ignore=[n for n in NIH_FINDINGS if n not in class_names]
+    )
+    records = pd.DataFrame(
+        {
+            'path': _nih_image_paths(data_dir, frame['Image Index']),
+            'patient_id': frame['Patient ID'].str.strip().to_numpy(),
+        }
+    )
     if 'View Position' in frame:
         records['view'] = frame['View Position'].str.strip().to_numpy()
     if 'Patient Gender' in frame:
@@ -159,9 +190,14 @@ def index_nih(config: Config, data_dir: Path) -> DataIndex:
     if all(p.is_file() for p in lists):
         train_val, test = ({line.strip() for line in p.read_text().splitlines() if line.strip()} for p in lists)
         train, val, _ = _fractions(config)
-        records['split'] = official_split(frame['Image Index'], records['patient_id'], train_val, test,
-                                          val / (train + val) if train + val > 0 else 0.0,
-                                          config.DATA['split_seed'])
+        records['split'] = official_split(
+            frame['Image Index'],
+            records['patient_id'],
+            train_val,
+            test,
+            val / (train + val) if train + val > 0 else 0.0,
+            config.DATA['split_seed'],
+        )
     else:
         records['split'] = patient_split(records['patient_id'], _fractions(config), config.DATA['split_seed'])
     return DataIndex(records, labels, np.ones_like(labels), class_names, str(csv), data_dir)
@@ -180,8 +216,10 @@ def index_chexpert(config: Config, data_dir: Path) -> DataIndex:
         known = values.isin(['1', '0', '-1', '1.0', '0.0', '-1.0', ''])
         if not known.to_numpy().all():
             row, col = np.argwhere(~known.to_numpy())[0]
-            raise DataError(f"{csv}: line {row + 2}, column {class_names[col]!r}: value "
-                            f"{values.iat[row, col]!r} is not 1, 0, -1 or blank")
+            raise DataError(
+                f'{csv}: line {row + 2}, column {class_names[col]!r}: value '
+                f'{values.iat[row, col]!r} is not 1, 0, -1 or blank'
+            )
         raw = values.replace('', '0').astype(float).to_numpy(dtype=np.float32)
         mask = np.ones_like(raw)
         uncertain = raw == -1
@@ -192,8 +230,12 @@ def index_chexpert(config: Config, data_dir: Path) -> DataIndex:
         # Paths start with the release folder (CheXpert-v1.0-small/train/...): resolve from its parent.
         prefix = paths.iloc[0].split('/')[0] if len(paths) else ''
         root = data_dir.parent if prefix == data_dir.name else data_dir
-        records = pd.DataFrame({'path': [os.path.join(root, p) for p in paths],
-                                'patient_id': paths.str.extract(r'(patient\d+)')[0].fillna(paths).to_numpy()})
+        records = pd.DataFrame(
+            {
+                'path': [os.path.join(root, p) for p in paths],
+                'patient_id': paths.str.extract(r'(patient\d+)')[0].fillna(paths).to_numpy(),
+            }
+        )
         if 'AP/PA' in frame:
             records['view'] = frame['AP/PA'].str.strip().to_numpy()
         if 'Frontal/Lateral' in frame:
@@ -208,9 +250,14 @@ def index_chexpert(config: Config, data_dir: Path) -> DataIndex:
         else:
             records['split'] = 'test'
         parts.append((records, raw, mask))
-    index = DataIndex(pd.concat([p[0] for p in parts], ignore_index=True),
-                      np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
-                      class_names, str(data_dir / 'train.csv'), data_dir)
+    index = DataIndex(
+        pd.concat([p[0] for p in parts], ignore_index=True),
+        np.concatenate([p[1] for p in parts]),
+        np.concatenate([p[2] for p in parts]),
+        class_names,
+        str(data_dir / 'train.csv'),
+        data_dir,
+    )
     if config.DATA['frontal_only']:
         if 'frontal' not in index.records:
             raise DataError(f"DATA.frontal_only is set but {index.source} has no 'Frontal/Lateral' column")
@@ -232,7 +279,7 @@ def index_csv(config: Config, data_dir: Path) -> DataIndex:
     if 'patient_id' in frame:
         records['patient_id'] = frame['patient_id'].str.strip().to_numpy()
     else:
-        log.warning("%s has no patient_id column: each image is treated as its own patient", csv)
+        log.warning('%s has no patient_id column: each image is treated as its own patient', csv)
         records['patient_id'] = frame['image'].str.strip().to_numpy()
     for column in ('view', 'sex'):
         if column in frame:
@@ -244,7 +291,7 @@ def index_csv(config: Config, data_dir: Path) -> DataIndex:
         bad = ~split.isin(SPLITS)
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{csv}: line {row + 2}: split {split.iat[row]!r} is not one of train, val, test")
+            raise DataError(f'{csv}: line {row + 2}: split {split.iat[row]!r} is not one of train, val, test')
         records['split'] = split.to_numpy()
     else:
         records['split'] = patient_split(records['patient_id'], _fractions(config), config.DATA['split_seed'])
@@ -257,33 +304,41 @@ def index_folder(config: Config, data_dir: Path) -> DataIndex:
     given = [s for s in SPLITS if (data_dir / s).is_dir()]
     roots = [(data_dir / s, s) for s in given] if 'train' in given else [(data_dir, '')]
     class_names = config.DATA['class_names'] or sorted(
-        {d.name for root, _ in roots for d in root.iterdir() if d.is_dir()})
+        {d.name for root, _ in roots for d in root.iterdir() if d.is_dir()}
+    )
     position = {name: i for i, name in enumerate(class_names)}
     paths, codes, splits = [], [], []
     for root, split in roots:
         for folder in sorted(d for d in root.iterdir() if d.is_dir()):
             if folder.name not in position:
-                raise DataError(f"{folder}: folder {folder.name!r} is not a class name; "
-                                f"class names are: {', '.join(class_names)}")
+                raise DataError(
+                    f'{folder}: folder {folder.name!r} is not a class name; class names are: {", ".join(class_names)}'
+                )
             files = sorted(f for f in folder.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES)
             paths += [str(f) for f in files]
             codes += [position[folder.name]] * len(files)
             splits += [split] * len(files)
     if not paths:
-        raise DataError(f"{data_dir}: no images found in class folders")
+        raise DataError(f'{data_dir}: no images found in class folders')
     labels = np.zeros((len(paths), len(class_names)), dtype=np.float32)
     labels[np.arange(len(paths)), codes] = 1.0
     records = pd.DataFrame({'path': paths, 'patient_id': paths, 'split': splits})
     if roots[0][1] == '':
-        log.warning("%s: class folders carry no patient IDs: each image is treated as its own patient, so "
-                    "images of one patient may land in two splits (use DATA.dataset=csv with a patient_id "
-                    "column to split by patient)", data_dir)
+        log.warning(
+            '%s: class folders carry no patient IDs: each image is treated as its own patient, so '
+            'images of one patient may land in two splits (use DATA.dataset=csv with a patient_id '
+            'column to split by patient)',
+            data_dir,
+        )
         records['split'] = patient_split(records['patient_id'], _fractions(config), config.DATA['split_seed'])
     return DataIndex(records, labels, np.ones_like(labels), list(class_names), str(data_dir), data_dir)
 
 
 INDEXERS: dict[str, Callable[[Config, Path], DataIndex]] = {
-    'nih': index_nih, 'chexpert': index_chexpert, 'csv': index_csv, 'folder': index_folder,
+    'nih': index_nih,
+    'chexpert': index_chexpert,
+    'csv': index_csv,
+    'folder': index_folder,
 }
 
 
@@ -300,7 +355,7 @@ def resolve_data_dir(config: Config) -> Path:
     if not is_sample(config):
         path = Path(config.DATA['data_dir'])
         if not path.is_dir():
-            raise DataError(f"DATA.data_dir {str(path)!r} is not a directory")
+            raise DataError(f'DATA.data_dir {str(path)!r} is not a directory')
         return path
     return cached_sample_dataset(config.DATA['sample_size'], config.DATA['sample_image_size'])
 
@@ -309,8 +364,10 @@ def _check_kind_keys(config: Config, dataset: str) -> None:
     """A key the dataset kind would not read is an error, not silently ignored."""
     for key, kinds in KIND_KEYS.items():
         if dataset not in kinds and config.DATA[key] != Config.DATA[key]:
-            raise DataError(f"DATA.{key} is set to {config.DATA[key]!r} but DATA.dataset={dataset} does not use "
-                            f"it (only {', '.join(kinds)} do); remove it from the config")
+            raise DataError(
+                f'DATA.{key} is set to {config.DATA[key]!r} but DATA.dataset={dataset} does not use '
+                f'it (only {", ".join(kinds)} do); remove it from the config'
+            )
 
 
 def build_index(config: Config) -> DataIndex:
@@ -322,7 +379,7 @@ def build_index(config: Config) -> DataIndex:
     views = config.DATA['view_positions']
     if views:
         if 'view' not in index.records:
-            raise DataError(f"DATA.view_positions is set but {index.source} has no view column")
+            raise DataError(f'DATA.view_positions is set but {index.source} has no view column')
         index = index.subset(index.records['view'].isin(views).to_numpy())
     return index
 
@@ -331,8 +388,14 @@ def build_index(config: Config) -> DataIndex:
 class ChestXrayDataset(Dataset):
     """Items are (image FloatTensor[3, S, S], target FloatTensor[K], mask FloatTensor[K])."""
 
-    def __init__(self, index: DataIndex, transform: Callable[[np.ndarray], torch.Tensor],
-                 cache: ImageCache | None = None, skip_bad_images: bool = False, intensity: str | int = 'auto'):
+    def __init__(
+        self,
+        index: DataIndex,
+        transform: Callable[[np.ndarray], torch.Tensor],
+        cache: ImageCache | None = None,
+        skip_bad_images: bool = False,
+        intensity: str | int = 'auto',
+    ):
         self.records = index.records
         self.labels = index.labels
         self.mask = index.mask
@@ -341,7 +404,7 @@ class ChestXrayDataset(Dataset):
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         self.intensity = intensity
-        self.bad_files: list[str] = []   # filled when skipping (per process: each worker keeps its own)
+        self.bad_files: list[str] = []  # filled when skipping (per process: each worker keeps its own)
         self.epoch_seed: int | None = None  # set_epoch: random augmentation as a function of (seed, image)
         self._cache = cache
         self._cache_rows = cache.rows(self.records['path']) if cache is not None else None
@@ -377,10 +440,10 @@ class ChestXrayDataset(Dataset):
                 if not self.skip_bad_images:
                     raise
                 self.bad_files.append(str(exc))
-                log.warning("skipping bad image (%d so far in this process): %s", len(self.bad_files), exc)
+                log.warning('skipping bad image (%d so far in this process): %s', len(self.bad_files), exc)
                 continue
             return self._transform(image, j), torch.from_numpy(self.labels[j]), torch.from_numpy(self.mask[j])
-        raise ImageReadError("every image in the dataset failed to read")
+        raise ImageReadError('every image in the dataset failed to read')
 
 
 def build_datasets(config: Config) -> dict[str, ChestXrayDataset]:
@@ -389,29 +452,40 @@ def build_datasets(config: Config) -> dict[str, ChestXrayDataset]:
     leaks = patient_leaks(index.records['patient_id'], index.records['split'])
     if leaks:
         patient, where = next(iter(leaks.items()))
-        raise DataError(f"{index.source}: {len(leaks)} patient(s) have images in more than one split, "
-                        f"e.g. patient {patient!r} in {' and '.join(where)}")
+        raise DataError(
+            f'{index.source}: {len(leaks)} patient(s) have images in more than one split, '
+            f'e.g. patient {patient!r} in {" and ".join(where)}'
+        )
     cache = open_cache(config, index.data_dir)
     index = _drop_missing(index, cache, config.DATA['skip_bad_images'])
-    return {split: ChestXrayDataset(index.subset((index.records['split'] == split).to_numpy()),
-                                    build_transforms(config, train=split == 'train'), cache,
-                                    config.DATA['skip_bad_images'], config.DATA['intensity'])
-            for split in SPLITS}
+    return {
+        split: ChestXrayDataset(
+            index.subset((index.records['split'] == split).to_numpy()),
+            build_transforms(config, train=split == 'train'),
+            cache,
+            config.DATA['skip_bad_images'],
+            config.DATA['intensity'],
+        )
+        for split in SPLITS
+    }
 
 
 def _drop_missing(index: DataIndex, cache: ImageCache | None, skip: bool) -> DataIndex:
     """Missing files fail now, with a count and an example, not at epoch 3 (or are dropped when skipping)."""
     paths = index.records['path']
     present = cache.rows(paths) >= 0 if cache is not None else np.zeros(len(paths), dtype=bool)
-    present[~present] = [os.path.exists(p) for p in paths[~present]]   # files the cache holds are not touched
+    present[~present] = [os.path.exists(p) for p in paths[~present]]  # files the cache holds are not touched
     if present.all():
         return index
     missing = index.records['path'][~present]
     if not skip:
-        raise DataError(f"{len(missing)} image file(s) listed in {index.source} are missing, e.g. "
-                        f"{missing.iloc[0]}; set DATA.skip_bad_images=true to leave them out")
-    log.warning("%d image file(s) listed in %s are missing and left out, e.g. %s",
-                len(missing), index.source, missing.iloc[0])
+        raise DataError(
+            f'{len(missing)} image file(s) listed in {index.source} are missing, e.g. '
+            f'{missing.iloc[0]}; set DATA.skip_bad_images=true to leave them out'
+        )
+    log.warning(
+        '%d image file(s) listed in %s are missing and left out, e.g. %s', len(missing), index.source, missing.iloc[0]
+    )
     return index.subset(present)
 
 
@@ -443,5 +517,6 @@ def make_weighted_sampler(dataset: ChestXrayDataset, seed: int | None = None) ->
     empty = labels.sum(axis=1) == 0
     weights[empty] = 1.0 / max(int(empty.sum()), 1)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(dataset),
-                                 replacement=True, generator=generator)
+    return WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double), num_samples=len(dataset), replacement=True, generator=generator
+    )

@@ -3,6 +3,7 @@
 Everything downstream (transforms, cache, predict) sees the same thing: a float32
 [H, W] array in [0, 1], rows and columns as stored in the file (never transposed).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,19 +32,21 @@ def read_image(path: str | Path, *, intensity: str | int = 'auto') -> np.ndarray
     data in 16-bit files). DICOM files carry their own mapping (window, VOI LUT) and ignore it.
     """
     if not (intensity in INTENSITY_MODES or (type(intensity) is int and 1 <= intensity <= 16)):
-        raise ValueError(f"intensity must be {', '.join(map(repr, INTENSITY_MODES))} or a bit depth "
-                         f"from 1 to 16 (an int), got {intensity!r}")
+        raise ValueError(
+            f'intensity must be {", ".join(map(repr, INTENSITY_MODES))} or a bit depth '
+            f'from 1 to 16 (an int), got {intensity!r}'
+        )
     path = Path(path)
     if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
+        raise ImageReadError(f'{path}: file not found')
     if path.stat().st_size == 0:
-        raise ImageReadError(f"{path}: file is empty")
+        raise ImageReadError(f'{path}: file is empty')
     try:
         image = _read_dicom(path) if is_dicom(path) else _read_pil(path, intensity)
     except ImageReadError:
         raise
     except Exception as exc:  # truncated or corrupt data surfaces as many exception types
-        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        raise ImageReadError(f'{path}: cannot read image ({type(exc).__name__}: {exc})') from exc
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
@@ -82,15 +85,15 @@ def _read_pil(path: Path, intensity: str | int) -> np.ndarray:
             arr = np.asarray(img, dtype=np.float32)
             significant = _png_significant_bits(path) if img.format == 'PNG' else None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not a recognised image file") from None
+        raise ImageReadError(f'{path}: not a recognised image file') from None
     if intensity == 'minmax' or (intensity == 'auto' and full is None):
         return _minmax(arr)
     if intensity != 'auto':
-        return np.clip(arr / (2 ** intensity - 1), 0.0, 1.0)
-    if significant and 2 ** significant - 1 < full and arr.max() < 2 ** significant:
+        return np.clip(arr / (2**intensity - 1), 0.0, 1.0)
+    if significant and 2**significant - 1 < full and arr.max() < 2**significant:
         # The PNG standard scales n-bit samples up to the full depth and records n in sBIT; most
         # 12-bit exports store 0..4095 as they are. A maximum below 2**n tells those apart.
-        full = 2 ** significant - 1
+        full = 2**significant - 1
     return np.clip(arr / full, 0.0, 1.0)
 
 
@@ -115,26 +118,26 @@ def _png_significant_bits(path: Path) -> int | None:
 
 def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi
+    from pydicom.pixels import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:
-        raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from None
+        raise ImageReadError(f'{path}: not a readable DICOM file ({exc})') from None
     if 'PixelData' not in ds:
-        raise ImageReadError(f"{path}: DICOM file has no pixel data")
+        raise ImageReadError(f'{path}: DICOM file has no pixel data')
     frames = int(ds.get('NumberOfFrames', 1) or 1)
     if frames > 1:
-        raise ImageReadError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; "
-                             f"export a single frame")
+        raise ImageReadError(f'{path}: multi-frame DICOM ({frames} frames) is not supported; export a single frame')
     try:
         arr = ds.pixel_array
     except Exception as exc:
         syntax = ds.file_meta.get('TransferSyntaxUID')
         if syntax is not None and syntax.is_compressed:
-            raise ImageReadError(f"{path}: compressed DICOM ({syntax.name}) needs the decoders: "
-                                 f"pip install 'hybridmednet[dicom]'") from None
-        raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({exc})") from None
+            raise ImageReadError(
+                f"{path}: compressed DICOM ({syntax.name}) needs the decoders: pip install 'hybridmednet[dicom]'"
+            ) from None
+        raise ImageReadError(f'{path}: cannot decode DICOM pixel data ({exc})') from None
     padding = _padding(arr, ds)
     if arr.ndim == 3:  # colour DICOM (rare for X-rays): luminance
         arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
@@ -173,7 +176,7 @@ def _apply_voi_lut(arr: np.ndarray, ds, item) -> np.ndarray:
     from pydicom.pixels import apply_voi
 
     entries, first, bits = (int(v) for v in item.LUTDescriptor)
-    entries = entries or 2 ** 16  # 0 stands for 65536
+    entries = entries or 2**16  # 0 stands for 65536
     if entries > 256 and bits <= 8:
         # pydicom 3.0 (3.0.2 at least) indexes an 8-bit table with uint8 indices, which wrap past
         # 256 entries: a 4096-entry table peaks at 15/255. Look such tables up here instead.
@@ -184,7 +187,7 @@ def _apply_voi_lut(arr: np.ndarray, ds, item) -> np.ndarray:
         out = table[np.clip(np.rint(arr) - first, 0, len(table) - 1).astype(np.intp)]
     else:
         out = apply_voi(arr, ds)
-    return out.astype(np.float64) / (2 ** bits - 1)
+    return out.astype(np.float64) / (2**bits - 1)
 
 
 def _first(value) -> float | None:

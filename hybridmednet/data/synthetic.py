@@ -11,6 +11,7 @@ like real ones, which is why splits must be by patient.
 
 Deterministic for (n, size, seed): image i depends only on the seed and i.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,29 +39,49 @@ log = logging.getLogger(__name__)
 VERSION = 2
 
 # NIH ChestX-ray14 (Data_Entry_2017, 112,120 images): share of images with each finding.
-NIH_PREVALENCE = dict(zip(NIH_FINDINGS, [
-    0.1031, 0.0248, 0.1188, 0.1774, 0.0516, 0.0565, 0.0128, 0.0473, 0.0416, 0.0205, 0.0224,
-    0.0150, 0.0302, 0.0020]))
+NIH_PREVALENCE = dict(
+    zip(
+        NIH_FINDINGS,
+        [
+            0.1031,
+            0.0248,
+            0.1188,
+            0.1774,
+            0.0516,
+            0.0565,
+            0.0128,
+            0.0473,
+            0.0416,
+            0.0205,
+            0.0224,
+            0.0150,
+            0.0302,
+            0.0020,
+        ],
+    )
+)
 
 # Latent factors behind the co-occurrences seen in NIH: any disease, fluid (heart failure:
 # effusion, edema, cardiomegaly), infection (infiltration, pneumonia, consolidation),
 # focal lesions (mass, nodule), chronic lung disease (emphysema, fibrosis, pneumothorax, pleura).
-LOADINGS = np.array([  # general, fluid, infection, lesion, chronic
-    [0.35, 0.35, 0.30, 0.00, 0.00],  # Atelectasis
-    [0.30, 0.45, 0.00, 0.00, 0.00],  # Cardiomegaly
-    [0.35, 0.50, 0.20, 0.00, 0.00],  # Effusion
-    [0.35, 0.20, 0.45, 0.00, 0.00],  # Infiltration
-    [0.30, 0.00, 0.00, 0.55, 0.00],  # Mass
-    [0.30, 0.00, 0.00, 0.55, 0.00],  # Nodule
-    [0.30, 0.00, 0.60, 0.00, 0.00],  # Pneumonia
-    [0.30, 0.00, 0.00, 0.10, 0.45],  # Pneumothorax
-    [0.35, 0.20, 0.50, 0.00, 0.00],  # Consolidation
-    [0.30, 0.55, 0.25, 0.00, 0.00],  # Edema
-    [0.30, 0.00, 0.00, 0.00, 0.55],  # Emphysema
-    [0.30, 0.00, 0.00, 0.00, 0.50],  # Fibrosis
-    [0.30, 0.15, 0.00, 0.20, 0.40],  # Pleural_Thickening
-    [0.30, 0.00, 0.00, 0.00, 0.10],  # Hernia
-])
+LOADINGS = np.array(
+    [  # general, fluid, infection, lesion, chronic
+        [0.35, 0.35, 0.30, 0.00, 0.00],  # Atelectasis
+        [0.30, 0.45, 0.00, 0.00, 0.00],  # Cardiomegaly
+        [0.35, 0.50, 0.20, 0.00, 0.00],  # Effusion
+        [0.35, 0.20, 0.45, 0.00, 0.00],  # Infiltration
+        [0.30, 0.00, 0.00, 0.55, 0.00],  # Mass
+        [0.30, 0.00, 0.00, 0.55, 0.00],  # Nodule
+        [0.30, 0.00, 0.60, 0.00, 0.00],  # Pneumonia
+        [0.30, 0.00, 0.00, 0.10, 0.45],  # Pneumothorax
+        [0.35, 0.20, 0.50, 0.00, 0.00],  # Consolidation
+        [0.30, 0.55, 0.25, 0.00, 0.00],  # Edema
+        [0.30, 0.00, 0.00, 0.00, 0.55],  # Emphysema
+        [0.30, 0.00, 0.00, 0.00, 0.50],  # Fibrosis
+        [0.30, 0.15, 0.00, 0.20, 0.40],  # Pleural_Thickening
+        [0.30, 0.00, 0.00, 0.00, 0.10],  # Hernia
+    ]
+)
 PATIENT_SHARE = 0.5  # share of the latent variance shared by a patient's images
 
 
@@ -77,7 +98,7 @@ def sample_labels(patient_of_image: np.ndarray, rng: np.random.Generator) -> np.
     a, b = np.sqrt(PATIENT_SHARE), np.sqrt(1.0 - PATIENT_SHARE)
     factors = a * rng.standard_normal((n_patients, 5))[patient_of_image] + b * rng.standard_normal((n, 5))
     unique = a * rng.standard_normal((n_patients, k))[patient_of_image] + b * rng.standard_normal((n, k))
-    latent = factors @ LOADINGS.T + unique * np.sqrt(1.0 - (LOADINGS ** 2).sum(axis=1))
+    latent = factors @ LOADINGS.T + unique * np.sqrt(1.0 - (LOADINGS**2).sum(axis=1))
     return latent > norm.isf(prevalences(n))
 
 
@@ -131,7 +152,7 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
         return cx + rng.uniform(-0.5, 0.5) * rx, cy + rng.uniform(low, high)
 
     if has['Effusion']:  # fluid fills the lung base, meniscus rising laterally
-        for side in ((-1, 1) if rng.random() < 0.4 else (anatomy['side'],)):
+        for side in (-1, 1) if rng.random() < 0.4 else (anatomy['side'],):
             cx, cy, rx, lung, dome = lung_of(side)
             level = 0.42 - rng.uniform(0.16, 0.28) - 0.12 * np.clip(side * (X - cx) / rx, 0, 1)
             fill = np.maximum(fill, np.clip((Y - level) / 0.03, 0, 1) * (lung > 0) * 0.95)
@@ -151,7 +172,7 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
         haze = _ellipse(X, Y, x, y, rng.uniform(0.12, 0.17), rng.uniform(0.12, 0.17), 0.08)
         fill = np.maximum(fill, haze * (0.6 + 0.2 * np.clip(_noise(rng, size, 12), 0, 1)))
     if has['Edema']:  # bilateral perihilar haze plus Kerley B lines at the periphery
-        hilar = np.exp(-((np.abs(X) - 0.22) ** 2 + (Y - 0.05) ** 2) / (2 * 0.16 ** 2))
+        hilar = np.exp(-((np.abs(X) - 0.22) ** 2 + (Y - 0.05) ** 2) / (2 * 0.16**2))
         kerley = (np.cos(Y * 90) > 0.85) * (np.abs(X) > 0.45) * (Y > 0.1)
         fill = np.maximum(fill, hilar * 0.6 + kerley * 0.5)
     if has['Mass']:
@@ -173,7 +194,7 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
         line = np.clip(1 - np.abs(collapsed - 0.5) / 0.5, 0, 1) * (Y < 0.2) * lung
         lung_air = lung_air * (1 - gap) + gap * 0.4 - line * 0.08
     image = 0.05 + body * 0.5 + spine * 0.12 + heart * 0.06 - lung_air
-    ribs = np.clip((np.cos((Y + 0.35 * X ** 2) * 2 * np.pi / 0.16) - 0.55) * 2.2, 0, 1)
+    ribs = np.clip((np.cos((Y + 0.35 * X**2) * 2 * np.pi / 0.16) - 0.55) * 2.2, 0, 1)
     image += ribs * lungs * 0.07
     if has['Pleural_Thickening']:  # band along the lateral chest wall
         cx, cy, rx, lung, _ = lung_of(anatomy['side'])
@@ -205,19 +226,32 @@ def _plan(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     age = np.clip(rng.normal(47, 16, len(counts)), 2, 94).astype(int)[patient] + follow_up // 3
     sex = np.where(rng.random(len(counts)) < 0.56, 'M', 'F')[patient]
     view = np.where(rng.random(n) < 0.6, 'PA', 'AP')
-    names = [f"{p + 1:08d}_{f:03d}.png" for p, f in zip(patient, follow_up)]
+    names = [f'{p + 1:08d}_{f:03d}.png' for p, f in zip(patient, follow_up)]
     findings = ['|'.join(np.array(NIH_FINDINGS)[row]) or 'No Finding' for row in labels]
-    return pd.DataFrame({
-        'Image Index': names, 'Finding Labels': findings, 'Follow-up #': follow_up,
-        'Patient ID': patient + 1, 'Patient Age': age, 'Patient Gender': sex, 'View Position': view,
-    }), labels
+    return pd.DataFrame(
+        {
+            'Image Index': names,
+            'Finding Labels': findings,
+            'Follow-up #': follow_up,
+            'Patient ID': patient + 1,
+            'Patient Age': age,
+            'Patient Gender': sex,
+            'View Position': view,
+        }
+    ), labels
 
 
 def _anatomy(seed: int, patient_id: int, view: str) -> dict:
     rng = np.random.default_rng([seed, 1, patient_id])
-    return {'body_w': rng.uniform(0.8, 0.92), 'lung_w': rng.uniform(0.92, 1.08),
-            'heart': rng.uniform(0.2, 0.23), 'scale': rng.uniform(0.92, 1.05),
-            'gamma': rng.uniform(0.9, 1.1), 'side': int(rng.choice((-1, 1))), 'view': view}
+    return {
+        'body_w': rng.uniform(0.8, 0.92),
+        'lung_w': rng.uniform(0.92, 1.08),
+        'heart': rng.uniform(0.2, 0.23),
+        'scale': rng.uniform(0.92, 1.05),
+        'gamma': rng.uniform(0.9, 1.1),
+        'side': int(rng.choice((-1, 1))),
+        'view': view,
+    }
 
 
 def _render_rows(args: tuple) -> None:
@@ -228,11 +262,12 @@ def _render_rows(args: tuple) -> None:
         Image.fromarray(image).save(out / 'images' / name, compress_level=1)
 
 
-def generate_sample_dataset(out_dir: str | Path, n: int = 2000, size: int = 256, seed: int = 0,
-                            workers: int | None = None) -> Path:
+def generate_sample_dataset(
+    out_dir: str | Path, n: int = 2000, size: int = 256, seed: int = 0, workers: int | None = None
+) -> Path:
     """Write the sample dataset (NIH layout) into out_dir and return it."""
     if n < 10:
-        raise DataError(f"sample dataset size n={n} is too small (need at least 10 images)")
+        raise DataError(f'sample dataset size n={n} is too small (need at least 10 images)')
     out = Path(out_dir)
     (out / 'images').mkdir(parents=True, exist_ok=True)
     table, labels = _plan(n, seed)
@@ -240,7 +275,7 @@ def generate_sample_dataset(out_dir: str | Path, n: int = 2000, size: int = 256,
     table['Height]'] = size
     rows = list(zip(range(n), table['Image Index'], table['Patient ID'], table['View Position'], labels))
     workers = workers or min(4, os.cpu_count() or 1)
-    chunks = [(out, seed, size, rows[k::workers * 4]) for k in range(workers * 4)]
+    chunks = [(out, seed, size, rows[k :: workers * 4]) for k in range(workers * 4)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_render_rows, chunks))
@@ -256,9 +291,19 @@ def generate_sample_dataset(out_dir: str | Path, n: int = 2000, size: int = 256,
     (out / 'train_val_list.txt').write_text('\n'.join(table['Image Index'][~in_test]) + '\n')
     counts = dict(zip(NIH_FINDINGS, labels.sum(0).tolist()))
     counts['No Finding'] = int((labels.sum(1) == 0).sum())
-    (out / 'sample_info.json').write_text(json.dumps(
-        {'n': n, 'size': size, 'seed': seed, 'version': VERSION, 'patients': int(table['Patient ID'].nunique()),
-         'label_counts': counts}, indent=1))
+    (out / 'sample_info.json').write_text(
+        json.dumps(
+            {
+                'n': n,
+                'size': size,
+                'seed': seed,
+                'version': VERSION,
+                'patients': int(table['Patient ID'].nunique()),
+                'label_counts': counts,
+            },
+            indent=1,
+        )
+    )
     return out
 
 
@@ -271,11 +316,11 @@ def cache_root() -> Path:
 
 def cached_sample_dataset(n: int = 2000, size: int = 256, seed: int = 0) -> Path:
     """The sample dataset in the cache folder, generated on first use (safe if two processes race)."""
-    target = cache_root() / f"sample-v{VERSION}-n{n}-s{size}-seed{seed}"
+    target = cache_root() / f'sample-v{VERSION}-n{n}-s{size}-seed{seed}'
     if (target / 'sample_info.json').is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("generating the sample dataset (%d images, %d px) into %s", n, size, target)
+    log.info('generating the sample dataset (%d images, %d px) into %s', n, size, target)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + '.tmp', dir=target.parent))
     try:
         generate_sample_dataset(tmp, n, size, seed)

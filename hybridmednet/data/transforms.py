@@ -10,10 +10,11 @@ off unless asked for: the heart is on the patient's left.
 Every path, the cache included, starts with `fit_square`: a non-square image (CheXpert's
 390 x 320) keeps its aspect ratio and is padded, so it is trained and scored in one geometry.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import torch
@@ -44,8 +45,9 @@ def fit_square(image: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torc
     h, w = tensor.shape[-2:]
     if (h, w) != (size, size):
         top, left, new_h, new_w = square_box(h, w, size)
-        resized = F.interpolate(tensor.reshape(-1, 1, h, w), size=(new_h, new_w), mode='bilinear',
-                                antialias=True, align_corners=False)
+        resized = F.interpolate(
+            tensor.reshape(-1, 1, h, w), size=(new_h, new_w), mode='bilinear', antialias=True, align_corners=False
+        )
         padded = F.pad(resized, (left, size - new_w - left, top, size - new_h - top))
         tensor = padded.reshape(*tensor.shape[:-2], size, size)
     return tensor.numpy() if is_array else tensor
@@ -73,15 +75,18 @@ def build_transforms(config: Config, train: bool) -> Callable[[np.ndarray], torc
     if not train:
         return v2.Compose([v2.Lambda(to_tensor), v2.Lambda(partial(fit_square, size=size)), *tail])
     flip = [v2.RandomHorizontalFlip()] if config.DATA['horizontal_flip'] else []
-    return v2.Compose([
-        v2.Lambda(to_tensor),
-        # Antialiased resize to 8/7 of the size once (a no-op on a 256 px cache at 224 px),
-        # then a crop that rescales by at most ~1.3x needs no antialiasing: half the cost.
-        v2.Lambda(partial(fit_square, size=round(size * 8 / 7))),
-        v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=False),
-        v2.ColorJitter(brightness=0.2, contrast=0.2),
-        *flip, *tail,
-    ])
+    return v2.Compose(
+        [
+            v2.Lambda(to_tensor),
+            # Antialiased resize to 8/7 of the size once (a no-op on a 256 px cache at 224 px),
+            # then a crop that rescales by at most ~1.3x needs no antialiasing: half the cost.
+            v2.Lambda(partial(fit_square, size=round(size * 8 / 7))),
+            v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=False),
+            v2.ColorJitter(brightness=0.2, contrast=0.2),
+            *flip,
+            *tail,
+        ]
+    )
 
 
 class _AlbumentationsPipeline:
@@ -91,17 +96,20 @@ class _AlbumentationsPipeline:
         try:
             import albumentations as A
         except ImportError:
-            raise ImportError("DATA.use_albumentations needs albumentations: "
-                              "pip install 'hybridmednet[albumentations]'") from None
+            raise ImportError(
+                "DATA.use_albumentations needs albumentations: pip install 'hybridmednet[albumentations]'"
+            ) from None
         self.letterbox = round(size * 8 / 7)  # as the default pipeline: fit_square, then crop
-        self.pipeline = A.Compose([
-            A.RandomResizedCrop(size=(size, size), scale=(0.7, 1.0), ratio=(0.85, 1.15)),
-            A.Affine(rotate=(-10, 10), translate_percent=(-0.06, 0.06), scale=(0.9, 1.1), p=0.7),
-            A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.8),
-            A.RandomGamma(gamma_limit=(80, 120), p=0.3),
-            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.01, 0.04))], p=0.3),
-            *([A.HorizontalFlip()] if flip else []),
-        ])
+        self.pipeline = A.Compose(
+            [
+                A.RandomResizedCrop(size=(size, size), scale=(0.7, 1.0), ratio=(0.85, 1.15)),
+                A.Affine(rotate=(-10, 10), translate_percent=(-0.06, 0.06), scale=(0.9, 1.1), p=0.7),
+                A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.8),
+                A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+                A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.01, 0.04))], p=0.3),
+                *([A.HorizontalFlip()] if flip else []),
+            ]
+        )
         self.tail = tail
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:

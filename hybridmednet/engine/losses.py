@@ -4,8 +4,8 @@ Unknown labels (CheXpert "uncertain" under U-Ignore, findings a dataset never re
 must not pull the model either way, so every loss is an element-wise term, multiplied
 by the mask and averaged over the known labels only.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +30,23 @@ class MultiLabelLoss(nn.Module):
     findings (Hernia: 0.2% of NIH) are not drowned by negatives in every variant.
     """
 
-    def __init__(self, kind: str = 'bce', pos_weight: torch.Tensor | None = None, focal_gamma: float = 2.0,
-                 gamma_pos: float = 0.0, gamma_neg: float = 4.0, clip: float = 0.05):
+    def __init__(
+        self,
+        kind: str = 'bce',
+        pos_weight: torch.Tensor | None = None,
+        focal_gamma: float = 2.0,
+        gamma_pos: float = 0.0,
+        gamma_neg: float = 4.0,
+        clip: float = 0.05,
+    ):
         super().__init__()
         if kind not in ('bce', 'focal', 'asymmetric'):
             raise ValueError(f"unknown loss type {kind!r}; choose 'bce', 'focal' or 'asymmetric'")
         self.kind, self.focal_gamma = kind, focal_gamma
         self.gamma_pos, self.gamma_neg, self.clip = gamma_pos, gamma_neg, clip
-        self.register_buffer('pos_weight', None if pos_weight is None else torch.as_tensor(pos_weight).float(),
-                             persistent=False)
+        self.register_buffer(
+            'pos_weight', None if pos_weight is None else torch.as_tensor(pos_weight).float(), persistent=False
+        )
 
     def elementwise(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -75,15 +83,23 @@ class HierarchicalLoss(nn.Module):
     two heads tell one story.
     """
 
-    def __init__(self, fine_loss: MultiLabelLoss, coarse_loss: MultiLabelLoss, groups: torch.Tensor,
-                 fine_weight: float = 1.0, coarse_weight: float = 0.5, consistency_weight: float = 0.1):
+    def __init__(
+        self,
+        fine_loss: MultiLabelLoss,
+        coarse_loss: MultiLabelLoss,
+        groups: torch.Tensor,
+        fine_weight: float = 1.0,
+        coarse_weight: float = 0.5,
+        consistency_weight: float = 0.1,
+    ):
         super().__init__()
         self.fine_loss, self.coarse_loss = fine_loss, coarse_loss
         self.register_buffer('groups', groups.float(), persistent=False)
         self.weights = (fine_weight, coarse_weight, consistency_weight)
 
-    def forward(self, outputs: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, outputs: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         fine, coarse = outputs
         mask = torch.ones_like(target) if mask is None else mask
         known_pos = (target * mask) @ self.groups.T > 0
@@ -94,8 +110,11 @@ class HierarchicalLoss(nn.Module):
         log_absent = F.logsigmoid(-fine.float()) @ self.groups.T
         consistency = (torch.sigmoid(coarse.float()) - (1 - log_absent.exp())).pow(2).mean()
         w_fine, w_coarse, w_cons = self.weights
-        return (w_fine * self.fine_loss(fine, target, mask)
-                + w_coarse * self.coarse_loss(coarse, coarse_target, coarse_mask) + w_cons * consistency)
+        return (
+            w_fine * self.fine_loss(fine, target, mask)
+            + w_coarse * self.coarse_loss(coarse, coarse_target, coarse_mask)
+            + w_cons * consistency
+        )
 
 
 def build_loss(config: Config, pos_weight: torch.Tensor | None = None) -> nn.Module:
@@ -104,12 +123,16 @@ def build_loss(config: Config, pos_weight: torch.Tensor | None = None) -> nn.Mod
     if pos_weight is None and isinstance(loss_cfg['pos_weight'], (list, tuple)):
         pos_weight = torch.tensor(loss_cfg['pos_weight'], dtype=torch.float32)
     if pos_weight is not None and len(pos_weight) != config.MODEL['num_classes']:
-        raise ConfigError(f"LOSS['pos_weight'] has {len(pos_weight)} values for "
-                         f"{config.MODEL['num_classes']} classes")
+        raise ConfigError(f"LOSS['pos_weight'] has {len(pos_weight)} values for {config.MODEL['num_classes']} classes")
     options = (loss_cfg['focal_gamma'], loss_cfg['asl_gamma_pos'], loss_cfg['asl_gamma_neg'], loss_cfg['asl_clip'])
     fine = MultiLabelLoss(loss_cfg['type'], pos_weight, *options)
     if not config.MODEL['hierarchical']:
         return fine
-    return HierarchicalLoss(fine, MultiLabelLoss(loss_cfg['type'], None, *options),
-                            group_matrix(config.class_names, coarse_groups(config)),
-                            loss_cfg['fine_weight'], loss_cfg['coarse_weight'], loss_cfg['consistency_weight'])
+    return HierarchicalLoss(
+        fine,
+        MultiLabelLoss(loss_cfg['type'], None, *options),
+        group_matrix(config.class_names, coarse_groups(config)),
+        loss_cfg['fine_weight'],
+        loss_cfg['coarse_weight'],
+        loss_cfg['consistency_weight'],
+    )

@@ -2,16 +2,18 @@
 
 Kept apart from the loop so that the loop reads as what it does, not how it is set up.
 """
+
 from __future__ import annotations
 
 import os
 import random
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from hybridmednet.config import Config
 @dataclass
 class Dist:
     """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
     rank: int = 0
     world: int = 1
     owns_group: bool = False
@@ -51,7 +54,7 @@ def setup_device(config: Config) -> tuple[Dist, torch.device]:
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if world == 1:
         return Dist(), torch.device(want)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if want.startswith('cuda') else 'cpu')
+    device = torch.device(f'cuda:{os.environ.get("LOCAL_RANK", "0")}' if want.startswith('cuda') else 'cpu')
     owns = not dist.is_initialized()
     if device.type == 'cuda':
         torch.cuda.set_device(device)
@@ -65,10 +68,14 @@ def precision(enabled: bool, device: torch.device, log: Callable[[str], None]):
     if enabled and device.type == 'cuda':
         return partial(torch.autocast, 'cuda', dtype=torch.float16), torch.amp.GradScaler('cuda')
     off = torch.amp.GradScaler(device.type, enabled=False)
-    if enabled and device.type == 'cpu' and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if (
+        enabled
+        and device.type == 'cpu'
+        and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    ):
         return partial(torch.autocast, 'cpu', dtype=torch.bfloat16), off
     if enabled:
-        log(f"note: mixed precision off: no fp16/bf16 support on {device.type}")
+        log(f'note: mixed precision off: no fp16/bf16 support on {device.type}')
     return nullcontext, off
 
 
@@ -99,8 +106,12 @@ def rng_state() -> dict[str, Any]:
     return {
         'torch': torch.get_rng_state(),
         'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+        'numpy': {
+            'keys': torch.from_numpy(keys.astype(np.int64)),
+            'pos': int(pos),
+            'has_gauss': int(has_gauss),
+            'cached_gaussian': float(cached),
+        },
         'python': {'version': version, 'state': torch.tensor(internal, dtype=torch.int64), 'gauss_next': gauss_next},
     }
 
@@ -110,8 +121,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state['cuda'] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
     n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
+    np.random.set_state(
+        ('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian'])
+    )
     p = state['python']
     random.setstate((p['version'], tuple(int(v) for v in p['state'].tolist()), p['gauss_next']))
 

@@ -1,5 +1,6 @@
 """The learning-rate schedule: a pure function of the optimizer step, so a resumed run sees the
 same rates as an uninterrupted one."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,16 @@ class LRSchedule:
     sees the same rates as an uninterrupted one.
     """
 
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int, steps_per_epoch: int,
-                 step_size: int = 10, gamma: float = 0.1, patience: int = 3):
+    def __init__(
+        self,
+        kind: str,
+        total_steps: int,
+        warmup_steps: int,
+        steps_per_epoch: int,
+        step_size: int = 10,
+        gamma: float = 0.1,
+        patience: int = 3,
+    ):
         self.kind, self.total, self.steps_per_epoch = kind, max(total_steps, 1), max(steps_per_epoch, 1)
         self.warmup = min(warmup_steps, self.total - 1) if kind != 'none' else 0
         self.step_size, self.gamma, self.patience = step_size, gamma, patience
@@ -30,7 +39,7 @@ class LRSchedule:
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         if self.kind == 'step':
             return self.gamma ** (step // (self.step_size * self.steps_per_epoch))
-        return self.scale     # plateau (cut in epoch_end) or none
+        return self.scale  # plateau (cut in epoch_end) or none
 
     def epoch_end(self, metric: float) -> None:
         """Plateau: cut the rate by `gamma` after `patience` epochs without a better metric."""
@@ -56,8 +65,12 @@ def build_schedule(config: Config, steps_per_epoch: int) -> LRSchedule:
     t = config.TRAIN
     total, warmup = t['epochs'] * steps_per_epoch, round(t['warmup_epochs'] * steps_per_epoch)
     if t['lr_scheduler'] != 'none' and warmup >= total > 1:
-        warnings.warn(f"TRAIN.warmup_epochs ({t['warmup_epochs']}) is not shorter than the run "
-                      f"({t['epochs']} epochs): warmup shortened to {max(total // 10, 1)} steps", stacklevel=2)
+        warnings.warn(
+            f'TRAIN.warmup_epochs ({t["warmup_epochs"]}) is not shorter than the run '
+            f'({t["epochs"]} epochs): warmup shortened to {max(total // 10, 1)} steps',
+            stacklevel=2,
+        )
         warmup = max(total // 10, 1)
-    return LRSchedule(t['lr_scheduler'], total, warmup, steps_per_epoch, t['step_size'], t['gamma'],
-                      t['plateau_patience'])
+    return LRSchedule(
+        t['lr_scheduler'], total, warmup, steps_per_epoch, t['step_size'], t['gamma'], t['plateau_patience']
+    )

@@ -13,6 +13,7 @@ Exactness is designed in, not tested in afterwards:
 - under DDP each rank takes a strided shard of the same permutation and the loss is a mean, so
   2 processes with batch b/2 step exactly like 1 process with batch b.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,16 @@ from hybridmednet.checkpoint import FORMAT, export_weights, load_checkpoint, pre
 from hybridmednet.config import Config
 from hybridmednet.data.datasets import build_datasets, compute_pos_weight, make_weighted_sampler
 from hybridmednet.engine.losses import build_loss
-from hybridmednet.engine.runtime import (Dist, init_worker, precision, rng_state, seed_everything, set_rng_state,
-                                         setup_device, stop_on_sigint)
+from hybridmednet.engine.runtime import (
+    Dist,
+    init_worker,
+    precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_device,
+    stop_on_sigint,
+)
 from hybridmednet.engine.schedule import build_schedule
 from hybridmednet.errors import TrainingError
 from hybridmednet.evaluation.metrics import roc_auc
@@ -59,32 +68,41 @@ OOM_REMEDIES = """CUDA ran out of memory (TRAIN.batch_size={batch}, MODEL.backbo
 @dataclass
 class Progress:
     """Everything about where the run is, saved in each checkpoint (plain values only)."""
-    epoch: int = 0                 # epochs completed
-    step: int = 0                  # optimizer steps taken (skipped NaN steps included)
-    batch_in_epoch: int = 0        # micro-batches of the current epoch done (non-zero after Ctrl-C)
-    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])   # sum, count in the current epoch
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (skipped NaN steps included)
+    batch_in_epoch: int = 0  # micro-batches of the current epoch done (non-zero after Ctrl-C)
+    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count in the current epoch
     best_auc: float = -math.inf
-    bad_epochs: int = 0            # epochs without a better val AUC (early stopping)
-    bad_steps: int = 0             # NaN/Inf losses skipped in all
+    bad_epochs: int = 0  # epochs without a better val AUC (early stopping)
+    bad_steps: int = 0  # NaN/Inf losses skipped in all
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Trainer:
     """Holds the pieces of one run; `fit()` is the loop. Build it through `train()`."""
 
-    def __init__(self, config: Config, dist_info: Dist, device: torch.device, model: nn.Module | None = None,
-                 datasets: dict[str, Dataset] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        dist_info: Dist,
+        device: torch.device,
+        model: nn.Module | None = None,
+        datasets: dict[str, Dataset] | None = None,
+    ):
         self.config, t = config, config.TRAIN
         self.dist, self.device = dist_info, device
-        if config.DATA['mean'] is None or config.DATA['std'] is None:   # saved with the model from here on
+        if config.DATA['mean'] is None or config.DATA['std'] is None:  # saved with the model from here on
             expected = backbone_preprocessing(config.MODEL['backbone'])
             config.DATA['mean'], config.DATA['std'] = list(expected['mean']), list(expected['std'])
         seed_everything(t['seed'] + self.dist.rank)
         self.datasets = datasets or self._build_datasets()
-        if len(self.datasets['val']) == 0:    # found now, not after a whole epoch of training
-            raise TrainingError("the validation split is empty: validation picks the best model and drives early "
-                                "stopping. Set DATA.val_split > 0 (e.g. 0.1, with train/test adjusted to sum to 1), "
-                                "or give rows with split 'val' in a CSV dataset")
+        if len(self.datasets['val']) == 0:  # found now, not after a whole epoch of training
+            raise TrainingError(
+                'the validation split is empty: validation picks the best model and drives early '
+                'stopping. Set DATA.val_split > 0 (e.g. 0.1, with train/test adjusted to sum to 1), '
+                "or give rows with split 'val' in a CSV dataset"
+            )
         names = getattr(self.datasets['train'], 'class_names', None)
         if config.DATA['class_names'] is None and names and list(names) != config.class_names:
             config.DATA['class_names'] = list(names)  # CheXpert, CSV, folders: the data's own labels
@@ -96,8 +114,9 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.hierarchical = bool(config.MODEL['hierarchical'])
         self.criterion = build_loss(config, self._pos_weight()).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t['learning_rate'],
-                                           weight_decay=t['weight_decay'])
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=t['learning_rate'], weight_decay=t['weight_decay']
+        )
         self.autocast, self.scaler = precision(t['mixed_precision'], self.device, self.log)
         self.batch_size, self.accum = t['batch_size'], t['gradient_accumulation_steps']
         shard = len(self.datasets['train']) // self.dist.world
@@ -105,18 +124,19 @@ class Trainer:
         if t['max_steps_per_epoch']:
             self.steps_per_epoch = min(self.steps_per_epoch, t['max_steps_per_epoch'])
         if self.steps_per_epoch == 0:
-            raise TrainingError(f"the training set ({len(self.datasets['train'])} images) is smaller than one "
-                                f"step (batch {self.batch_size} x accumulation {self.accum} x {self.dist.world} "
-                                f"processes); lower TRAIN.batch_size")
+            raise TrainingError(
+                f'the training set ({len(self.datasets["train"])} images) is smaller than one '
+                f'step (batch {self.batch_size} x accumulation {self.accum} x {self.dist.world} '
+                f'processes); lower TRAIN.batch_size'
+            )
         self.schedule = build_schedule(config, self.steps_per_epoch)
-        self.ema = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                    if t['ema_decay'] > 0 else None)
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if t['ema_decay'] > 0 else None
         self.progress = Progress()
         self.ckpt_dir = Path(config.CHECKPOINT['dir'])
         self.log_dir = Path(config.LOGGING['log_dir'])
         self.writer = None
         self.stop_requested = False
-        self.bad_in_a_row = 0          # consecutive NaN/Inf losses
+        self.bad_in_a_row = 0  # consecutive NaN/Inf losses
 
     # -- building ----------------------------------------------------------------------------------
     def _build_datasets(self) -> dict[str, Dataset]:
@@ -139,8 +159,10 @@ class Trainer:
     def request_stop(self, signum: int) -> None:
         """Ctrl-C / SIGTERM: finish this step, then write a resumable checkpoint (see runtime.stop_on_sigint)."""
         if not self.stop_requested:
-            self.log(f"\n{signal.Signals(signum).name}: finishing this step, then writing a resumable "
-                     f"checkpoint (kill -9 aborts at once)")
+            self.log(
+                f'\n{signal.Signals(signum).name}: finishing this step, then writing a resumable '
+                f'checkpoint (kill -9 aborts at once)'
+            )
         self.stop_requested = True
 
     def log(self, message: str) -> None:
@@ -151,7 +173,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """The full checkpoint: tensors and plain values only (weights_only-loadable)."""
         rng = [rng_state()]
-        if self.dist.world > 1:          # every rank's streams (dropout differs per rank)
+        if self.dist.world > 1:  # every rank's streams (dropout differs per rank)
             rng = [None] * self.dist.world
             dist.all_gather_object(rng, rng_state())
         return {
@@ -170,27 +192,29 @@ class Trainer:
         }
 
     def save(self, path: Path) -> None:
-        state = self.state()            # collective under DDP: every rank builds it, rank 0 writes
+        state = self.state()  # collective under DDP: every rank builds it, rank 0 writes
         if self.dist.is_main:
             save_checkpoint(path, state)
 
     def resume(self, path: str | Path) -> None:
-        ckpt = load_checkpoint(path, 'cpu')          # RNG states must stay on the CPU; weights are copied over
+        ckpt = load_checkpoint(path, 'cpu')  # RNG states must stay on the CPU; weights are copied over
         self.model.load_state_dict(ckpt['model_state_dict'], strict=True)
         self.optimizer.load_state_dict(ckpt['optimizer_state_dict'])
         self.schedule.load_state_dict(ckpt['scheduler_state_dict'])
         self._load_scaler(ckpt['scaler_state_dict'], path)
         if (self.ema is None) != (ckpt['ema_state_dict'] is None):
-            raise TrainingError(f"{path}: TRAIN.ema_decay must stay on/off as it was when the checkpoint was written")
+            raise TrainingError(f'{path}: TRAIN.ema_decay must stay on/off as it was when the checkpoint was written')
         self.ema = ckpt['ema_state_dict'] and {k: v.to(self.device) for k, v in ckpt['ema_state_dict'].items()}
         self.progress = Progress(**{k: ckpt[k] for k in Progress.__dataclass_fields__})
         if ckpt['world_size'] == self.dist.world:
             set_rng_state(ckpt['rng_states'][self.dist.rank])
         else:
-            self.log(f"note: {path} was written by {ckpt['world_size']} processes, this run has "
-                     f"{self.dist.world}: the data order is kept, random augmentations are reseeded")
+            self.log(
+                f'note: {path} was written by {ckpt["world_size"]} processes, this run has '
+                f'{self.dist.world}: the data order is kept, random augmentations are reseeded'
+            )
             seed_everything(self.config.TRAIN['seed'] + 1000 * self.progress.epoch + self.dist.rank)
-        self.log(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")
+        self.log(f'resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}')
 
     def _load_scaler(self, state: dict[str, Any], path: str | Path) -> None:
         """The loss scale carries over only between runs that both use it (fp16 on CUDA); a CPU run
@@ -198,9 +222,11 @@ class Trainer:
         if state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state)
         elif state or self.scaler.is_enabled():
-            self.log(f"note: {path} was written with TRAIN.mixed_precision="
-                     f"{'on' if state else 'off'}; this run has it {'on' if self.scaler.is_enabled() else 'off'}: "
-                     f"the fp16 loss scale {'starts fresh' if self.scaler.is_enabled() else 'is not needed'}")
+            self.log(
+                f'note: {path} was written with TRAIN.mixed_precision='
+                f'{"on" if state else "off"}; this run has it {"on" if self.scaler.is_enabled() else "off"}: '
+                f'the fp16 loss scale {"starts fresh" if self.scaler.is_enabled() else "is not needed"}'
+            )
 
     # -- data ----------------------------------------------------------------------------------------
     def epoch_indices(self, epoch: int) -> list[int]:
@@ -209,15 +235,21 @@ class Trainer:
         if self.config.TRAIN['weighted_sampler']:
             order = list(make_weighted_sampler(ds, seed=seed + epoch))
             usable = len(order) - len(order) % self.dist.world
-            return order[self.dist.rank:usable:self.dist.world]
+            return order[self.dist.rank : usable : self.dist.world]
         sampler = DistributedSampler(ds, self.dist.world, self.dist.rank, shuffle=True, seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
         return list(sampler)
 
     def loader(self, dataset: Dataset, indices: list[int], drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=indices, drop_last=drop_last,
-                          num_workers=self.config.DATA['num_workers'], worker_init_fn=init_worker,
-                          pin_memory=self.device.type == 'cuda')
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=indices,
+            drop_last=drop_last,
+            num_workers=self.config.DATA['num_workers'],
+            worker_init_fn=init_worker,
+            pin_memory=self.device.type == 'cuda',
+        )
 
     def forward(self, net: nn.Module, images: torch.Tensor):
         return net(images, return_coarse=True) if self.hierarchical else net(images)
@@ -227,15 +259,16 @@ class Trainer:
         """Train one epoch; the mean training loss, or None when a stop was requested mid-epoch."""
         p, t = self.progress, self.config.TRAIN
         n_micro = self.steps_per_epoch * self.accum
-        indices = self.epoch_indices(epoch)[p.batch_in_epoch * self.batch_size:n_micro * self.batch_size]
+        indices = self.epoch_indices(epoch)[p.batch_in_epoch * self.batch_size : n_micro * self.batch_size]
         self.net.train()
         seed_epoch = getattr(self.datasets['train'], 'set_epoch', None)
-        if seed_epoch is not None:     # augmentation drawn per (seed, epoch, image): resumes repeat it exactly
+        if seed_epoch is not None:  # augmentation drawn per (seed, epoch, image): resumes repeat it exactly
             seed_epoch(t['seed'] * 100_003 + epoch)
-        bar = _progress_bar(len(indices) * self.dist.world, f"epoch {epoch + 1}/{t['epochs']}", self.dist.is_main)
+        bar = _progress_bar(len(indices) * self.dist.world, f'epoch {epoch + 1}/{t["epochs"]}', self.dist.is_main)
         group_ok, group_known = True, 0.0
-        for micro, (images, target, mask) in enumerate(self.loader(self.datasets['train'], indices, True),
-                                                       start=p.batch_in_epoch):
+        for micro, (images, target, mask) in enumerate(
+            self.loader(self.datasets['train'], indices, True), start=p.batch_in_epoch
+        ):
             images, target, mask = (x.to(self.device, non_blocking=True) for x in (images, target, mask))
             last_micro = (micro + 1) % self.accum == 0
             # Under DDP, gradients are all-reduced only on the last micro-batch of a step.
@@ -260,10 +293,16 @@ class Trainer:
             self.optimizer_step(group_ok, self.dist.all_reduce([group_known])[0] / self.dist.world)
             group_ok, group_known = True, 0.0
             if p.step % self.config.LOGGING['log_freq'] == 0 and p.epoch_loss[1]:
-                self.log_scalars({'train/loss_running': p.epoch_loss[0] / p.epoch_loss[1],
-                                  'train/lr': self.optimizer.param_groups[0]['lr']}, p.step)
-                bar.set_postfix(loss=f"{p.epoch_loss[0] / p.epoch_loss[1]:.4f}",
-                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                self.log_scalars(
+                    {
+                        'train/loss_running': p.epoch_loss[0] / p.epoch_loss[1],
+                        'train/lr': self.optimizer.param_groups[0]['lr'],
+                    },
+                    p.step,
+                )
+                bar.set_postfix(
+                    loss=f'{p.epoch_loss[0] / p.epoch_loss[1]:.4f}', lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}'
+                )
             if self.dist.all_reduce([float(self.stop_requested)], dist.ReduceOp.MAX)[0]:
                 bar.close()
                 return None
@@ -283,13 +322,16 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             p.bad_steps += 1
             self.bad_in_a_row += 1
-            self.log(f"warning: NaN/Inf loss at step {p.step}: step skipped ({self.bad_in_a_row} in a row, "
-                     f"{p.bad_steps} in all)")
+            self.log(
+                f'warning: NaN/Inf loss at step {p.step}: step skipped ({self.bad_in_a_row} in a row, '
+                f'{p.bad_steps} in all)'
+            )
             if self.bad_in_a_row >= t['max_bad_steps']:
                 raise TrainingError(
-                    f"{self.bad_in_a_row} steps in a row had a NaN/Inf loss (step {p.step}); the run is "
-                    f"diverging. Lower TRAIN.learning_rate, keep TRAIN.grad_clip_norm > 0, or try "
-                    f"TRAIN.mixed_precision=false, then resume from the last checkpoint.")
+                    f'{self.bad_in_a_row} steps in a row had a NaN/Inf loss (step {p.step}); the run is '
+                    f'diverging. Lower TRAIN.learning_rate, keep TRAIN.grad_clip_norm > 0, or try '
+                    f'TRAIN.mixed_precision=false, then resume from the last checkpoint.'
+                )
             return
         self.bad_in_a_row = 0
         for param in self.model.parameters():
@@ -354,8 +396,14 @@ class Trainer:
         probs = torch.sigmoid(out['logits']).numpy()
         aucs = roc_auc(out['target'].numpy(), probs, out['mask'].numpy())
         valid = aucs[np.isfinite(aucs)]
-        return {'loss': float(loss), 'mean_auc': float(valid.mean()) if len(valid) else math.nan,
-                'aucs': aucs, 'probs': probs, 'target': out['target'].numpy(), 'mask': out['mask'].numpy()}
+        return {
+            'loss': float(loss),
+            'mean_auc': float(valid.mean()) if len(valid) else math.nan,
+            'aucs': aucs,
+            'probs': probs,
+            'target': out['target'].numpy(),
+            'mask': out['mask'].numpy(),
+        }
 
     # -- logging ------------------------------------------------------------------------------------------
     def log_scalars(self, values: dict[str, float], step: int) -> None:
@@ -383,9 +431,11 @@ class Trainer:
         if self.dist.is_main and self.config.LOGGING['tensorboard']:
             self.writer = SummaryWriter(str(self.log_dir), purge_step=p.step or None)
         n_params = count_parameters(self.model)
-        self.log(f"training {type(self.model).__name__} ({n_params / 1e6:.2f}M params) on {self.device} "
-                 f"x{self.dist.world}: {len(self.datasets['train'])} train / {len(self.datasets['val'])} val "
-                 f"images, {self.steps_per_epoch} steps/epoch, {t['epochs']} epochs")
+        self.log(
+            f'training {type(self.model).__name__} ({n_params / 1e6:.2f}M params) on {self.device} '
+            f'x{self.dist.world}: {len(self.datasets["train"])} train / {len(self.datasets["val"])} val '
+            f'images, {self.steps_per_epoch} steps/epoch, {t["epochs"]} epochs'
+        )
         best_path, last_path = self.ckpt_dir / 'best_model.pth', self.ckpt_dir / 'last_model.pth'
         stopped_early = interrupted = False
         with stop_on_sigint(self.request_stop):
@@ -395,8 +445,10 @@ class Trainer:
                 if train_loss is None:
                     interrupted = True
                     self.save(last_path)
-                    self.log(f"interrupted: resumable checkpoint {last_path}\n"
-                             f"  continue with: hybridmednet train --resume {last_path}")
+                    self.log(
+                        f'interrupted: resumable checkpoint {last_path}\n'
+                        f'  continue with: hybridmednet train --resume {last_path}'
+                    )
                     break
                 val = self.score_validation(self.eval_model())
                 self.schedule.epoch_end(val['mean_auc'])
@@ -405,33 +457,54 @@ class Trainer:
                 p.best_auc, p.bad_epochs = (score, 0) if improved else (p.best_auc, p.bad_epochs + 1)
                 p.epoch, p.batch_in_epoch, p.epoch_loss = epoch + 1, 0, [0.0, 0.0]
                 seconds = time.perf_counter() - start
-                self.record_epoch({'epoch': epoch + 1, 'train_loss': train_loss, 'val_loss': val['loss'],
-                                   'val_mean_auc': val['mean_auc'], 'lr': self.optimizer.param_groups[0]['lr'],
-                                   'seconds': round(seconds, 2), 'bad_steps': p.bad_steps,
-                                   **{f'auc_{n}': float(a) for n, a in zip(names, val['aucs'])}})
-                self.log(f"epoch {epoch + 1}/{t['epochs']}  train {train_loss:.4f}  val {val['loss']:.4f}  "
-                         f"mean AUC {val['mean_auc']:.4f}{'  (best)' if improved else ''}  {seconds:.1f}s")
+                self.record_epoch(
+                    {
+                        'epoch': epoch + 1,
+                        'train_loss': train_loss,
+                        'val_loss': val['loss'],
+                        'val_mean_auc': val['mean_auc'],
+                        'lr': self.optimizer.param_groups[0]['lr'],
+                        'seconds': round(seconds, 2),
+                        'bad_steps': p.bad_steps,
+                        **{f'auc_{n}': float(a) for n, a in zip(names, val['aucs'])},
+                    }
+                )
+                self.log(
+                    f'epoch {epoch + 1}/{t["epochs"]}  train {train_loss:.4f}  val {val["loss"]:.4f}  '
+                    f'mean AUC {val["mean_auc"]:.4f}{"  (best)" if improved else ""}  {seconds:.1f}s'
+                )
                 patience = t['early_stopping_patience']
                 stopped_early = bool(patience) and p.bad_epochs >= patience
                 if improved:
                     self.save(best_path)
                     if self.dist.is_main:
-                        export_weights(best_path.with_suffix('.safetensors'), self.ema or self.model.state_dict(),
-                                       self.config, {'epoch': p.epoch, 'val_mean_auc': val['mean_auc']})
-                freq = self.config.CHECKPOINT['save_freq']      # 0: only at the end
+                        export_weights(
+                            best_path.with_suffix('.safetensors'),
+                            self.ema or self.model.state_dict(),
+                            self.config,
+                            {'epoch': p.epoch, 'val_mean_auc': val['mean_auc']},
+                        )
+                freq = self.config.CHECKPOINT['save_freq']  # 0: only at the end
                 if (freq and p.epoch % freq == 0) or p.epoch == t['epochs'] or stopped_early:
                     self.save(last_path)
                 if stopped_early:
-                    self.log(f"early stopping: no better val mean AUC for {patience} epochs "
-                             f"(best {p.best_auc:.4f})")
+                    self.log(f'early stopping: no better val mean AUC for {patience} epochs (best {p.best_auc:.4f})')
         if not interrupted:
             self.finish(best_path)
         if self.writer is not None:
             self.writer.close()
-        return {'history': p.history, 'best_auc': p.best_auc, 'best_checkpoint': best_path,
-                'last_checkpoint': last_path, 'best_export': best_path.with_suffix('.safetensors'),
-                'epochs': p.epoch, 'steps': p.step, 'bad_steps': p.bad_steps,
-                'stopped_early': stopped_early, 'interrupted': interrupted}
+        return {
+            'history': p.history,
+            'best_auc': p.best_auc,
+            'best_checkpoint': best_path,
+            'last_checkpoint': last_path,
+            'best_export': best_path.with_suffix('.safetensors'),
+            'epochs': p.epoch,
+            'steps': p.step,
+            'bad_steps': p.bad_steps,
+            'stopped_early': stopped_early,
+            'interrupted': interrupted,
+        }
 
     def finish(self, best_path: Path) -> None:
         """training_curves.png, and roc_curves.png of the best model on the validation set."""
@@ -442,29 +515,42 @@ class Trainer:
         val = self.score_validation(self.eval_model(best['ema_state_dict'] or best['model_state_dict']))
         if self.dist.is_main:
             plot_training_curves(self.progress.history, self.log_dir / 'training_curves.png')
-            plot_roc_curves(val['target'], val['probs'], val['mask'], self.config.class_names,
-                            self.log_dir / 'roc_curves.png', split='validation')
-            self.log(f"best val mean AUC {val['mean_auc']:.4f}: {best_path} (+ .safetensors); "
-                     f"plots in {self.log_dir}")
+            plot_roc_curves(
+                val['target'],
+                val['probs'],
+                val['mask'],
+                self.config.class_names,
+                self.log_dir / 'roc_curves.png',
+                split='validation',
+            )
+            self.log(f'best val mean AUC {val["mean_auc"]:.4f}: {best_path} (+ .safetensors); plots in {self.log_dir}')
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     """tqdm in images, so its rate is throughput (img/s) and its ETA is the epoch's."""
-    return tqdm(total=total, desc=desc, unit='img', disable=not enabled, leave=False, dynamic_ncols=True,
-                mininterval=1.0)
+    return tqdm(
+        total=total, desc=desc, unit='img', disable=not enabled, leave=False, dynamic_ncols=True, mininterval=1.0
+    )
 
 
 # -- entry points --------------------------------------------------------------------------------------------
-def train(config: Config, resume: str | Path | None = None, *, model: nn.Module | None = None,
-          datasets: dict[str, Dataset] | None = None) -> dict[str, Any]:
+def train(
+    config: Config,
+    resume: str | Path | None = None,
+    *,
+    model: nn.Module | None = None,
+    datasets: dict[str, Dataset] | None = None,
+) -> dict[str, Any]:
     """Train from `config` (any nn.Module mapping [B,3,H,W] to logits when `model` is given).
 
     Returns the history, best/last checkpoint paths and how the run ended. Under torchrun
     (WORLD_SIZE > 1) every process calls this; only rank 0 writes files.
     """
     dist_info, device = setup_device(config)
-    deterministic = (torch.are_deterministic_algorithms_enabled(),
-                     torch.is_deterministic_algorithms_warn_only_enabled())
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     try:
         if device.type == 'cpu':
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -474,9 +560,15 @@ def train(config: Config, resume: str | Path | None = None, *, model: nn.Module 
         return trainer.fit()
     except torch.OutOfMemoryError as exc:
         t = config.TRAIN
-        raise TrainingError(OOM_REMEDIES.format(
-            batch=t['batch_size'], backbone=config.MODEL['backbone'], half=max(t['batch_size'] // 2, 1),
-            accum=t['gradient_accumulation_steps'], accum2=2 * t['gradient_accumulation_steps'])) from exc
+        raise TrainingError(
+            OOM_REMEDIES.format(
+                batch=t['batch_size'],
+                backbone=config.MODEL['backbone'],
+                half=max(t['batch_size'] // 2, 1),
+                accum=t['gradient_accumulation_steps'],
+                accum2=2 * t['gradient_accumulation_steps'],
+            )
+        ) from exc
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         if dist_info.owns_group:

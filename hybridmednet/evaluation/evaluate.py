@@ -4,14 +4,16 @@ Thresholds (and temperatures, when asked) are fitted on the validation split, st
 model for predict, and applied unchanged to the test split. Every interval resamples patients
 when patient IDs exist.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,7 +44,7 @@ def split_hash(records: pd.DataFrame, root: str | Path | None = None) -> str:
     paths = records['path'].astype(str)
     if root is not None:
         paths = paths.map(lambda p: os.path.relpath(p, root))
-    lines = sorted(f"{p}\t{q}" for p, q in zip(paths, records['patient_id'].astype(str)))
+    lines = sorted(f'{p}\t{q}' for p, q in zip(paths, records['patient_id'].astype(str)))
     return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:16]
 
 
@@ -58,8 +60,16 @@ def per_finding(stats: dict, class_names: Sequence[str]) -> dict[str, dict]:
     return out
 
 
-def subgroup_tables(records: pd.DataFrame, y: np.ndarray, probs: np.ndarray, mask: np.ndarray,
-                    class_names: Sequence[str], n_boot: int, level: float, seed: int) -> dict[str, dict]:
+def subgroup_tables(
+    records: pd.DataFrame,
+    y: np.ndarray,
+    probs: np.ndarray,
+    mask: np.ndarray,
+    class_names: Sequence[str],
+    n_boot: int,
+    level: float,
+    seed: int,
+) -> dict[str, dict]:
     """Per-finding AUC and mean AUC (with its interval) in each view / sex / age band with enough images."""
     frame = records.copy()
     if 'age' in frame:
@@ -74,36 +84,49 @@ def subgroup_tables(records: pd.DataFrame, y: np.ndarray, probs: np.ndarray, mas
             keep = (values == value).to_numpy()
             if value in ('nan', 'None', '') or keep.sum() < MIN_SUBGROUP_IMAGES:
                 continue
-            stats = metrics.evaluate_predictions(y[keep], probs[keep], mask[keep], None,
-                                                 frame['patient_id'][keep].to_numpy(), n_boot, level, seed)
-            groups[value] = {'n_images': int(keep.sum()), 'n_patients': int(frame['patient_id'][keep].nunique()),
-                             'mean_auc': stats['mean_auc'],
-                             'auc': dict(zip(class_names, stats['auc']['value'].tolist()))}
+            stats = metrics.evaluate_predictions(
+                y[keep], probs[keep], mask[keep], None, frame['patient_id'][keep].to_numpy(), n_boot, level, seed
+            )
+            groups[value] = {
+                'n_images': int(keep.sum()),
+                'n_patients': int(frame['patient_id'][keep].nunique()),
+                'mean_auc': stats['mean_auc'],
+                'auc': dict(zip(class_names, stats['auc']['value'].tolist())),
+            }
         if len(groups) > 1:
             tables[column] = groups
     return tables
 
 
-def compare_with(other_path: str | Path, paths: Sequence[str], y: np.ndarray, mask: np.ndarray, probs: np.ndarray,
-                 patient_ids: np.ndarray | None, class_names: Sequence[str], n_boot: int, level: float,
-                 seed: int) -> dict[str, Any]:
+def compare_with(
+    other_path: str | Path,
+    paths: Sequence[str],
+    y: np.ndarray,
+    mask: np.ndarray,
+    probs: np.ndarray,
+    patient_ids: np.ndarray | None,
+    class_names: Sequence[str],
+    n_boot: int,
+    level: float,
+    seed: int,
+) -> dict[str, Any]:
     """Paired bootstrap against another evaluate run's results.json, on the images both runs scored."""
     if not Path(other_path).is_file():
-        raise DataError(f"--compare: {other_path} not found (give the results.json of `evaluate --save_results`)")
+        raise DataError(f'--compare: {other_path} not found (give the results.json of `evaluate --save_results`)')
     other = json.loads(Path(other_path).read_text())
     pred = other.get('predictions')
     if not pred:
-        raise DataError(f"{other_path} holds no per-image predictions (was it written by `evaluate --save_results`?)")
+        raise DataError(f'{other_path} holds no per-image predictions (was it written by `evaluate --save_results`?)')
     if list(other['model']['class_names']) != list(class_names):
-        raise DataError(f"{other_path} scores other findings: {other['model']['class_names']}")
+        raise DataError(f'{other_path} scores other findings: {other["model"]["class_names"]}')
     row = {p: i for i, p in enumerate(pred['path'])}
     mine = np.array([i for i, p in enumerate(paths) if p in row])
     if len(mine) == 0:
-        raise DataError(f"{other_path} scored none of these images; compare runs on the same split")
+        raise DataError(f'{other_path} scored none of these images; compare runs on the same split')
     theirs = np.array([row[paths[i]] for i in mine])
     other_labels = np.asarray(pred['labels'], dtype=np.float64)[theirs]
     if not np.array_equal(other_labels * mask[mine], y[mine] * mask[mine]):
-        raise DataError(f"{other_path} has other labels for the same images; the runs used different label files")
+        raise DataError(f'{other_path} has other labels for the same images; the runs used different label files')
     other_probs = np.asarray(pred['probabilities'], dtype=np.float64)[theirs]
     groups = None if patient_ids is None else patient_ids[mine]
     out = metrics.compare_mean_auc(y[mine], probs[mine], other_probs, mask[mine], groups, n_boot, level, seed)
@@ -111,10 +134,19 @@ def compare_with(other_path: str | Path, paths: Sequence[str], y: np.ndarray, ma
     return {'other': str(other_path), 'other_model': other['model']['path'], 'n_images': int(len(mine)), **out}
 
 
-def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config_file: str | None = None,
-                   split: str = 'test', eval_options: dict[str, Any] | None = None, device: str = 'cpu',
-                   batch_size: int | None = None, out_dir: str | Path | None = None,
-                   compare: str | Path | None = None, store_thresholds: bool = True, seed: int = 0) -> dict[str, Any]:
+def evaluate_model(
+    model_path: str | Path,
+    overrides: Sequence[str] = (),
+    config_file: str | None = None,
+    split: str = 'test',
+    eval_options: dict[str, Any] | None = None,
+    device: str = 'cpu',
+    batch_size: int | None = None,
+    out_dir: str | Path | None = None,
+    compare: str | Path | None = None,
+    store_thresholds: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Evaluate a checkpoint on its dataset's `split`; returns the results dict (and writes files when asked).
 
     `eval_options` overrides the checkpoint's EVAL section. With `out_dir`, the report, figures
@@ -128,43 +160,58 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
     config.apply_overrides(overrides)
     config.EVAL.update(eval_options or {})
     config.validate()
-    config.MODEL['pretrained'] = False     # the weights come from the checkpoint whatever a config file says
+    config.MODEL['pretrained'] = False  # the weights come from the checkpoint whatever a config file says
     changed = sorted(k for k in trained_as if config.MODEL[k] != trained_as[k])
     if changed:
-        raise ConfigError(f"evaluate takes the model from the checkpoint; MODEL settings cannot change "
-                         f"({', '.join(changed)}). Override DATA or EVAL settings only.")
+        raise ConfigError(
+            f'evaluate takes the model from the checkpoint; MODEL settings cannot change '
+            f'({", ".join(changed)}). Override DATA or EVAL settings only.'
+        )
     ev, names = config.EVAL, meta['class_names']
     datasets = build_datasets(config)
     data, val = datasets[split], datasets['val']
     if list(data.class_names) != list(names):
         raise DataError(f"the dataset's findings {data.class_names} are not the model's {names}")
     if len(data) == 0:
-        raise DataError(f"the {split} split of {data.data_dir} is empty; set DATA.{split}_split > 0 or give "
-                        f"rows with split '{split}'")
+        raise DataError(
+            f'the {split} split of {data.data_dir} is empty; set DATA.{split}_split > 0 or give '
+            f"rows with split '{split}'"
+        )
     root = data.data_dir
     hashes = {s: split_hash(d.records, root) for s, d in datasets.items()}
     batch_size = batch_size or config.TRAIN['batch_size']
 
     def run(ds, desc: str) -> np.ndarray:
         logits = dataset_logits(model, ds, batch_size, device, ev['tta'], config.DATA['num_workers'], desc)
-        if getattr(ds, 'bad_files', None):    # DATA.skip_bad_images served a neighbour in their place
-            raise DataError(f"{len(ds.bad_files)} image(s) of the {desc} split could not be read, e.g. "
-                             f"{ds.bad_files[0]}; an evaluation needs each image's own prediction: fix or "
-                             f"remove them (hybridmednet check-data lists them)")
+        if getattr(ds, 'bad_files', None):  # DATA.skip_bad_images served a neighbour in their place
+            raise DataError(
+                f'{len(ds.bad_files)} image(s) of the {desc} split could not be read, e.g. '
+                f"{ds.bad_files[0]}; an evaluation needs each image's own prediction: fix or "
+                f'remove them (hybridmednet check-data lists them)'
+            )
         return logits
 
     val_logits = run(val, 'validation') if len(val) else None
     if val_logits is not None:
-        op = OperatingPoint.fit(val_logits, val.labels, val.mask, names, ev['threshold_method'],
-                                ev['target_sensitivity'], ev['temperature_scaling'],
-                                {'split': 'val', 'n_images': len(val), 'hash': hashes['val']})
+        op = OperatingPoint.fit(
+            val_logits,
+            val.labels,
+            val.mask,
+            names,
+            ev['threshold_method'],
+            ev['target_sensitivity'],
+            ev['temperature_scaling'],
+            {'split': 'val', 'n_images': len(val), 'hash': hashes['val']},
+        )
     else:
-        warnings.warn("the validation split is empty; using the thresholds stored with the model")
+        warnings.warn('the validation split is empty; using the thresholds stored with the model', stacklevel=2)
         op = OperatingPoint.of_model(meta)
     if split == 'val':
-        warnings.warn("thresholds are fitted on the split being evaluated; its operating-point metrics are "
-                      "optimistic")
-    logits = val_logits if split == 'val' else run(data, split)   # the validation images are scored once
+        warnings.warn(
+            'thresholds are fitted on the split being evaluated; its operating-point metrics are optimistic',
+            stacklevel=2,
+        )
+    logits = val_logits if split == 'val' else run(data, split)  # the validation images are scored once
     probs = op.probabilities(logits)
     y, mask, records = data.labels.astype(np.float64), data.mask.astype(np.float64), data.records
     has_patients = 'patient_id' in records and records['patient_id'].notna().all()
@@ -176,37 +223,57 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
     for name, t in zip(names, op.thresholds):
         findings[name]['threshold'] = float(t)
     results: dict[str, Any] = {
-        'model': {'path': str(model_path), 'backbone': config.MODEL['backbone'], 'class_names': names,
-                  'epoch': meta.get('epoch'), 'weights_hash': meta['weights_hash']},
-        'data': {'dataset': config.DATA['dataset'], 'data_dir': str(root), 'split': split, 'n_images': len(data),
-                 'n_patients': int(records['patient_id'].nunique()) if has_patients else len(data),
-                 'resampling': 'patient' if has_patients else 'image', 'split_hashes': hashes,
-                 'split_sizes': {s: len(d) for s, d in datasets.items()}},
+        'model': {
+            'path': str(model_path),
+            'backbone': config.MODEL['backbone'],
+            'class_names': names,
+            'epoch': meta.get('epoch'),
+            'weights_hash': meta['weights_hash'],
+        },
+        'data': {
+            'dataset': config.DATA['dataset'],
+            'data_dir': str(root),
+            'split': split,
+            'n_images': len(data),
+            'n_patients': int(records['patient_id'].nunique()) if has_patients else len(data),
+            'resampling': 'patient' if has_patients else 'image',
+            'split_hashes': hashes,
+            'split_sizes': {s: len(d) for s, d in datasets.items()},
+        },
         'settings': {**ev, 'bootstrap_samples': n_boot, 'confidence_level': level, 'seed': seed},
         'operating_point': op.to_meta(),
         'metrics': {'mean_auc': stats['mean_auc'], 'per_finding': findings},
-        'calibration': {'n_bins': N_BINS,
-                        'ece': dict(zip(names, expected_calibration_error(y, probs, mask, N_BINS))),
-                        'ece_uncalibrated': dict(zip(names, expected_calibration_error(
-                            y, apply_temperature(logits), mask, N_BINS)))},
+        'calibration': {
+            'n_bins': N_BINS,
+            'ece': dict(zip(names, expected_calibration_error(y, probs, mask, N_BINS))),
+            'ece_uncalibrated': dict(
+                zip(names, expected_calibration_error(y, apply_temperature(logits), mask, N_BINS))
+            ),
+        },
         'subgroups': subgroup_tables(records, y, probs, mask, names, n_boot, level, seed),
         'figures': {},
     }
     if compare:
-        results['comparison'] = compare_with(compare, records['path'].astype(str).tolist(), y, mask, probs, groups,
-                                             names, n_boot, level, seed)
+        results['comparison'] = compare_with(
+            compare, records['path'].astype(str).tolist(), y, mask, probs, groups, names, n_boot, level, seed
+        )
     if store_thresholds and op.fitted:
         results['stored_in'] = [str(p) for p in write_thresholds(model_path, op.to_meta())]
     if out_dir is not None:
         out_dir = Path(out_dir)
-        figures = {'roc': plot_roc_curves(y, probs, mask, names, out_dir / 'roc_curves.png', op.thresholds, split),
-                   'pr': plot_pr_curves(y, probs, mask, names, out_dir / 'pr_curves.png', split),
-                   'reliability': plot_reliability(y, probs, mask, names, out_dir / 'reliability.png', N_BINS,
-                                                   split)}
+        figures = {
+            'roc': plot_roc_curves(y, probs, mask, names, out_dir / 'roc_curves.png', op.thresholds, split),
+            'pr': plot_pr_curves(y, probs, mask, names, out_dir / 'pr_curves.png', split),
+            'reliability': plot_reliability(y, probs, mask, names, out_dir / 'reliability.png', N_BINS, split),
+        }
         results['figures'] = {k: p.name for k, p in figures.items()}
-        results['predictions'] = {'path': records['path'].astype(str).tolist(),
-                                  'patient_id': records['patient_id'].astype(str).tolist() if has_patients else None,
-                                  'labels': y, 'mask': mask, 'probabilities': probs}
+        results['predictions'] = {
+            'path': records['path'].astype(str).tolist(),
+            'patient_id': records['patient_id'].astype(str).tolist() if has_patients else None,
+            'labels': y,
+            'mask': mask,
+            'probabilities': probs,
+        }
         results['written'] = {k: str(p) for k, p in report_paths(out_dir).items()}
         write_report(results, out_dir)
     return results
@@ -215,15 +282,20 @@ def evaluate_model(model_path: str | Path, overrides: Sequence[str] = (), config
 def summary_table(results: dict) -> str:
     """Plain-text table for the terminal."""
     per, level = results['metrics']['per_finding'], round(100 * results['settings']['confidence_level'])
-    head = f"{'finding':20s} {'n+':>5s} {'AUC (' + str(level) + '% CI)':>22s} {'thr':>6s} " + \
-           ' '.join(f'{r[:4]:>5s}' for r in RATES)
+    head = f'{"finding":20s} {"n+":>5s} {"AUC (" + str(level) + "% CI)":>22s} {"thr":>6s} ' + ' '.join(
+        f'{r[:4]:>5s}' for r in RATES
+    )
     lines = [head, '-' * len(head)]
     for name, row in per.items():
-        lines.append(f"{name:20s} {row['n_pos']:5d} {fmt_ci(row['auc']):>22s} {fmt(row['threshold']):>6s} "
-                     + ' '.join(f"{fmt(row[r]['value'], 2):>5s}" for r in RATES))
-    lines.append(f"mean AUC {fmt_ci(results['metrics']['mean_auc'])} over {results['data']['n_images']} images, "
-                 f"{results['data']['n_patients']} patients ({results['data']['split']} split)")
+        lines.append(
+            f'{name:20s} {row["n_pos"]:5d} {fmt_ci(row["auc"]):>22s} {fmt(row["threshold"]):>6s} '
+            + ' '.join(f'{fmt(row[r]["value"], 2):>5s}' for r in RATES)
+        )
+    lines.append(
+        f'mean AUC {fmt_ci(results["metrics"]["mean_auc"])} over {results["data"]["n_images"]} images, '
+        f'{results["data"]["n_patients"]} patients ({results["data"]["split"]} split)'
+    )
     if 'comparison' in results:
         d = results['comparison']['mean_auc_diff']
-        lines.append(f"vs {results['comparison']['other']}: mean AUC difference {fmt_ci(d)}, p = {fmt(d['p_value'])}")
+        lines.append(f'vs {results["comparison"]["other"]}: mean AUC difference {fmt_ci(d)}, p = {fmt(d["p_value"])}')
     return '\n'.join(lines)

@@ -8,10 +8,11 @@ head draws on every scale, so the heatmap averages the scales, each normalised f
 the coarsest map's larger values drown the finer maps, which localise best. Maps fewer than
 `MIN_SIDE` cells across cannot place anything and are left out.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,8 +25,9 @@ from hybridmednet.data.transforms import square_box
 MIN_SIDE = 4
 
 
-def grad_cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int],
-             scales: Sequence[int] | None = None) -> np.ndarray:
+def grad_cam(
+    model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int], scales: Sequence[int] | None = None
+) -> np.ndarray:
     """Heatmaps [len(classes), H, W] in [0, 1] for one preprocessed image [3, H, W].
 
     `scales` picks pyramid levels (0 = stride 4 ... 3 = stride 32); by default every level at least
@@ -34,7 +36,7 @@ def grad_cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]
     """
     x = image.unsqueeze(0) if image.dim() == 3 else image
     if x.shape[0] != 1:
-        raise ValueError(f"grad_cam takes one image, got a batch of {x.shape[0]}")
+        raise ValueError(f'grad_cam takes one image, got a batch of {x.shape[0]}')
     size = x.shape[-2:]
     # An input that requires grad gives the maps a graph even when every weight is frozen.
     x = x.detach().requires_grad_(True)
@@ -47,9 +49,17 @@ def grad_cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]
         cams = []
         for c in classes:
             grads = torch.autograd.grad(logits[0, c], chosen, retain_graph=True)
-            per_scale = torch.cat([F.interpolate(F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)),
-                                                 size=size, mode='bilinear', align_corners=False)
-                                   for a, g in zip(chosen, grads)])[:, 0]
+            per_scale = torch.cat(
+                [
+                    F.interpolate(
+                        F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)),
+                        size=size,
+                        mode='bilinear',
+                        align_corners=False,
+                    )
+                    for a, g in zip(chosen, grads)
+                ]
+            )[:, 0]
             cams.append(_unit_max(per_scale).mean(0).detach())
     out = torch.stack(cams) if cams else torch.zeros(0, *size)
     return _unit_max(out).cpu().numpy()
@@ -60,8 +70,9 @@ def _unit_max(maps: torch.Tensor) -> torch.Tensor:
     return maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str | None = None,
-            max_side: int = 1024) -> Image.Image:
+def overlay(
+    image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str | None = None, max_side: int = 1024
+) -> Image.Image:
     """The grey image [H, W] in [0, 1] with the heatmap blended on top in 'jet'.
 
     The heatmap covers the letterboxed square the model saw (transforms.fit_square): the part over the
@@ -70,14 +81,19 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str 
     """
     cam = np.asarray(cam, dtype=np.float32)
     top, left, ch, cw = square_box(image.shape[0], image.shape[1], cam.shape[-1])
-    cam = cam[top:top + ch, left:left + cw]
+    cam = cam[top : top + ch, left : left + cw]
     if max(image.shape) > max_side:
         scale = max_side / max(image.shape)
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
         image = np.asarray(Image.fromarray(image.astype(np.float32), mode='F').resize(size, Image.BILINEAR))
     h, w = image.shape
-    cam = F.interpolate(torch.from_numpy(np.ascontiguousarray(cam))[None, None], size=(h, w),
-                        mode='bilinear', align_corners=False)[0, 0].clamp(0, 1).numpy()
+    cam = (
+        F.interpolate(
+            torch.from_numpy(np.ascontiguousarray(cam))[None, None], size=(h, w), mode='bilinear', align_corners=False
+        )[0, 0]
+        .clamp(0, 1)
+        .numpy()
+    )
     heat = colormaps['jet'](cam)[..., :3]
     grey = np.repeat(image[..., None], 3, axis=2)
     blended = (1 - alpha * cam[..., None]) * grey + alpha * cam[..., None] * heat
@@ -89,8 +105,14 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str 
     return picture
 
 
-def save_overlays(model: torch.nn.Module, tensor: torch.Tensor, image: np.ndarray, classes: Sequence[int],
-                  labels: Sequence[str], paths: Sequence[str | Path]) -> list[Path]:
+def save_overlays(
+    model: torch.nn.Module,
+    tensor: torch.Tensor,
+    image: np.ndarray,
+    classes: Sequence[int],
+    labels: Sequence[str],
+    paths: Sequence[str | Path],
+) -> list[Path]:
     """One overlay PNG per class: `labels[i]` is written on it, `paths[i]` is where it goes."""
     cams = grad_cam(model, tensor, classes)
     out = []

@@ -3,6 +3,7 @@
 Shared by evaluate and predict so that the numbers a report states are the numbers predict gives.
 TTA averages logits over small zooms and shifts; it never flips (the heart is on the left).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,11 +31,20 @@ def batch_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> 
     return torch.stack([model(tta_view(x, *view)).float() for view in TTA_VIEWS]).mean(0)
 
 
-def dataset_logits(model: torch.nn.Module, dataset: Dataset, batch_size: int = 32, device: str | torch.device = 'cpu',
-                   tta: bool = False, num_workers: int = 0, desc: str = 'predicting') -> np.ndarray:
+def dataset_logits(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int = 32,
+    device: str | torch.device = 'cpu',
+    tta: bool = False,
+    num_workers: int = 0,
+    desc: str = 'predicting',
+) -> np.ndarray:
     """Logits [N, K] for every item of a dataset of (image, target, mask), in dataset order."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     model.eval()
-    out = [batch_logits(model, batch[0].to(device), tta).cpu()
-           for batch in tqdm(loader, desc=desc, unit='batch', leave=False)]
+    out = [
+        batch_logits(model, batch[0].to(device), tta).cpu()
+        for batch in tqdm(loader, desc=desc, unit='batch', leave=False)
+    ]
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(model.class_names)))

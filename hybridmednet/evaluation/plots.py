@@ -3,11 +3,13 @@
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas, never pyplot: no display is
 needed and an interactive session that imports this module keeps its own backend.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -45,8 +47,15 @@ def _labelled(y: np.ndarray, s: np.ndarray, m: np.ndarray, k: int) -> tuple[np.n
     return (yk, s[keep, k]) if yk.size and 0 < yk.sum() < yk.size else None
 
 
-def _curve_panels(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
-                  title: str, xlabel: str, ylabel: str) -> tuple[Figure, list]:
+def _curve_panels(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    mask: np.ndarray | None,
+    class_names: Sequence[str],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+) -> tuple[Figure, list]:
     """A panel per finding; returns the figure and (k, axis, labelled data) for findings with both classes."""
     y, s, m = as_matrices(y_true, y_score, mask)
     fig, axes = _grid(len(class_names), title)
@@ -61,12 +70,20 @@ def _curve_panels(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | No
     return fig, panels
 
 
-def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
-                    path: str | Path, thresholds: Sequence[float] | None = None, split: str = 'test') -> Path:
+def plot_roc_curves(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    mask: np.ndarray | None,
+    class_names: Sequence[str],
+    path: str | Path,
+    thresholds: Sequence[float] | None = None,
+    split: str = 'test',
+) -> Path:
     """One ROC panel per finding, with its AUC and (when given) the chosen operating point."""
-    fig, panels = _curve_panels(y_true, y_score, mask, class_names, f'ROC curves ({split} split)',
-                                '1 - specificity', 'sensitivity')
-    for ax in fig.axes[:len(class_names)]:
+    fig, panels = _curve_panels(
+        y_true, y_score, mask, class_names, f'ROC curves ({split} split)', '1 - specificity', 'sensitivity'
+    )
+    for ax in fig.axes[: len(class_names)]:
         ax.plot([0, 1], [0, 1], ls=':', c='grey', lw=1)
     for k, ax, (yk, sk) in panels:
         fpr, tpr, _ = roc_curve(yk, sk)
@@ -78,11 +95,18 @@ def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | 
     return _save(fig, path)
 
 
-def plot_pr_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
-                   path: str | Path, split: str = 'test') -> Path:
+def plot_pr_curves(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    mask: np.ndarray | None,
+    class_names: Sequence[str],
+    path: str | Path,
+    split: str = 'test',
+) -> Path:
     """One precision-recall panel per finding; the dotted line is the prevalence (a random model)."""
-    fig, panels = _curve_panels(y_true, y_score, mask, class_names, f'Precision-recall curves ({split} split)',
-                                'recall', 'precision')
+    fig, panels = _curve_panels(
+        y_true, y_score, mask, class_names, f'Precision-recall curves ({split} split)', 'recall', 'precision'
+    )
     for _, ax, (yk, sk) in panels:
         precision, recall, _ = precision_recall_curve(yk, sk)
         ax.step(recall, precision, where='post', lw=1.5)
@@ -90,8 +114,15 @@ def plot_pr_curves(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | N
     return _save(fig, path)
 
 
-def plot_reliability(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray | None, class_names: Sequence[str],
-                     path: str | Path, n_bins: int = 10, split: str = 'test') -> Path:
+def plot_reliability(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    mask: np.ndarray | None,
+    class_names: Sequence[str],
+    path: str | Path,
+    n_bins: int = 10,
+    split: str = 'test',
+) -> Path:
     """Reliability diagram per finding: observed frequency against mean predicted probability per bin."""
     y, p, m = as_matrices(y_true, y_prob, mask)
     fig, axes = _grid(len(class_names), f'Reliability ({split} split)')
@@ -101,8 +132,9 @@ def plot_reliability(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray | 
         filled = bins['count'] > 0
         ax.plot([0, 1], [0, 1], ls=':', c='grey', lw=1)
         ax.plot(bins['confidence'][filled], bins['frequency'][filled], 'o-', ms=3)
-        ax.set(title=name, xlabel='mean predicted probability', ylabel='observed frequency',
-               xlim=(0, 1), ylim=(0, 1.02))
+        ax.set(
+            title=name, xlabel='mean predicted probability', ylabel='observed frequency', xlim=(0, 1), ylim=(0, 1.02)
+        )
     return _save(fig, path)
 
 

@@ -3,13 +3,14 @@
 Uses the thresholds and temperatures stored with the model by `evaluate`; a file that cannot be
 read is reported and skipped, the others are still scored.
 """
+
 from __future__ import annotations
 
 import csv
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,9 +32,14 @@ def list_images(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise DataError(f"{path}: no such file or folder")
-    return sorted(p for p in path.rglob('*') if p.is_file() and not p.name.startswith('.') and (
-        p.suffix.lower() in IMAGE_SUFFIXES or (p.suffix == '' and is_dicom(p))))
+        raise DataError(f'{path}: no such file or folder')
+    return sorted(
+        p
+        for p in path.rglob('*')
+        if p.is_file()
+        and not p.name.startswith('.')
+        and (p.suffix.lower() in IMAGE_SUFFIXES or (p.suffix == '' and is_dicom(p)))
+    )
 
 
 @dataclass
@@ -47,7 +53,7 @@ class Prediction:
 @dataclass
 class Predictions:
     images: list[Prediction]
-    errors: list[dict[str, str]]     # {'path', 'error'} for every file that was skipped
+    errors: list[dict[str, str]]  # {'path', 'error'} for every file that was skipped
 
 
 def _heatmap_name(path: Path, root: Path, finding: str) -> str:
@@ -56,9 +62,17 @@ def _heatmap_name(path: Path, root: Path, finding: str) -> str:
     return '__'.join(rel.with_suffix('').parts) + f'_{finding}.png'
 
 
-def predict_files(model: torch.nn.Module, config: Config, op: OperatingPoint, files: Sequence[Path], root: Path,
-                  batch_size: int = 16, device: str = 'cpu', tta: bool = False,
-                  heatmap_dir: Path | None = None) -> Predictions:
+def predict_files(
+    model: torch.nn.Module,
+    config: Config,
+    op: OperatingPoint,
+    files: Sequence[Path],
+    root: Path,
+    batch_size: int = 16,
+    device: str = 'cpu',
+    tta: bool = False,
+    heatmap_dir: Path | None = None,
+) -> Predictions:
     """Score `files` in batches; with `heatmap_dir`, one Grad-CAM overlay per positive finding."""
     transform = build_transforms(config, train=False)
     names = op.class_names
@@ -66,26 +80,32 @@ def predict_files(model: torch.nn.Module, config: Config, op: OperatingPoint, fi
     with tqdm(total=len(files), desc='predicting', unit='image', disable=len(files) < 2) as bar:
         for start in range(0, len(files), batch_size):
             loaded = []
-            for path in files[start:start + batch_size]:
+            for path in files[start : start + batch_size]:
                 try:
                     image = read_image(path, intensity=config.DATA['intensity'])
                     loaded.append((path, image, transform(image)))
                 except (ImageReadError, ValueError, RuntimeError) as exc:
                     errors.append({'path': str(path), 'error': str(exc)})
-                    tqdm.write(f"skipped: {exc}", file=sys.stderr)   # the message names the file
-            bar.update(len(files[start:start + batch_size]))
+                    tqdm.write(f'skipped: {exc}', file=sys.stderr)  # the message names the file
+            bar.update(len(files[start : start + batch_size]))
             if not loaded:
                 continue
             x = torch.stack([t for _, _, t in loaded]).to(device)
             probs = op.probabilities(batch_logits(model, x, tta).cpu().numpy())
             for (path, image, tensor), p in zip(loaded, probs):
                 positive = np.flatnonzero(op.positives(p))
-                pred = Prediction(str(path), {n: round(float(v), 6) for n, v in zip(names, p)},
-                                  [names[k] for k in positive])
+                pred = Prediction(
+                    str(path), {n: round(float(v), 6) for n, v in zip(names, p)}, [names[k] for k in positive]
+                )
                 if heatmap_dir is not None and len(positive):
-                    files_out = save_overlays(model, tensor.to(device), image, positive.tolist(),
-                                              [f'{names[k]} p={p[k]:.2f}' for k in positive],
-                                              [heatmap_dir / _heatmap_name(path, root, names[k]) for k in positive])
+                    files_out = save_overlays(
+                        model,
+                        tensor.to(device),
+                        image,
+                        positive.tolist(),
+                        [f'{names[k]} p={p[k]:.2f}' for k in positive],
+                        [heatmap_dir / _heatmap_name(path, root, names[k]) for k in positive],
+                    )
                     pred.heatmaps = {names[k]: str(f) for k, f in zip(positive, files_out)}
                 images.append(pred)
     return Predictions(images, errors)
@@ -100,6 +120,13 @@ def write_predictions(result: Predictions, op: OperatingPoint, model_path: str, 
         writer.writerow(['path', *op.class_names, 'positive_findings'])
         for p in result.images:
             writer.writerow([p.path, *(p.probabilities[n] for n in op.class_names), ';'.join(p.positive_findings)])
-    write_json({'model': model_path, 'operating_point': op.to_meta(),
-                'images': [vars(p) for p in result.images], 'errors': result.errors}, paths['json'])
+    write_json(
+        {
+            'model': model_path,
+            'operating_point': op.to_meta(),
+            'images': [vars(p) for p in result.images],
+            'errors': result.errors,
+        },
+        paths['json'],
+    )
     return paths

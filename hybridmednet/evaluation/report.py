@@ -3,6 +3,7 @@
 Markdown and HTML come from the same list of sections (headings, paragraphs, tables, figures),
 so the two can never disagree.
 """
+
 from __future__ import annotations
 
 import html
@@ -54,7 +55,7 @@ def fmt_ci(stat: dict | None, digits: int = 3) -> str:
     """'0.812 (0.790–0.833)', or '—' for a statistic the data cannot define."""
     if not stat or fmt(stat.get('value')) == '—':
         return '—'
-    return f"{fmt(stat['value'], digits)} ({fmt(stat.get('ci_low'), digits)}–{fmt(stat.get('ci_high'), digits)})"
+    return f'{fmt(stat["value"], digits)} ({fmt(stat.get("ci_low"), digits)}–{fmt(stat.get("ci_high"), digits)})'
 
 
 # -- document model ---------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ class Section:
     title: str
     paragraphs: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
-    figures: list[tuple[str, str]] = field(default_factory=list)   # (caption, relative path)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, relative path)
 
 
 def to_markdown(title: str, sections: list[Section]) -> str:
@@ -101,14 +102,20 @@ def to_html(title: str, sections: list[Section]) -> str:
             head = ''.join(f'<th>{e(h)}</th>' for h in t.header)
             rows = ''.join('<tr>' + ''.join(f'<td>{e(str(c))}</td>' for c in row) + '</tr>' for row in t.rows)
             body.append(f'<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>')
-        body += [f'<figure><img src="{e(src)}" alt="{e(cap)}"><figcaption>{e(cap)}</figcaption></figure>'
-                 for cap, src in s.figures]
-    style = ('body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}'
-             'table{border-collapse:collapse;margin:1em 0;font-size:90%}'
-             'td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}'
-             'img{max-width:100%}')
-    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title>'
-            f'<style>{style}</style></head><body>\n' + '\n'.join(body) + '\n</body></html>\n')
+        body += [
+            f'<figure><img src="{e(src)}" alt="{e(cap)}"><figcaption>{e(cap)}</figcaption></figure>'
+            for cap, src in s.figures
+        ]
+    style = (
+        'body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}'
+        'table{border-collapse:collapse;margin:1em 0;font-size:90%}'
+        'td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}'
+        'img{max-width:100%}'
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title>'
+        f'<style>{style}</style></head><body>\n' + '\n'.join(body) + '\n</body></html>\n'
+    )
 
 
 # -- the evaluation report --------------------------------------------------------------------------
@@ -120,58 +127,98 @@ def evaluation_sections(results: dict) -> list[Section]:
     per = metrics['per_finding']
     names = list(per)
     unit = 'patients' if data['resampling'] == 'patient' else 'images'
-    summary = Section('Summary', [
-        f"Model {results['model']['path']} ({results['model']['backbone']}), evaluated on the {data['split']} split "
-        f"of {data['dataset']}: {data['n_images']} images from {data['n_patients']} patients.",
-        f"Mean ROC AUC over findings: {fmt_ci(metrics['mean_auc'])} ({level}% CI).",
-        f"Intervals: percentile bootstrap, {settings['bootstrap_samples']} resamples of {unit}. "
-        f"Thresholds: {settings['threshold_method']} rule on the validation split"
-        + (f" (target sensitivity {settings['target_sensitivity']})" if settings['threshold_method'] == 'sensitivity'
-           else '') + '; positive when probability >= threshold.',
-    ])
-    ranking = Table(['Finding', 'Positives', 'Negatives', f'ROC AUC ({level}% CI)', f'Average precision ({level}% CI)'],
-                    [[n, str(per[n]['n_pos']), str(per[n]['n_neg']), fmt_ci(per[n]['auc']), fmt_ci(per[n]['ap'])]
-                     for n in names])
-    operating = Table(['Finding', 'Threshold', *(RATE_LABELS[r] for r in RATES)],
-                      [[n, fmt(per[n]['threshold']), *(fmt_ci(per[n][r]) for r in RATES)] for n in names])
-    sections = [summary,
-                Section('Discrimination', [
-                    f'Positives and negatives count labelled test images. An interval for a finding with fewer than '
-                    f'{FEW_POSITIVES} positives rests on very few cases; read it as a rough range.'], [ranking]),
-                Section('At the chosen thresholds', [f'Each cell: value ({level}% CI).'], [operating])]
+    summary = Section(
+        'Summary',
+        [
+            f'Model {results["model"]["path"]} ({results["model"]["backbone"]}), '
+            f'evaluated on the {data["split"]} split '
+            f'of {data["dataset"]}: {data["n_images"]} images from {data["n_patients"]} patients.',
+            f'Mean ROC AUC over findings: {fmt_ci(metrics["mean_auc"])} ({level}% CI).',
+            f'Intervals: percentile bootstrap, {settings["bootstrap_samples"]} resamples of {unit}. '
+            f'Thresholds: {settings["threshold_method"]} rule on the validation split'
+            + (
+                f' (target sensitivity {settings["target_sensitivity"]})'
+                if settings['threshold_method'] == 'sensitivity'
+                else ''
+            )
+            + '; positive when probability >= threshold.',
+        ],
+    )
+    ranking = Table(
+        ['Finding', 'Positives', 'Negatives', f'ROC AUC ({level}% CI)', f'Average precision ({level}% CI)'],
+        [[n, str(per[n]['n_pos']), str(per[n]['n_neg']), fmt_ci(per[n]['auc']), fmt_ci(per[n]['ap'])] for n in names],
+    )
+    operating = Table(
+        ['Finding', 'Threshold', *(RATE_LABELS[r] for r in RATES)],
+        [[n, fmt(per[n]['threshold']), *(fmt_ci(per[n][r]) for r in RATES)] for n in names],
+    )
+    sections = [
+        summary,
+        Section(
+            'Discrimination',
+            [
+                f'Positives and negatives count labelled test images. An interval for a finding with fewer than '
+                f'{FEW_POSITIVES} positives rests on very few cases; read it as a rough range.'
+            ],
+            [ranking],
+        ),
+        Section('At the chosen thresholds', [f'Each cell: value ({level}% CI).'], [operating]),
+    ]
 
     cal = results['calibration']
     temps = results['operating_point'].get('temperatures')
-    cal_rows = [[n, fmt(cal['ece_uncalibrated'][n]), fmt(cal['ece'][n]), fmt(temps[n], 2) if temps else '—']
-                for n in names]
-    sections.append(Section('Calibration', [
-        f"Expected calibration error over {cal['n_bins']} equal-width bins (lower is better)"
-        + ('; temperatures fitted on the validation split.' if temps else '; no temperature scaling.')],
-        [Table(['Finding', 'ECE (raw)', 'ECE (reported probabilities)', 'Temperature'], cal_rows)]))
+    cal_rows = [
+        [n, fmt(cal['ece_uncalibrated'][n]), fmt(cal['ece'][n]), fmt(temps[n], 2) if temps else '—'] for n in names
+    ]
+    sections.append(
+        Section(
+            'Calibration',
+            [
+                f'Expected calibration error over {cal["n_bins"]} equal-width bins (lower is better)'
+                + ('; temperatures fitted on the validation split.' if temps else '; no temperature scaling.')
+            ],
+            [Table(['Finding', 'ECE (raw)', 'ECE (reported probabilities)', 'Temperature'], cal_rows)],
+        )
+    )
 
     for column, groups in results.get('subgroups', {}).items():
         labels = list(groups)
         header = ['', *labels]
-        rows = [['Images', *(str(groups[g]['n_images']) for g in labels)],
-                ['Patients', *(str(groups[g]['n_patients']) for g in labels)],
-                ['Mean AUC', *(fmt_ci(groups[g]['mean_auc']) for g in labels)]]
+        rows = [
+            ['Images', *(str(groups[g]['n_images']) for g in labels)],
+            ['Patients', *(str(groups[g]['n_patients']) for g in labels)],
+            ['Mean AUC', *(fmt_ci(groups[g]['mean_auc']) for g in labels)],
+        ]
         rows += [[n, *(fmt(groups[g]['auc'][n]) for g in labels)] for n in names]
-        sections.append(Section(f'Subgroups by {column}', [
-            'Per-finding ROC AUC in each subgroup (— where a subgroup lacks positives or negatives).'],
-            [Table(header, rows)]))
+        sections.append(
+            Section(
+                f'Subgroups by {column}',
+                ['Per-finding ROC AUC in each subgroup (— where a subgroup lacks positives or negatives).'],
+                [Table(header, rows)],
+            )
+        )
 
     if results.get('comparison'):
         c = results['comparison']
         d = c['mean_auc_diff']
         rows = [[n, fmt_ci(c['auc_diff'][n])] for n in names]
-        sections.append(Section('Comparison', [
-            f"This model against {c['other']} on the same {c['n_images']} images "
-            f"(paired bootstrap of {unit}): mean AUC {fmt(c['mean_auc_a'])} vs {fmt(c['mean_auc_b'])}, "
-            f"difference {fmt_ci(d)}, two-sided p = {fmt(d['p_value'])}."],
-            [Table(['Finding', f'AUC difference ({level}% CI)'], rows)]))
+        sections.append(
+            Section(
+                'Comparison',
+                [
+                    f'This model against {c["other"]} on the same {c["n_images"]} images '
+                    f'(paired bootstrap of {unit}): mean AUC {fmt(c["mean_auc_a"])} vs {fmt(c["mean_auc_b"])}, '
+                    f'difference {fmt_ci(d)}, two-sided p = {fmt(d["p_value"])}.'
+                ],
+                [Table(['Finding', f'AUC difference ({level}% CI)'], rows)],
+            )
+        )
 
-    captions = {'roc': 'ROC curves (dot: chosen threshold)', 'pr': 'Precision-recall curves',
-                'reliability': 'Reliability diagrams'}
+    captions = {
+        'roc': 'ROC curves (dot: chosen threshold)',
+        'pr': 'Precision-recall curves',
+        'reliability': 'Reliability diagrams',
+    }
     sections.append(Section('Figures', figures=[(captions.get(k, k), v) for k, v in results['figures'].items()]))
     return sections
 
@@ -190,7 +237,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """report.md, report.html and results.json in `out_dir`; figure paths are relative to it."""
     out_dir = Path(out_dir)
     sections = evaluation_sections(results)
-    title = f"HybridMedNet evaluation: {Path(results['model']['path']).name}"
+    title = f'HybridMedNet evaluation: {Path(results["model"]["path"]).name}'
     paths = report_paths(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths['markdown'].write_text(to_markdown(title, sections))

@@ -6,6 +6,7 @@ and their outputs upsampled) and keys and values are pooled to at most
 number of pixels instead of quadratically, and runs through
 `scaled_dot_product_attention`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,17 @@ class PyramidSelfAttention(nn.Module):
     each other at almost no extra cost (the context is 4 x 49 tokens).
     """
 
-    def __init__(self, channels: list[int], reductions: list[int], num_heads: int, pool_size: int,
-                 cross_scale: bool, context_dim: int = 256, query_stride: int = 16, layer_scale: float = 0.1):
+    def __init__(
+        self,
+        channels: list[int],
+        reductions: list[int],
+        num_heads: int,
+        pool_size: int,
+        cross_scale: bool,
+        context_dim: int = 256,
+        query_stride: int = 16,
+        layer_scale: float = 0.1,
+    ):
         super().__init__()
         self.num_heads, self.pool_size, self.cross_scale = num_heads, pool_size, cross_scale
         self.query_pool = [max(1, query_stride // r) for r in reductions]
@@ -100,8 +110,15 @@ class PyramidSelfAttention(nn.Module):
 class PyramidAttention(nn.Module):
     """The SPEC's settings: CBAM per scale (modern=False); self-attention per scale; plus cross-scale."""
 
-    def __init__(self, channels: list[int], reductions: list[int], modern: bool, cross_scale: bool,
-                 num_heads: int, pool_size: int):
+    def __init__(
+        self,
+        channels: list[int],
+        reductions: list[int],
+        modern: bool,
+        cross_scale: bool,
+        num_heads: int,
+        pool_size: int,
+    ):
         super().__init__()
         # cross_scale applies to the modern attention only: the SPEC's classic row sets just
         # use_modern_attention=False and leaves the default (True) for cross-scale, so CBAM ignores it quietly.

@@ -4,6 +4,7 @@ The timm classifier is built whole, weights are loaded into it under its own
 key names (hub, Hugging Face cache or a local file), then its head is pruned and
 `forward_intermediates` gives the maps, NCHW for every family (Swin included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,7 @@ class TimmPyramid(nn.Module):
         self.reductions = [f['reduction'] for f in info]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True,
-                                                output_fmt='NCHW')
+        return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True, output_fmt='NCHW')
 
 
 class ResNetFPN(nn.Module):
@@ -62,9 +62,15 @@ class ResNetFPN(nn.Module):
 def deconv_upsamplers(dim: int) -> tuple[nn.Module, nn.Module]:
     """ViTDet's simple-pyramid upsamplers for a stride-16 map of `dim` channels: to stride 4
     (two 2x deconvolutions, dim // 4 channels) and to stride 8 (one, dim // 2 channels)."""
-    return (nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
-                          nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)),
-            nn.ConvTranspose2d(dim, dim // 2, 2, 2))
+    return (
+        nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 2, 2, 2),
+            LayerNorm2d(dim // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2),
+        ),
+        nn.ConvTranspose2d(dim, dim // 2, 2, 2),
+    )
 
 
 class EfficientViMPyramid(nn.Module):
@@ -87,8 +93,9 @@ class EfficientViMPyramid(nn.Module):
         return [self.up4(s16), self.up2(s16), s16, s32]
 
 
-def build_timm_backbone(spec: Any, pretrained: bool | str = False, img_size: int = 224,
-                        drop_path_rate: float = 0.0, **options: Any) -> TimmPyramid:
+def build_timm_backbone(
+    spec: Any, pretrained: bool | str = False, img_size: int = 224, drop_path_rate: float = 0.0, **options: Any
+) -> TimmPyramid:
     kwargs = {**options, **timm_size_options(spec, img_size)}
     if drop_path_rate:
         kwargs['drop_path_rate'] = drop_path_rate
@@ -96,13 +103,20 @@ def build_timm_backbone(spec: Any, pretrained: bool | str = False, img_size: int
     return TimmPyramid(model, spec.out_indices)
 
 
-def build_resnet_fpn(spec: Any, pretrained: bool | str = False, img_size: int = 224,
-                     fpn_channels: int = 256, drop_path_rate: float = 0.0, **options: Any) -> ResNetFPN:
+def build_resnet_fpn(
+    spec: Any,
+    pretrained: bool | str = False,
+    img_size: int = 224,
+    fpn_channels: int = 256,
+    drop_path_rate: float = 0.0,
+    **options: Any,
+) -> ResNetFPN:
     return ResNetFPN(build_timm_backbone(spec, pretrained, img_size, drop_path_rate, **options), fpn_channels)
 
 
-def build_efficientvim(spec: Any, pretrained: bool | str = False, img_size: int = 224,
-                       drop_path_rate: float = 0.0, **options: Any) -> EfficientViMPyramid:
+def build_efficientvim(
+    spec: Any, pretrained: bool | str = False, img_size: int = 224, drop_path_rate: float = 0.0, **options: Any
+) -> EfficientViMPyramid:
     return EfficientViMPyramid(build_timm_backbone(spec, pretrained, img_size, drop_path_rate, **options))
 
 
@@ -128,8 +142,10 @@ def timm_size_options(spec: Any, img_size: int) -> dict[str, int]:
 def swin_window_size(name: str, img_size: int) -> int:
     """Swin's last stage is img_size/32 tokens wide; one window across it divides every stage."""
     if img_size % 32:
-        raise ConfigError(f"{name}: image size {img_size} is not a multiple of 32; Swin's windows must "
-                         f"divide every stage (try {img_size // 32 * 32} or {img_size // 32 * 32 + 32})")
+        raise ConfigError(
+            f"{name}: image size {img_size} is not a multiple of 32; Swin's windows must "
+            f'divide every stage (try {img_size // 32 * 32} or {img_size // 32 * 32 + 32})'
+        )
     return img_size // 32
 
 
@@ -140,14 +156,15 @@ def create_timm_model(timm_name: str, pretrained: bool | str, **kwargs: Any) -> 
             return timm.create_model(timm_name, pretrained=True, **kwargs)
         except Exception as exc:  # hub, cache and network errors all land here, re-raised in plain words
             raise PretrainedWeightsError(
-                f"could not load ImageNet weights for {timm_name!r} (no network and no cached copy?): "
-                f"{type(exc).__name__}: {exc}\n"
-                "Fix it with one of:\n"
+                f'could not load ImageNet weights for {timm_name!r} (no network and no cached copy?): '
+                f'{type(exc).__name__}: {exc}\n'
+                'Fix it with one of:\n'
                 "  1. MODEL['pretrained'] = False  (train from scratch)\n"
                 "  2. MODEL['pretrained'] = '/path/to/weights.safetensors'  (a local .safetensors/.pth file)\n"
-                "  3. populate the Hugging Face cache (HF_HOME) on a machine with network, e.g. "
-                f"python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\", "
-                "and copy it here") from exc
+                '  3. populate the Hugging Face cache (HF_HOME) on a machine with network, e.g. '
+                f'python -c "import timm; timm.create_model(\'{timm_name}\', pretrained=True)", '
+                'and copy it here'
+            ) from exc
     model = timm.create_model(timm_name, pretrained=False, **kwargs)
     if pretrained:
         load_local_weights(model, pretrained)
@@ -165,20 +182,23 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
         raise PretrainedWeightsError(
             f"weights file {path} holds {stated[0]!r} according to {stated[1]}, but this backbone is timm's "
             f"{expected!r}; use weights saved from {expected}, or set MODEL['pretrained'] = True (ImageNet "
-            "weights) or False")
+            'weights) or False'
+        )
     filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
     if filter_fn is not None:  # timm's own remapping: window or position-table resizing, old key names
         try:
             state = filter_fn(state, model)
         except Exception as exc:
-            raise PretrainedWeightsError(f"weights file {path} does not fit {type(model).__name__}: "
-                                         f"timm's key conversion failed ({type(exc).__name__}: {exc})") from exc
+            raise PretrainedWeightsError(
+                f'weights file {path} does not fit {type(model).__name__}: '
+                f"timm's key conversion failed ({type(exc).__name__}: {exc})"
+            ) from exc
     head = model.pretrained_cfg.get('classifier') or ''
     heads = [head] if isinstance(head, str) else list(head)
     is_head = lambda k: any(h and (k == h or k.startswith(h + '.')) for h in heads)
     own = {k: v for k, v in model.state_dict().items() if not is_head(k)}
     state = {k: v for k, v in state.items() if not is_head(k)}
-    check_fits(own, state, f"weights file {path} does not fit {type(model).__name__}")
+    check_fits(own, state, f'weights file {path} does not fit {type(model).__name__}')
     model.load_state_dict(state, strict=False)  # strictness checked above; only the head is left out
 
 
@@ -210,13 +230,17 @@ def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], wha
     keeps its own."""
     missing = sorted(k for k in set(own) - set(state) if k.rpartition('.')[2] != 'num_batches_tracked')
     unexpected = sorted(set(state) - set(own))
-    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                   for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    wrong = sorted(
+        f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
+        for k in set(own) & set(state)
+        if own[k].shape != state[k].shape
+    )
     if missing or unexpected or wrong:
         raise PretrainedWeightsError(
-            f"{what}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}, "
-            f"{len(wrong)} shape mismatches {wrong[:8]}. Use weights saved from this architecture, or set "
-            "MODEL['pretrained'] = True (ImageNet weights) or False")
+            f'{what}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}, '
+            f'{len(wrong)} shape mismatches {wrong[:8]}. Use weights saved from this architecture, or set '
+            "MODEL['pretrained'] = True (ImageNet weights) or False"
+        )
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -225,8 +249,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     script saves its arguments as one beside the weights."""
     path = Path(path)
     if not path.is_file():
-        raise PretrainedWeightsError(f"weights file not found: {path}; set MODEL['pretrained'] to an existing "
-                                     ".safetensors/.pth file, True (ImageNet weights) or False")
+        raise PretrainedWeightsError(
+            f"weights file not found: {path}; set MODEL['pretrained'] to an existing "
+            '.safetensors/.pth file, True (ImageNet weights) or False'
+        )
     if path.suffix == '.safetensors':
         return load_file(str(path))
     try:
@@ -234,17 +260,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:
         raise PretrainedWeightsError(
-            f"cannot read weights file {path} with torch.load(weights_only=True): it is damaged or holds "
-            f"objects other than tensors and plain values ({_refusal(exc)}). If you trust the file, save its "
+            f'cannot read weights file {path} with torch.load(weights_only=True): it is damaged or holds '
+            f'objects other than tensors and plain values ({_refusal(exc)}). If you trust the file, save its '
             "state dict alone, e.g. torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth'), "
-            "and point MODEL['pretrained'] at that") from exc
+            "and point MODEL['pretrained'] at that"
+        ) from exc
     for key in ('state_dict', 'model_state_dict', 'model', 'module'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise PretrainedWeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict "
-                                     "(a dict of tensors, or one under 'state_dict', 'model' or 'module')")
+        raise PretrainedWeightsError(
+            f'weights file {path} holds a {type(state).__name__}, not a state dict '
+            "(a dict of tensors, or one under 'state_dict', 'model' or 'module')"
+        )
     return {k.removeprefix('module.'): v for k, v in state.items()}
 
 

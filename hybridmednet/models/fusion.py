@@ -1,4 +1,5 @@
 """Dynamic feature fusion: the 4 scales merged with per-image learned weights."""
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,8 @@ class DynamicFusion(nn.Module):
     def __init__(self, channels: list[int], out_channels: int):
         super().__init__()
         self.project = nn.ModuleList(
-            nn.Sequential(nn.Linear(2 * c, out_channels), nn.LayerNorm(out_channels), nn.GELU()) for c in channels)
+            nn.Sequential(nn.Linear(2 * c, out_channels), nn.LayerNorm(out_channels), nn.GELU()) for c in channels
+        )
         self.prior = nn.Parameter(torch.zeros(len(channels)))
         self.gate = nn.Linear(len(channels) * out_channels, len(channels))
         nn.init.zeros_(self.gate.weight)

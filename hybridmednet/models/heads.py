@@ -1,4 +1,5 @@
 """Classifier heads. They return logits; the loss and `predict` apply the sigmoid."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,17 @@ from hybridmednet.config import NIH_FINDINGS, Config
 
 # Coarse groups for the hierarchical head on the 14 NIH findings.
 NIH_COARSE_GROUPS = {
-    'lung_parenchyma': ['Atelectasis', 'Infiltration', 'Mass', 'Nodule', 'Pneumonia', 'Consolidation',
-                        'Edema', 'Emphysema', 'Fibrosis'],
+    'lung_parenchyma': [
+        'Atelectasis',
+        'Infiltration',
+        'Mass',
+        'Nodule',
+        'Pneumonia',
+        'Consolidation',
+        'Edema',
+        'Emphysema',
+        'Fibrosis',
+    ],
     'pleura': ['Effusion', 'Pneumothorax', 'Pleural_Thickening'],
     'cardiomediastinal': ['Cardiomegaly', 'Hernia'],
 }
@@ -51,8 +61,10 @@ def group_matrix(class_names: list[str], groups: dict[str, list[str]]) -> torch.
     for g, (group, members) in enumerate(groups.items()):
         for name in members:
             if name not in class_names:
-                raise ValueError(f"MODEL['coarse_groups'] group {group!r} names {name!r}, "
-                                 f"which is not a class ({', '.join(class_names)})")
+                raise ValueError(
+                    f"MODEL['coarse_groups'] group {group!r} names {name!r}, "
+                    f'which is not a class ({", ".join(class_names)})'
+                )
             matrix[g, list(class_names).index(name)] = 1.0
     orphans = [n for n, col in zip(class_names, matrix.sum(0)) if col != 1]
     if orphans:
@@ -66,10 +78,14 @@ def coarse_groups(config: Config) -> dict[str, list[str]]:
     groups = m['coarse_groups']
     if not groups:
         if sorted(config.class_names) != sorted(NIH_FINDINGS) or m['num_coarse_classes'] != len(NIH_COARSE_GROUPS):
-            raise ValueError("MODEL['hierarchical'] with classes other than the 14 NIH findings (or a "
-                             "num_coarse_classes other than 3) needs MODEL['coarse_groups'] = {group: [class, ...]}")
+            raise ValueError(
+                "MODEL['hierarchical'] with classes other than the 14 NIH findings (or a "
+                "num_coarse_classes other than 3) needs MODEL['coarse_groups'] = {group: [class, ...]}"
+            )
         groups = NIH_COARSE_GROUPS
     if len(groups) != m['num_coarse_classes']:
-        raise ValueError(f"MODEL['num_coarse_classes'] is {m['num_coarse_classes']} but "
-                         f"MODEL['coarse_groups'] has {len(groups)} groups")
+        raise ValueError(
+            f"MODEL['num_coarse_classes'] is {m['num_coarse_classes']} but "
+            f"MODEL['coarse_groups'] has {len(groups)} groups"
+        )
     return groups

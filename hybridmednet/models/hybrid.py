@@ -1,4 +1,5 @@
 """HybridMedNet: backbone pyramid -> attention -> dynamic fusion -> multi-label head."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,11 +23,21 @@ class HybridMedNet(nn.Module):
         self.class_names = config.class_names
         spec = get_backbone_spec(m['backbone'])
         options = {'fpn_channels': m['fpn_channels']} if spec.family == 'resnet' else {}
-        self.backbone = spec.build(pretrained=m['pretrained'], img_size=config.DATA['image_size'],
-                                   drop_path_rate=m['drop_path_rate'], **options)
+        self.backbone = spec.build(
+            pretrained=m['pretrained'],
+            img_size=config.DATA['image_size'],
+            drop_path_rate=m['drop_path_rate'],
+            **options,
+        )
         channels = self.backbone.channels
-        self.attention = PyramidAttention(channels, self.backbone.reductions, m['use_modern_attention'], m['use_cross_scale_attention'],
-                                          m['num_heads'], m['attention_pool_size'])
+        self.attention = PyramidAttention(
+            channels,
+            self.backbone.reductions,
+            m['use_modern_attention'],
+            m['use_cross_scale_attention'],
+            m['num_heads'],
+            m['attention_pool_size'],
+        )
         self.fusion = DynamicFusion(channels, m['fusion_channels'])
         if m['hierarchical']:
             self.head = HierarchicalHead(m['fusion_channels'], self.class_names, coarse_groups(config), m['dropout'])
@@ -54,12 +65,22 @@ class HybridMedNet(nn.Module):
         return self.forward_head(self.forward_features(x), return_coarse)
 
 
-def create_model(name: str, num_classes: int = 14, pretrained: bool | str = False,
-                 image_size: int = 224, class_names: list[str] | None = None, **model_options: Any) -> HybridMedNet:
+def create_model(
+    name: str,
+    num_classes: int = 14,
+    pretrained: bool | str = False,
+    image_size: int = 224,
+    class_names: list[str] | None = None,
+    **model_options: Any,
+) -> HybridMedNet:
     """Build a HybridMedNet without writing a Config: `create_model('convnext_tiny', num_classes=14)`."""
     config = Config()
-    config.update({'MODEL': {'backbone': name, 'num_classes': num_classes, 'pretrained': pretrained, **model_options},
-                   'DATA': {'image_size': image_size, 'class_names': class_names}})
+    config.update(
+        {
+            'MODEL': {'backbone': name, 'num_classes': num_classes, 'pretrained': pretrained, **model_options},
+            'DATA': {'image_size': image_size, 'class_names': class_names},
+        }
+    )
     if class_names is None and num_classes != len(config.class_names):
         config.DATA['class_names'] = [f'class_{i}' for i in range(num_classes)]
     return HybridMedNet(config)

@@ -7,6 +7,7 @@ stride-16 tokens as ViTDet's simple feature pyramid does.
 Module and parameter names follow the official hustvl/Vim code, so its checkpoints load
 key for key (`load_vim_checkpoint`).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,16 @@ class BiMamba(nn.Module):
     direction its own conv1d, x/dt projections, A and D. The backward direction scans the flipped
     sequence; both outputs are averaged before `out_proj`."""
 
-    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ):
         super().__init__()
         self.d_inner = expand * dim
         self.d_state = d_state
@@ -56,7 +65,7 @@ class BiMamba(nn.Module):
             conv = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
             x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
             dt_proj = nn.Linear(self.dt_rank, self.d_inner)
-            nn.init.uniform_(dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+            nn.init.uniform_(dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
             dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=dt_init_floor)
             with torch.no_grad():  # softplus(bias) = dt
@@ -81,7 +90,7 @@ class BiMamba(nn.Module):
         s = '_b' if backward else ''
         conv, x_proj, dt_proj = getattr(self, f'conv1d{s}'), getattr(self, f'x_proj{s}'), getattr(self, f'dt_proj{s}')
         A = -torch.exp(getattr(self, 'A_b_log' if backward else 'A_log').float())
-        u = F.silu(conv(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)  # causal depthwise conv
+        u = F.silu(conv(x.transpose(1, 2))[..., : x.shape[1]]).transpose(1, 2)  # causal depthwise conv
         dt, B, C = x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt @ dt_proj.weight.t()
         options = dict(D=getattr(self, f'D{s}').float(), delta_bias=dt_proj.bias.float(), delta_softplus=True)
@@ -119,8 +128,17 @@ class VisionMamba(nn.Module):
     position embedding, `depth` bidirectional Mamba blocks, a final RMSNorm and a linear head on the
     class token. Keys match the official checkpoints."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 192, depth: int = 24,
-                 d_state: int = 16, num_classes: int = 0, drop_path_rate: float = 0.0, in_chans: int = 3):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 192,
+        depth: int = 24,
+        d_state: int = 16,
+        num_classes: int = 0,
+        drop_path_rate: float = 0.0,
+        in_chans: int = 3,
+    ):
         super().__init__()
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -183,8 +201,8 @@ def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tup
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
     old_mid, new_mid = old_grid[0] * old_grid[1] // 2, new_grid[0] * new_grid[1] // 2
-    cls = pos_embed[:, old_mid:old_mid + 1]
-    patches = torch.cat([pos_embed[:, :old_mid], pos_embed[:, old_mid + 1:]], 1)
+    cls = pos_embed[:, old_mid : old_mid + 1]
+    patches = torch.cat([pos_embed[:, :old_mid], pos_embed[:, old_mid + 1 :]], 1)
     patches = patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
     patches = F.interpolate(patches.float(), size=new_grid, mode='bicubic', align_corners=False)
     patches = patches.to(pos_embed.dtype).flatten(2).transpose(1, 2)
@@ -200,7 +218,7 @@ class VimBackbone(nn.Module):
         super().__init__()
         self.trunk = VisionMamba(img_size=img_size, embed_dim=embed_dim, depth=depth, **options)
         if self.trunk.patch_size != 16:
-            raise ValueError("the Vim pyramid expects 16x16 patches (strides 4..32 are resampled from 16)")
+            raise ValueError('the Vim pyramid expects 16x16 patches (strides 4..32 are resampled from 16)')
         self.indices = [max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)]
         d = embed_dim
         self.channels = [d // 4, d // 2, d, d]
@@ -211,7 +229,7 @@ class VimBackbone(nn.Module):
         taps, (h, w), mid = self.trunk.forward_intermediates(x, self.indices)
         maps = []
         for tokens, resample in zip(taps, self.resample):
-            patches = torch.cat([tokens[:, :mid], tokens[:, mid + 1:]], 1)  # drop the class token
+            patches = torch.cat([tokens[:, :mid], tokens[:, mid + 1 :]], 1)  # drop the class token
             maps.append(resample(patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)))
         return maps
 
@@ -231,22 +249,27 @@ def load_vim_checkpoint(model: VisionMamba, path: str | Path) -> None:
         old = state['pos_embed']
         side = math.isqrt(old.shape[1] - 1)
         if side * side != old.shape[1] - 1:
-            raise PretrainedWeightsError(f"Vim checkpoint {path}: pos_embed has {old.shape[1]} entries, not a square "
-                                         "grid plus a class token; is it a Vision Mamba checkpoint?")
+            raise PretrainedWeightsError(
+                f'Vim checkpoint {path}: pos_embed has {old.shape[1]} entries, not a square '
+                'grid plus a class token; is it a Vision Mamba checkpoint?'
+            )
         state['pos_embed'] = resize_pos_embed(old, (side, side), model.grid)
-    check_fits(model.state_dict(), state,
-               f"Vim checkpoint {path} does not fit a Vim with embed_dim={model.embed_dim}, depth={len(model.layers)}")
+    check_fits(
+        model.state_dict(),
+        state,
+        f'Vim checkpoint {path} does not fit a Vim with embed_dim={model.embed_dim}, depth={len(model.layers)}',
+    )
     model.load_state_dict(state, strict=True)
 
 
-def build_vim_backbone(spec: Any, pretrained: bool | str = False, img_size: int = 224,
-                       **options: Any) -> VimBackbone:
+def build_vim_backbone(spec: Any, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> VimBackbone:
     """Registry builder for vim_tiny / vim_small / vim_base; `pretrained` is False or a local checkpoint path."""
     if pretrained is True:
         raise PretrainedWeightsError(
-            f"{spec.name}: there is no hub source for Vision Mamba weights. Download an official checkpoint "
+            f'{spec.name}: there is no hub source for Vision Mamba weights. Download an official checkpoint '
             "from https://github.com/hustvl/Vim and set MODEL['pretrained'] = '/path/to/vim_checkpoint.pth', "
-            "or MODEL['pretrained'] = False to train from scratch.")
+            "or MODEL['pretrained'] = False to train from scratch."
+        )
     model = VimBackbone(img_size=img_size, **{**VIM_VARIANTS[spec.name], **options})
     if pretrained:
         model.load_pretrained(pretrained)

@@ -4,12 +4,14 @@ A builder takes `(spec, pretrained, img_size, **options)` and returns a module w
 `forward(x)` gives a list of 4 NCHW feature maps (strides 4, 8, 16, 32) and whose
 `channels` / `reductions` attributes describe them.
 """
+
 from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from hybridmednet.errors import ConfigError
 
@@ -21,8 +23,8 @@ if TYPE_CHECKING:
 class BackboneSpec:
     name: str
     family: str
-    builder: str                      # 'module:function', imported when the backbone is built
-    timm_name: str | None = None      # the timm classifier this backbone is cut from
+    builder: str  # 'module:function', imported when the backbone is built
+    timm_name: str | None = None  # the timm classifier this backbone is cut from
     out_indices: tuple[int, ...] | None = None
     spec_params_m: float | None = None  # whole-model parameters the SPEC states (millions)
     experimental: bool = False
@@ -38,7 +40,7 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 def register(spec: BackboneSpec) -> BackboneSpec:
     if spec.name in _REGISTRY:
-        raise ValueError(f"backbone {spec.name!r} is registered twice")
+        raise ValueError(f'backbone {spec.name!r} is registered twice')
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -48,8 +50,8 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         return _REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ''
-        raise ConfigError(f"unknown backbone {name!r}; {hint}available: {', '.join(_REGISTRY)}") from None
+        hint = f'did you mean {", ".join(map(repr, close))}? ' if close else ''
+        raise ConfigError(f'unknown backbone {name!r}; {hint}available: {", ".join(_REGISTRY)}') from None
 
 
 def list_backbones(family: str | None = None) -> list[str]:
@@ -67,15 +69,29 @@ _VIM = 'hybridmednet.models.mamba:build_vim_backbone'
 for _name, _params in (('resnet34', None), ('resnet50', 25.0), ('resnet101', None)):
     register(BackboneSpec(_name, 'resnet', _RESNET, f'{_name}.tv_in1k', (1, 2, 3, 4), _params))
 for _size, _params in (('tiny', 28.0), ('small', 50.0), ('base', 89.0), ('large', 198.0)):
-    register(BackboneSpec(f'convnext_{_size}', 'convnext', _TIMM, f'convnext_{_size}.fb_in22k_ft_in1k',
-                          (0, 1, 2, 3), _params))
+    register(
+        BackboneSpec(
+            f'convnext_{_size}', 'convnext', _TIMM, f'convnext_{_size}.fb_in22k_ft_in1k', (0, 1, 2, 3), _params
+        )
+    )
 for _size, _params in (('tiny', 28.0), ('small', 50.0), ('base', 88.0)):
-    register(BackboneSpec(f'swin_{_size}', 'swin', _TIMM, f'swin_{_size}_patch4_window7_224.ms_in22k_ft_in1k',
-                          (0, 1, 2, 3), _params))
+    register(
+        BackboneSpec(
+            f'swin_{_size}', 'swin', _TIMM, f'swin_{_size}_patch4_window7_224.ms_in22k_ft_in1k', (0, 1, 2, 3), _params
+        )
+    )
 # EfficientNetV2 has 5 feature stages (strides 2..32); the pyramid takes strides 4..32.
 for _size, _params in (('s', 21.0), ('m', 54.0), ('l', 119.0)):
-    register(BackboneSpec(f'efficientnetv2_{_size}', 'efficientnetv2', _TIMM,
-                          f'tf_efficientnetv2_{_size}.in21k_ft_in1k', (1, 2, 3, 4), _params))
+    register(
+        BackboneSpec(
+            f'efficientnetv2_{_size}',
+            'efficientnetv2',
+            _TIMM,
+            f'tf_efficientnetv2_{_size}.in21k_ft_in1k',
+            (1, 2, 3, 4),
+            _params,
+        )
+    )
 # Small backbones beyond the SPEC, for CPU quickstarts and fast tests.
 register(BackboneSpec('resnet18', 'resnet', _RESNET, 'resnet18.tv_in1k', (1, 2, 3, 4)))
 register(BackboneSpec('convnext_atto', 'convnext', _TIMM, 'convnext_atto.d2_in1k', (0, 1, 2, 3)))
@@ -87,5 +103,12 @@ for _size, _params in (('femto', 7.3), ('kobe', 9.1), ('tiny', 26.5), ('small', 
     register(BackboneSpec(f'mambaout_{_size}', 'mambaout', _TIMM, f'mambaout_{_size}.in1k', (0, 1, 2, 3), _params))
 # EfficientViM (Lee et al., 2025): hidden-state-mixer SSD stages at strides 16/32/64, resampled to 4..32.
 for _size in ('m1', 'm2', 'm3', 'm4'):
-    register(BackboneSpec(f'efficientvim_{_size}', 'efficientvim', 'hybridmednet.models.backbones:build_efficientvim',
-                          f'efficientvim_{_size}.e450_in1k', (0, 1, 2)))
+    register(
+        BackboneSpec(
+            f'efficientvim_{_size}',
+            'efficientvim',
+            'hybridmednet.models.backbones:build_efficientvim',
+            f'efficientvim_{_size}.e450_in1k',
+            (0, 1, 2),
+        )
+    )

@@ -6,19 +6,30 @@ segment at a time, and the backward pass is the adjoint recurrence run by the sa
 states, as the CUDA kernel does, so memory grows as L * d. On a GPU with `mamba-ssm` installed its
 fused kernel runs instead (`scan_function`).
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
-                       z: Tensor | None = None, delta_bias: Tensor | None = None,
-                       delta_softplus: bool = False) -> Tensor:
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
     """Sequential reference: one Python step per token (the algorithm of mamba-ssm's `selective_scan_ref`).
 
     Shapes as in mamba-ssm: u, delta, z [b, d, l]; A [d, n]; B, C [b, n, l]; D, delta_bias [d].
@@ -40,9 +51,20 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return y * F.silu(z) if z is not None else y
 
 
-def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
-                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   chunk: int = 4, segment: int = 32, tokens_first: bool = False) -> Tensor:
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk: int = 4,
+    segment: int = 32,
+    tokens_first: bool = False,
+) -> Tensor:
     """Chunked selective scan, same arguments and result as `selective_scan_ref`.
 
     The sequence is handled in equal segments of at most `segment` tokens, so the [tokens, n, d]
@@ -53,8 +75,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     [b, l, n]: the layout the scan works in and the Vim block produces, so nothing is transposed
     (the CPU path of `BiMamba`).
     """
-    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
-                                max(segment // chunk, 1) * chunk, tokens_first)
+    return _SelectiveScan.apply(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, max(segment // chunk, 1) * chunk, tokens_first
+    )
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -76,9 +99,21 @@ class _SelectiveScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                z: Tensor | None, bias: Tensor | None, softplus: bool, chunk: int, segment: int,
-                tokens_first: bool) -> Tensor:
+    def forward(
+        ctx: Any,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor | None,
+        z: Tensor | None,
+        bias: Tensor | None,
+        softplus: bool,
+        chunk: int,
+        segment: int,
+        tokens_first: bool,
+    ) -> Tensor:
         length = u.shape[1 if tokens_first else 2]
         padded = length + -length % chunk
         count = -(-padded // segment)  # equal segments, so none is left a few tokens long (196 = 7 x 28)
@@ -100,9 +135,18 @@ class _SelectiveScan(torch.autograd.Function):
         entering = dt.new_zeros(b, len(starts) + 1, n * d)  # state entering each segment
         for i, s in enumerate(starts):
             e = min(s + segment, padded)
-            h = h_buf[:, :e - s]
-            entering[:, i + 1] = _segment_states(dt[:, s:e], dtu[:, s:e], B[:, s:e], log2_decay, entering[:, i],
-                                                 chunk, a_buf[:, :e - s], h, p_buf[:, :e - s])
+            h = h_buf[:, : e - s]
+            entering[:, i + 1] = _segment_states(
+                dt[:, s:e],
+                dtu[:, s:e],
+                B[:, s:e],
+                log2_decay,
+                entering[:, i],
+                chunk,
+                a_buf[:, : e - s],
+                h,
+                p_buf[:, : e - s],
+            )
             torch.matmul(C[:, s:e, None, :], h, out=y[:, s:e, None, :])
         if D is not None:
             y.addcmul_(u, D)
@@ -110,8 +154,9 @@ class _SelectiveScan(torch.autograd.Function):
         if z is not None:
             z = _time_major(z, padded, tokens_first, work)
             z_gate = F.silu(z)
-        ctx.save_for_backward(delta if softplus else None, u, dt, A, B, C, entering[:, :-1], D, z,
-                              y if z is not None else None)
+        ctx.save_for_backward(
+            delta if softplus else None, u, dt, A, B, C, entering[:, :-1], D, z, y if z is not None else None
+        )
         ctx.chunk, ctx.segment, ctx.has_bias, ctx.tokens_first = chunk, segment, bias is not None, tokens_first
         return _channel_major(y * z_gate if z is not None else y, length, tokens_first, out_dtype)
 
@@ -139,12 +184,12 @@ class _SelectiveScan(torch.autograd.Function):
         # a_buf[:, t] = a_t and a_buf[:, t + 1] = a_{t+1}; h_buf[:, t] = h_{t-1} and h_buf[:, t + 1] = h_t
         a_buf, h_buf = dt.new_empty(b, segment + 1, n, d), dt.new_empty(b, segment + 1, n, d)
         g_buf, p_buf, w_buf = (dt.new_empty(b, segment, n, d) for _ in range(3))
-        after = dt.new_zeros(b, n * d)       # g at the first token after this segment
+        after = dt.new_zeros(b, n * d)  # g at the first token after this segment
         decay_after = dt.new_zeros(b, n, d)  # and the decay that carries it back one token
         for i, s in reversed(list(enumerate(range(0, padded, segment)))):
             e = min(s + segment, padded)
             w = e - s
-            a, states, p = a_buf[:, :w + 1], h_buf[:, :w + 1], p_buf[:, :w]
+            a, states, p = a_buf[:, : w + 1], h_buf[:, : w + 1], p_buf[:, :w]
             a[:, -1] = decay_after
             states[:, 0] = entering[:, i].view(b, n, d)
             h = states[:, 1:]
@@ -167,8 +212,9 @@ class _SelectiveScan(torch.autograd.Function):
             grad_dt *= torch.sigmoid(delta)
         grad_bias = grad_dt[:, :length].sum((0, 1)).to(bias_type) if ctx.has_bias else None
         per_token = zip((grad_u, grad_dt, grad_B, grad_C, grad_z), (u_type, delta_type, B_type, C_type, z_type))
-        grads = [_channel_major(t, length, ctx.tokens_first, dtype) if t is not None else None
-                 for t, dtype in per_token]
+        grads = [
+            _channel_major(t, length, ctx.tokens_first, dtype) if t is not None else None for t, dtype in per_token
+        ]
         return *grads[:2], grad_A.t().to(A_type), *grads[2:4], grad_D, grads[4], grad_bias, None, None, None, None
 
 
@@ -176,14 +222,14 @@ def _time_major(x: Tensor, length: int, tokens_first: bool = False, dtype: torch
     """[b, c, l] (or [b, l, c] when `tokens_first`) -> a new contiguous [b, length, c] of `dtype` (x's by
     default), zero-padded at the end. Transposes go as one 2-D copy per batch item: PyTorch transposes
     those in cache blocks, while a strided 3-D copy is ~5x slower at 1,024 tokens."""
-    b, c, l = (x.shape[0], x.shape[2], x.shape[1]) if tokens_first else x.shape
+    b, c, n = (x.shape[0], x.shape[2], x.shape[1]) if tokens_first else x.shape
     out = x.new_empty(b, length, c, dtype=dtype)
-    out[:, l:] = 0
+    out[:, n:] = 0
     if tokens_first:
-        out[:, :l] = x
+        out[:, :n] = x
     else:
         for i in range(b):
-            out[i, :l].copy_(x[i].t())
+            out[i, :n].copy_(x[i].t())
     return out
 
 
@@ -217,8 +263,9 @@ def _decay(dt: Tensor, log2_decay: Tensor, out: Tensor) -> Tensor:
     return torch.mul(dt[:, :, None, :], log2_decay, out=out).exp2_()
 
 
-def _segment_states(dt: Tensor, dtu: Tensor, B: Tensor, log2_decay: Tensor, carry: Tensor, chunk: int,
-                    a: Tensor, h: Tensor, p: Tensor) -> Tensor:
+def _segment_states(
+    dt: Tensor, dtu: Tensor, B: Tensor, log2_decay: Tensor, carry: Tensor, chunk: int, a: Tensor, h: Tensor, p: Tensor
+) -> Tensor:
     """The states h_t [b, l, n, d] of one segment, written to `h` (its decays to `a`), from the state
     `carry` entering it; returns the state leaving it. The forward pass and the backward pass's
     recomputation both run it."""
