@@ -24,6 +24,7 @@ from torch import nn
 from hybridmednet.config import Config
 from hybridmednet.data.transforms import normalization
 from hybridmednet.errors import CheckpointError
+from hybridmednet.models.backbones import state_dict_mismatch
 from hybridmednet.models.hybrid import HybridMedNet
 
 FORMAT = 'hybridmednet-checkpoint'
@@ -164,30 +165,8 @@ def load_model(
         **meta,
         'class_names': names,
         'preprocessing': meta.get('preprocessing') or preprocessing(config),
-        'weights_hash': weights_hash(state_dict),
     }
     return model.to(map_location).eval(), config, meta
-
-
-def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
-    """'' when `given` fits `expected` exactly, else one line naming the missing, unexpected and misshapen keys."""
-
-    def few(keys: list[str]) -> str:
-        return ', '.join(keys[:3]) + (f' (+{len(keys) - 3} more)' if len(keys) > 3 else '')
-
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    shapes = [
-        f'{k} {tuple(given[k].shape)} vs {tuple(v.shape)}'
-        for k, v in expected.items()
-        if k in given and given[k].shape != v.shape
-    ]
-    parts = [
-        f'{len(keys)} {what}: {few(keys)}'
-        for what, keys in (('missing', missing), ('unexpected', unexpected), ('of another shape', shapes))
-        if keys
-    ]
-    return '; '.join(parts)
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:

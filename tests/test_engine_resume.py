@@ -12,6 +12,8 @@ import torch
 import torch.multiprocessing as mp
 from test_engine_train import TinyNet, assert_same_weights, run, tiny_config, tiny_datasets
 
+from hybridmednet.engine.trainer import train
+
 TESTS = Path(__file__).parent
 
 KILLED_RUN = f"""
@@ -68,7 +70,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, model_class: type, batch_size: int) -> None:
+    """One torchrun-like gloo process training `model_class()` on the tiny data."""
     os.environ.update(
         MASTER_ADDR='127.0.0.1',
         MASTER_PORT=str(port),
@@ -78,14 +81,12 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    from hybridmednet.engine.trainer import train
-
-    train(tiny_config(Path(out), batch_size=8 // world, epochs=2), model=TinyNet(), datasets=tiny_datasets())
+    train(tiny_config(Path(out), batch_size=batch_size, epochs=2), model=model_class(), datasets=tiny_datasets())
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     single, model = run(tmp_path / 'one', batch_size=8, epochs=2)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / 'two')), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / 'two'), TinyNet, 4), nprocs=2, join=True)
     ckpt = torch.load(tmp_path / 'two' / 'ckpt' / 'last_model.pth', weights_only=True)
     assert ckpt['world_size'] == 2 and ckpt['step'] == single['steps']
     ddp_model = TinyNet()
@@ -111,25 +112,10 @@ class BatchNormNet(torch.nn.Module):
         return self.fc(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
 
 
-def _ddp_batchnorm_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR='127.0.0.1',
-        MASTER_PORT=str(port),
-        GLOO_SOCKET_IFNAME='lo',
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
-    from hybridmednet.engine.trainer import train
-
-    train(tiny_config(Path(out), batch_size=4, epochs=2), model=BatchNormNet(), datasets=tiny_datasets())
-
-
 def test_ddp_validates_with_the_batchnorm_statistics_it_saves(tmp_path):
     # Without syncing, rank 1 would score its half of the validation set with its own running statistics,
     # and the reported val loss would not be the saved model's.
-    mp.spawn(_ddp_batchnorm_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), BatchNormNet, 4), nprocs=2, join=True)
     ckpt = torch.load(tmp_path / 'ckpt' / 'last_model.pth', weights_only=True)
     model = BatchNormNet()
     model.load_state_dict(ckpt['model_state_dict'])

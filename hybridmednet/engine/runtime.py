@@ -139,10 +139,9 @@ def stop_on_sigint(on_stop: Callable[[int], None]) -> Iterator[None]:
         yield
         return
 
-    def request_stop(signum: int, frame: Any) -> None:
-        on_stop(signum)
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: on_stop(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from hybridmednet.checkpoint import load_model
+from hybridmednet.checkpoint import load_model, weights_hash
 from hybridmednet.errors import DataError
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.report import (
@@ -172,10 +172,11 @@ def write_card(
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     if results and list(results['model']['class_names']) != list(meta['class_names']):
         raise DataError(f'{results_path} evaluates other findings than {model_path}')
-    if results and results['model'].get('weights_hash') != meta['weights_hash']:
+    own_hash = weights_hash(model.state_dict())
+    if results and results['model'].get('weights_hash') != own_hash:
         raise DataError(
             f'{results_path} was written for other weights than those in {model_path} (weights hash '
-            f'{results["model"].get("weights_hash")} vs {meta["weights_hash"]}); evaluate this model '
+            f'{results["model"].get("weights_hash")} vs {own_hash}); evaluate this model '
             f'with `hybridmednet evaluate --model_path {model_path} --save_results`'
         )
     n_params = count_parameters(model)

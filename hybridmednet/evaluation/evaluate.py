@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hybridmednet.checkpoint import load_model, write_thresholds
+from hybridmednet.checkpoint import load_model, weights_hash, write_thresholds
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.evaluation import metrics
@@ -228,7 +228,7 @@ def evaluate_model(
             'backbone': config.MODEL['backbone'],
             'class_names': names,
             'epoch': meta.get('epoch'),
-            'weights_hash': meta['weights_hash'],
+            'weights_hash': weights_hash(model.state_dict()),
         },
         'data': {
             'dataset': config.DATA['dataset'],

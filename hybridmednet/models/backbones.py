@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,24 +223,36 @@ def weights_architecture(path: Path) -> tuple[str, str] | None:
     return (architecture, str(config_path)) if isinstance(architecture, str) and architecture else None
 
 
-def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise PretrainedWeightsError `what: ... missing keys, ... unexpected keys, ... shape mismatches`
-    unless `state` matches the model's own state dict key for key and shape for shape. BatchNorm's
-    `num_batches_tracked` counters may be missing, as PyTorch's own strict load allows: files from before
-    the counter existed (old torchvision ResNets, TF-ported EfficientNets) lack them, and the model
-    keeps its own."""
-    missing = sorted(k for k in set(own) - set(state) if k.rpartition('.')[2] != 'num_batches_tracked')
+def state_dict_mismatch(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], may_lack: Callable[[str], bool] = lambda key: False
+) -> str:
+    """'' when `state` matches the model's own state dict key for key and shape for shape, else one line
+    naming the missing (except those `may_lack` allows), unexpected and misshapen keys."""
+    missing = sorted(k for k in set(own) - set(state) if not may_lack(k))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(
         f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
         for k in set(own) & set(state)
         if own[k].shape != state[k].shape
     )
-    if missing or unexpected or wrong:
+    if not (missing or unexpected or wrong):
+        return ''
+    return (
+        f'{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}, '
+        f'{len(wrong)} shape mismatches {wrong[:8]}'
+    )
+
+
+def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise PretrainedWeightsError `what: <state_dict_mismatch>` unless `state` fits the model. BatchNorm's
+    `num_batches_tracked` counters may be missing, as PyTorch's own strict load allows: files from before
+    the counter existed (old torchvision ResNets, TF-ported EfficientNets) lack them, and the model
+    keeps its own."""
+    problems = state_dict_mismatch(own, state, may_lack=lambda key: key.rpartition('.')[2] == 'num_batches_tracked')
+    if problems:
         raise PretrainedWeightsError(
-            f'{what}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}, '
-            f'{len(wrong)} shape mismatches {wrong[:8]}. Use weights saved from this architecture, or set '
-            "MODEL['pretrained'] = True (ImageNet weights) or False"
+            f"{what}: {problems}. Use weights saved from this architecture, or set MODEL['pretrained'] = True "
+            '(ImageNet weights) or False'
         )
 
 
