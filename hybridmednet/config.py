@@ -161,6 +161,7 @@ class Config:
         'target_sensitivity': 0.9,
         'bootstrap_samples': 1000,
         'confidence_level': 0.95,
+        'interval': 'percentile',  # percentile | bca (bias-corrected and accelerated)
         'temperature_scaling': False,
         'tta': False,
     }
@@ -412,6 +413,7 @@ LOSS_TYPES = ('bce', 'focal', 'asymmetric')
 DATASET_KINDS = ('nih', 'chexpert', 'csv', 'folder')
 UNCERTAINTY_POLICIES = ('ones', 'zeros', 'ignore')
 THRESHOLD_METHODS = ('youden', 'f1', 'sensitivity')
+BOOTSTRAP_INTERVALS = ('percentile', 'bca')
 INTENSITY_MODES = ('auto', 'minmax')
 
 RULES: dict[str, dict[str, Rule]] = {
@@ -495,6 +497,7 @@ RULES: dict[str, dict[str, Rule]] = {
         'target_sensitivity': number(0.0, 1.0, low_open=True, high_open=True),
         'bootstrap_samples': POSITIVE,
         'confidence_level': number(0.0, 1.0, low_open=True, high_open=True),
+        'interval': choice(*BOOTSTRAP_INTERVALS),
         'temperature_scaling': boolean,
         'tta': boolean,
     },

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
+from hybridmednet.config import BOOTSTRAP_INTERVALS
 from hybridmednet.evaluation import metrics
 
 
@@ -133,7 +134,7 @@ def test_bca_matches_scipy():
     ref = stats.bootstrap(
         (y, s), mann_whitney_auc, paired=True, n_resamples=10000, method='BCa', rng=np.random.default_rng(1)
     ).confidence_interval
-    ours = {m: metrics.evaluate_predictions(y, s, n_boot=10000, seed=0, interval=m)['auc'] for m in metrics.INTERVALS}
+    ours = {m: metrics.evaluate_predictions(y, s, n_boot=10000, seed=0, interval=m)['auc'] for m in BOOTSTRAP_INTERVALS}
     bca, percentile = ours['bca'], ours['percentile']
     assert bca['ci_low'][0] == pytest.approx(ref.low, abs=0.012)
     assert bca['ci_high'][0] == pytest.approx(ref.high, abs=0.012)
@@ -159,7 +160,7 @@ def test_unknown_interval_is_refused():
 
 
 # -- coverage --------------------------------------------------------------------------------------
-@pytest.mark.parametrize('interval', metrics.INTERVALS)
+@pytest.mark.parametrize('interval', BOOTSTRAP_INTERVALS)
 def test_interval_coverage_follows_the_level(interval):
     """Binormal scores with separation d have AUC = Phi(d / sqrt 2). Over 500 datasets a 90% interval must
     cover it in roughly 90% of them and a 50% interval in roughly half: an ignored or misapplied level fails.

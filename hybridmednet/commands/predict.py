@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from hybridmednet.checkpoint import load_model
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         '--tta',
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="test-time augmentation (default: the model config's EVAL.tta)",
+        help='test-time augmentation (default: as when the stored thresholds were fitted, else EVAL.tta)',
     )
     args = p.parse_args(argv)
 
@@ -48,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.output_dir)
         image_path = Path(args.image_path)
         root = image_path if image_path.is_dir() else image_path.parent
-        tta = config.EVAL['tta'] if args.tta is None else args.tta
+        fitted_with = (op.fitted_on or {}).get('tta')  # thresholds fit the outputs they were fitted on
+        tta = (config.EVAL['tta'] if fitted_with is None else fitted_with) if args.tta is None else args.tta
+        if fitted_with is not None and tta != fitted_with:
+            warnings.warn(
+                f'the thresholds were fitted with test-time augmentation {"on" if fitted_with else "off"}; '
+                f'predicting with it {"on" if tta else "off"} moves the probabilities they were chosen for',
+                stacklevel=1,
+            )
         result = predict_files(
             model,
             config,

@@ -48,14 +48,24 @@ def split_hash(records: pd.DataFrame, root: str | Path | None = None) -> str:
     return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:16]
 
 
+def _plain(part: str, value: Any) -> int | float:
+    """A statistic's entry as JSON wants it: counts as ints, the rest as floats."""
+    return int(value) if part == 'resamples_used' else float(value)
+
+
 def per_finding(stats: dict, class_names: Sequence[str]) -> dict[str, dict]:
     """metrics.evaluate_predictions output ({stat: arrays over findings}) as {finding: {stat: ...}}."""
     out = {}
     for k, name in enumerate(class_names):
-        row = {'n_pos': int(stats['n_pos'][k]), 'n_neg': int(stats['n_neg'][k])}
+        row = {
+            'n_pos': int(stats['n_pos'][k]),
+            'n_neg': int(stats['n_neg'][k]),
+            'n_pos_units': int(stats['n_pos_units'][k]),
+            'few_positives': bool(stats['few_positives'][k]),
+        }
         for key, value in stats.items():
             if isinstance(value, dict) and np.ndim(value['value']) == 1:
-                row[key] = {part: float(v[k]) for part, v in value.items()}
+                row[key] = {part: _plain(part, v[k]) for part, v in value.items()}
         out[name] = row
     return out
 
@@ -69,6 +79,7 @@ def subgroup_tables(
     n_boot: int,
     level: float,
     seed: int,
+    interval: str = 'percentile',
 ) -> dict[str, dict]:
     """Per-finding AUC and mean AUC (with its interval) in each view / sex / age band with enough images."""
     frame = records.copy()
@@ -85,7 +96,15 @@ def subgroup_tables(
             if value in ('nan', 'None', '') or keep.sum() < MIN_SUBGROUP_IMAGES:
                 continue
             stats = metrics.evaluate_predictions(
-                y[keep], probs[keep], mask[keep], None, frame['patient_id'][keep].to_numpy(), n_boot, level, seed
+                y[keep],
+                probs[keep],
+                mask[keep],
+                None,
+                frame['patient_id'][keep].to_numpy(),
+                n_boot,
+                level,
+                seed,
+                interval,
             )
             groups[value] = {
                 'n_images': int(keep.sum()),
@@ -109,6 +128,7 @@ def compare_with(
     n_boot: int,
     level: float,
     seed: int,
+    interval: str = 'percentile',
 ) -> dict[str, Any]:
     """Paired bootstrap against another evaluate run's results.json, on the images both runs scored."""
     if not Path(other_path).is_file():
@@ -129,9 +149,20 @@ def compare_with(
         raise DataError(f'{other_path} has other labels for the same images; the runs used different label files')
     other_probs = np.asarray(pred['probabilities'], dtype=np.float64)[theirs]
     groups = None if patient_ids is None else patient_ids[mine]
-    out = metrics.compare_mean_auc(y[mine], probs[mine], other_probs, mask[mine], groups, n_boot, level, seed)
-    out['auc_diff'] = {n: {part: float(v[k]) for part, v in out['auc_diff'].items()} for k, n in enumerate(class_names)}
+    out = metrics.compare_mean_auc(y[mine], probs[mine], other_probs, mask[mine], groups, n_boot, level, seed, interval)
+    out['auc_diff'] = {
+        n: {part: _plain(part, v[k]) for part, v in out['auc_diff'].items()} for k, n in enumerate(class_names)
+    }
     return {'other': str(other_path), 'other_model': other['model']['path'], 'n_images': int(len(mine)), **out}
+
+
+def threshold_source(op: OperatingPoint) -> str:
+    """Where the thresholds of a stored operating point came from, in words for the report."""
+    if not op.fitted:
+        return f'none fitted: {op.thresholds[0]:g} for every finding'
+    where = op.fitted_on or {}
+    fitted = f'fitted on the {where["split"]} split ({where["n_images"]} images)' if 'split' in where else 'fitted'
+    return f'stored with the model ({op.method} rule, {fitted} by an earlier evaluation)'
 
 
 def evaluate_model(
@@ -201,11 +232,20 @@ def evaluate_model(
             ev['threshold_method'],
             ev['target_sensitivity'],
             ev['temperature_scaling'],
-            {'split': 'val', 'n_images': len(val), 'hash': hashes['val']},
+            {'split': 'val', 'n_images': len(val), 'hash': hashes['val'], 'tta': ev['tta']},
         )
+        source = f'fitted on the validation split ({len(val)} images) by this evaluation'
     else:
         warnings.warn('the validation split is empty; using the thresholds stored with the model', stacklevel=2)
         op = OperatingPoint.of_model(meta)
+        source = threshold_source(op)
+        stored_tta = (op.fitted_on or {}).get('tta')
+        if stored_tta is not None and stored_tta != ev['tta']:
+            warnings.warn(
+                f'the stored thresholds were fitted with test-time augmentation {"on" if stored_tta else "off"}; '
+                f'this evaluation has it {"on" if ev["tta"] else "off"} (EVAL.tta={str(stored_tta).lower()} matches)',
+                stacklevel=2,
+            )
     if split == 'val':
         warnings.warn(
             'thresholds are fitted on the split being evaluated; its operating-point metrics are optimistic',
@@ -218,7 +258,7 @@ def evaluate_model(
     groups = records['patient_id'].astype(str).to_numpy() if has_patients else None
     n_boot, level = int(ev['bootstrap_samples']), float(ev['confidence_level'])
 
-    stats = metrics.evaluate_predictions(y, probs, mask, op.thresholds, groups, n_boot, level, seed)
+    stats = metrics.evaluate_predictions(y, probs, mask, op.thresholds, groups, n_boot, level, seed, ev['interval'])
     findings = per_finding(stats, names)
     for name, t in zip(names, op.thresholds):
         findings[name]['threshold'] = float(t)
@@ -241,7 +281,7 @@ def evaluate_model(
             'split_sizes': {s: len(d) for s, d in datasets.items()},
         },
         'settings': {**ev, 'bootstrap_samples': n_boot, 'confidence_level': level, 'seed': seed},
-        'operating_point': op.to_meta(),
+        'operating_point': {**op.to_meta(), 'source': source},
         'metrics': {'mean_auc': stats['mean_auc'], 'per_finding': findings},
         'calibration': {
             'n_bins': N_BINS,
@@ -250,12 +290,22 @@ def evaluate_model(
                 zip(names, expected_calibration_error(y, apply_temperature(logits), mask, N_BINS))
             ),
         },
-        'subgroups': subgroup_tables(records, y, probs, mask, names, n_boot, level, seed),
+        'subgroups': subgroup_tables(records, y, probs, mask, names, n_boot, level, seed, ev['interval']),
         'figures': {},
     }
     if compare:
         results['comparison'] = compare_with(
-            compare, records['path'].astype(str).tolist(), y, mask, probs, groups, names, n_boot, level, seed
+            compare,
+            records['path'].astype(str).tolist(),
+            y,
+            mask,
+            probs,
+            groups,
+            names,
+            n_boot,
+            level,
+            seed,
+            ev['interval'],
         )
     if store_thresholds and op.fitted:
         results['stored_in'] = [str(p) for p in write_thresholds(model_path, op.to_meta())]

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from scipy.special import ndtr, ndtri
 
-from hybridmednet.config import THRESHOLD_METHODS
+from hybridmednet.config import BOOTSTRAP_INTERVALS, THRESHOLD_METHODS
 from hybridmednet.errors import DataError
 
 THRESHOLD_METRICS = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1')
-INTERVALS = ('percentile', 'bca')
 FEW_POSITIVES = 10  # fewer positive patients (or images) than this: the interval is a rough range
 _CHUNK_ELEMENTS = 4_000_000  # weights held at once: B_chunk * N
 
@@ -323,8 +322,8 @@ def bootstrap_intervals(
     costs one extra evaluation per patient, or per image without patient IDs, for the jackknife).
     `resamples_used` counts the resamples in which the statistic is defined.
     """
-    if interval not in INTERVALS:
-        raise ValueError(f'interval {interval!r} is not one of {", ".join(INTERVALS)}')
+    if interval not in BOOTSTRAP_INTERVALS:
+        raise ValueError(f'interval {interval!r} is not one of {", ".join(BOOTSTRAP_INTERVALS)}')
     point = {k: v[0] for k, v in statistic(np.ones((1, n_images))).items()}
     samples = bootstrap(statistic, n_images, n_boot, groups, seed)
     jack = evaluate_weights(statistic, jackknife_weights(n_images, groups)) if interval == 'bca' else None

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from hybridmednet.evaluation.metrics import FEW_POSITIVES
+
 RATES = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1')
-FEW_POSITIVES = 10
 RATE_LABELS = {'sensitivity': 'Sensitivity', 'specificity': 'Specificity', 'ppv': 'PPV', 'npv': 'NPV', 'f1': 'F1'}
 
 
@@ -56,6 +57,9 @@ def fmt_ci(stat: dict | None, digits: int = 3) -> str:
     if not stat or fmt(stat.get('value')) == '—':
         return '—'
     return f'{fmt(stat["value"], digits)} ({fmt(stat.get("ci_low"), digits)}–{fmt(stat.get("ci_high"), digits)})'
+
+
+INTERVAL_NAMES = {'percentile': 'percentile', 'bca': 'bias-corrected and accelerated (BCa)'}
 
 
 # -- document model ---------------------------------------------------------------------------------
@@ -134,19 +138,38 @@ def evaluation_sections(results: dict) -> list[Section]:
             f'evaluated on the {data["split"]} split '
             f'of {data["dataset"]}: {data["n_images"]} images from {data["n_patients"]} patients.',
             f'Mean ROC AUC over findings: {fmt_ci(metrics["mean_auc"])} ({level}% CI).',
-            f'Intervals: percentile bootstrap, {settings["bootstrap_samples"]} resamples of {unit}. '
-            f'Thresholds: {settings["threshold_method"]} rule on the validation split'
+            f'Intervals: {INTERVAL_NAMES[settings.get("interval", "percentile")]} bootstrap, '
+            f'{settings["bootstrap_samples"]} resamples of {unit}'
             + (
-                f' (target sensitivity {settings["target_sensitivity"]})'
-                if settings['threshold_method'] == 'sensitivity'
+                f'; the mean AUC interval rests on the {used} resamples in which every finding has positives '
+                f'and negatives'
+                if (used := metrics['mean_auc'].get('resamples_used', settings['bootstrap_samples']))
+                < settings['bootstrap_samples']
                 else ''
             )
+            + '.',
+            f'Thresholds: {results["operating_point"].get("method")} rule'
+            + (
+                f' (target sensitivity {settings["target_sensitivity"]})'
+                if results['operating_point'].get('method') == 'sensitivity'
+                else ''
+            )
+            + f', {results["operating_point"].get("source", "fitted on the validation split")}'
             + '; positive when probability >= threshold.',
         ],
     )
     ranking = Table(
         ['Finding', 'Positives', 'Negatives', f'ROC AUC ({level}% CI)', f'Average precision ({level}% CI)'],
-        [[n, str(per[n]['n_pos']), str(per[n]['n_neg']), fmt_ci(per[n]['auc']), fmt_ci(per[n]['ap'])] for n in names],
+        [
+            [
+                n + (' *' if per[n].get('few_positives') else ''),
+                str(per[n]['n_pos']),
+                str(per[n]['n_neg']),
+                fmt_ci(per[n]['auc']),
+                fmt_ci(per[n]['ap']),
+            ]
+            for n in names
+        ],
     )
     operating = Table(
         ['Finding', 'Threshold', *(RATE_LABELS[r] for r in RATES)],
@@ -157,8 +180,9 @@ def evaluation_sections(results: dict) -> list[Section]:
         Section(
             'Discrimination',
             [
-                f'Positives and negatives count labelled test images. An interval for a finding with fewer than '
-                f'{FEW_POSITIVES} positives rests on very few cases; read it as a rough range.'
+                f'Positives and negatives count labelled images of the {data["split"]} split. * marks a finding '
+                f'with fewer than {FEW_POSITIVES} positive {unit}: its interval rests on very few cases; read it '
+                f'as a rough range.'
             ],
             [ranking],
         ),

@@ -1,0 +1,86 @@
+"""What the report says must be what happened: threshold source, split, interval method, TTA."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_evaluation_commands import make_checkpoint
+
+from hybridmednet.checkpoint import load_model
+from hybridmednet.commands import predict
+from hybridmednet.data.io import read_image
+from hybridmednet.data.synthetic import generate_sample_dataset
+from hybridmednet.data.transforms import build_transforms
+from hybridmednet.evaluation.evaluate import evaluate_model
+from hybridmednet.evaluation.inference import batch_logits
+from hybridmednet.evaluation.operating_point import OperatingPoint
+from hybridmednet.evaluation.report import evaluation_sections, to_markdown
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return generate_sample_dataset(tmp_path_factory.mktemp('trust') / 'data', n=200, size=32, seed=1, workers=1)
+
+
+def report_text(results: dict) -> str:
+    return to_markdown('report', evaluation_sections(results))
+
+
+def test_report_names_the_real_threshold_source_when_validation_is_empty(data, tmp_path):
+    model = make_checkpoint(tmp_path / 'm.pth', data, 0)
+    no_val = ['DATA.train_split=0.7', 'DATA.val_split=0.0', 'DATA.test_split=0.3']
+    with pytest.warns(UserWarning, match='validation split is empty'):
+        results = evaluate_model(model, no_val, eval_options={'bootstrap_samples': 20})
+    source = results['operating_point']['source']
+    assert source.startswith('none fitted') and 'validation' not in source
+    text = report_text(results)
+    assert 'none fitted' in text and 'fitted on the validation split' not in text
+
+
+def test_report_describes_the_evaluated_split_and_interval_method(data, tmp_path):
+    model = make_checkpoint(tmp_path / 'm.pth', data, 0)
+    with pytest.warns(UserWarning, match='optimistic'):
+        results = evaluate_model(model, split='val', eval_options={'bootstrap_samples': 30, 'interval': 'bca'})
+    text = report_text(results)
+    assert 'labelled images of the val split' in text and 'test images' not in text
+    assert 'bias-corrected and accelerated (BCa) bootstrap' in text and results['settings']['interval'] == 'bca'
+    row = results['metrics']['per_finding']['Cardiomegaly']
+    assert isinstance(row['auc']['resamples_used'], int) and isinstance(row['few_positives'], bool)
+
+
+def test_predict_uses_the_tta_setting_the_thresholds_were_fitted_with(data, tmp_path, capsys):
+    model_path = make_checkpoint(tmp_path / 'm.pth', data, 0)
+    evaluate_model(model_path, eval_options={'bootstrap_samples': 20, 'tta': True})
+    model, config, meta = load_model(model_path)
+    op = OperatingPoint.of_model(meta)
+    assert op.fitted_on['tta'] is True
+    image = tmp_path / 'one'
+    image.mkdir()
+    shutil.copy(sorted((data / 'images').glob('*.png'))[0], image / 'x.png')
+    assert (
+        predict.main(['--image_path', str(image), '--model_path', str(model_path), '--output_dir', str(tmp_path / 'p')])
+        == 0
+    )
+    scored = np.loadtxt(tmp_path / 'p' / 'predictions.csv', delimiter=',', skiprows=1, usecols=range(1, 15))
+    x = build_transforms(config, train=False)(read_image(image / 'x.png'))[None]
+    with torch.no_grad():
+        expected = op.probabilities(batch_logits(model, x, tta=True).numpy())[0]
+        plain = op.probabilities(batch_logits(model, x, tta=False).numpy())[0]
+    assert np.abs(scored - expected).max() < 1e-5 < np.abs(scored - plain).max()
+    capsys.readouterr()
+    assert (
+        predict.main(
+            [
+                '--image_path',
+                str(image),
+                '--model_path',
+                str(model_path),
+                '--no-tta',
+                '--output_dir',
+                str(tmp_path / 'q'),
+            ]
+        )
+        == 0
+    )
+    assert 'fitted with test-time augmentation on' in capsys.readouterr().err
