@@ -1,13 +1,16 @@
 """What the report says must be what happened: threshold source, split, interval method, TTA."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from test_evaluation_commands import make_checkpoint
 
 from hybridmednet.checkpoint import load_model
+from hybridmednet.commands import cache as cache_command
 from hybridmednet.commands import predict
 from hybridmednet.data.io import read_image
 from hybridmednet.data.synthetic import generate_sample_dataset
@@ -84,3 +87,27 @@ def test_predict_uses_the_tta_setting_the_thresholds_were_fitted_with(data, tmp_
         == 0
     )
     assert 'fitted with test-time augmentation on' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('cached', [False, True])
+def test_evaluate_gives_predicts_probabilities_with_and_without_a_cache(data, tmp_path, cached):
+    work = tmp_path / 'data'
+    shutil.copytree(data, work)
+    model_path = make_checkpoint(tmp_path / 'm.pth', work, 0)
+    if cached:
+        assert cache_command.main(['--size', '64', '--workers', '1', f'DATA.data_dir={work}']) == 0
+    results = evaluate_model(model_path, out_dir=tmp_path / 'eval', eval_options={'bootstrap_samples': 10})
+    paths, probs = results['predictions']['path'][:5], np.asarray(results['predictions']['probabilities'])[:5]
+    folder = tmp_path / 'some'
+    folder.mkdir()
+    for p in paths:
+        shutil.copy(p, folder / Path(p).name)
+    assert (
+        predict.main(
+            ['--image_path', str(folder), '--model_path', str(model_path), '--output_dir', str(tmp_path / 'p')]
+        )
+        == 0
+    )
+    frame = pd.read_csv(tmp_path / 'p' / 'predictions.csv').set_index('path')
+    scored = np.stack([frame.loc[str(folder / Path(p).name)].to_numpy()[:14].astype(float) for p in paths])
+    assert np.abs(scored - probs).max() < 1e-4

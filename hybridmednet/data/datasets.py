@@ -446,8 +446,12 @@ class ChestXrayDataset(Dataset):
         raise ImageReadError('every image in the dataset failed to read')
 
 
-def build_datasets(config: Config) -> dict[str, ChestXrayDataset]:
-    """{'train', 'val', 'test'} datasets for the configured data, with their transforms."""
+def build_datasets(config: Config, use_cache: bool = True) -> dict[str, ChestXrayDataset]:
+    """{'train', 'val', 'test'} datasets for the configured data, with their transforms.
+
+    `use_cache=False` reads every image from its file, as predict does: the cache's pixels are resampled
+    once more and quantised, which is fine for training but would make evaluate's probabilities differ
+    from predict's on the same file."""
     index = build_index(config)
     leaks = patient_leaks(index.records['patient_id'], index.records['split'])
     if leaks:
@@ -456,7 +460,7 @@ def build_datasets(config: Config) -> dict[str, ChestXrayDataset]:
             f'{index.source}: {len(leaks)} patient(s) have images in more than one split, '
             f'e.g. patient {patient!r} in {" and ".join(where)}'
         )
-    cache = open_cache(config, index.data_dir)
+    cache = open_cache(config, index.data_dir) if use_cache else None
     index = _drop_missing(index, cache, config.DATA['skip_bad_images'])
     return {
         split: ChestXrayDataset(

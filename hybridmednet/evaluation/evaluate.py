@@ -199,7 +199,7 @@ def evaluate_model(
             f'({", ".join(changed)}). Override DATA or EVAL settings only.'
         )
     ev, names = config.EVAL, meta['class_names']
-    datasets = build_datasets(config)
+    datasets = build_datasets(config, use_cache=False)  # the same pixels predict reads
     data, val = datasets[split], datasets['val']
     if list(data.class_names) != list(names):
         raise DataError(f"the dataset's findings {data.class_names} are not the model's {names}")
