@@ -64,8 +64,8 @@ def test_early_stopping_min_delta(tmp_path):
     assert result['stopped_early'] and result['epochs'] == 3  # no later epoch beats the first by 0.9 AUC
 
 
-@pytest.fixture
-def augmented(tmp_path) -> ChestXrayDataset:
+@pytest.fixture(params=[False, True], ids=['torchvision', 'albumentations'])
+def augmented(tmp_path, request) -> ChestXrayDataset:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(8):
@@ -79,7 +79,10 @@ def augmented(tmp_path) -> ChestXrayDataset:
         'test',
         tmp_path,
     )
-    config = Config(DATA={'image_size': 32, 'class_names': ['a', 'b']}, MODEL={'num_classes': 2})
+    config = Config(
+        DATA={'image_size': 32, 'class_names': ['a', 'b'], 'use_albumentations': request.param},
+        MODEL={'num_classes': 2},
+    )
     return ChestXrayDataset(index, build_transforms(config, train=True))
 
 

@@ -113,5 +113,8 @@ class _AlbumentationsPipeline:
         self.tail = tail
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        # Albumentations keeps its own random stream: draw its seed from torch's, so that seeding torch
+        # (per image, ChestXrayDataset.set_epoch) makes this pipeline repeatable like torchvision's.
+        self.pipeline.set_random_seed(int(torch.randint(2**31 - 1, ())))
         out = self.pipeline(image=fit_square(np.asarray(image, dtype=np.float32), self.letterbox))['image']
         return self.tail(to_tensor(np.clip(out, 0.0, 1.0)))
