@@ -57,7 +57,7 @@ def per_finding(stats: dict, class_names: Sequence[str]) -> dict[str, dict]:
     """metrics.evaluate_predictions output ({stat: arrays over findings}) as {finding: {stat: ...}}."""
     out = {}
     for k, name in enumerate(class_names):
-        row = {
+        row: dict[str, Any] = {
             'n_pos': int(stats['n_pos'][k]),
             'n_neg': int(stats['n_neg'][k]),
             'n_pos_units': int(stats['n_pos_units'][k]),
@@ -251,7 +251,8 @@ def evaluate_model(
             'thresholds are fitted on the split being evaluated; its operating-point metrics are optimistic',
             stacklevel=2,
         )
-    logits = val_logits if split == 'val' else run(data, split)  # the validation images are scored once
+    # the validation images are scored once
+    logits = val_logits if split == 'val' and val_logits is not None else run(data, split)
     probs = op.probabilities(logits)
     y, mask, records = data.labels.astype(np.float64), data.mask.astype(np.float64), data.records
     has_patients = 'patient_id' in records and records['patient_id'].notna().all()

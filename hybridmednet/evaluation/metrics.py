@@ -123,7 +123,7 @@ class MetricSet:
         y_true: np.ndarray,
         y_score: np.ndarray,
         mask: np.ndarray | None = None,
-        thresholds: Sequence[float] | None = None,
+        thresholds: Sequence[float] | np.ndarray | None = None,
     ):
         self.y, self.s, self.m = as_matrices(y_true, y_score, mask)
         labelled = self.m > 0
@@ -345,7 +345,7 @@ def evaluate_predictions(
     y_true: np.ndarray,
     y_score: np.ndarray,
     mask: np.ndarray | None = None,
-    thresholds: Sequence[float] | None = None,
+    thresholds: Sequence[float] | np.ndarray | None = None,
     groups: Sequence | None = None,
     n_boot: int = 1000,
     level: float = 0.95,

@@ -76,7 +76,7 @@ def plot_roc_curves(
     mask: np.ndarray | None,
     class_names: Sequence[str],
     path: str | Path,
-    thresholds: Sequence[float] | None = None,
+    thresholds: Sequence[float] | np.ndarray | None = None,
     split: str = 'test',
 ) -> Path:
     """One ROC panel per finding, with its AUC and (when given) the chosen operating point."""
