@@ -123,12 +123,13 @@ class PyramidAttention(nn.Module):
         # cross_scale applies to the modern attention only: the SPEC's classic row sets just
         # use_modern_attention=False and leaves the default (True) for cross-scale, so CBAM ignores it quietly.
         self.modern = modern
+        self.blocks: PyramidSelfAttention | nn.ModuleList
         if modern:
             self.blocks = PyramidSelfAttention(channels, reductions, num_heads, pool_size, cross_scale)
         else:
             self.blocks = nn.ModuleList(CBAM(c) for c in channels)
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.modern:
+        if isinstance(self.blocks, PyramidSelfAttention):  # modern
             return self.blocks(maps)
         return [block(m) for block, m in zip(self.blocks, maps)]

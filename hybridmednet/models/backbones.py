@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import timm
 import torch
@@ -29,23 +29,52 @@ from hybridmednet.errors import ConfigError, PretrainedWeightsError
 from hybridmednet.models.registry import get_backbone_spec
 
 
-class TimmPyramid(nn.Module):
+class FeaturePyramid(nn.Module):
+    """What every registry builder returns: `forward(x)` gives 4 NCHW maps (strides 4, 8, 16, 32),
+    described by `channels` and `reductions` (one entry per map)."""
+
+    channels: list[int]
+    reductions: list[int]
+
+
+class _TimmFeatures(Protocol):
+    """The part of timm's feature-extraction API a pyramid uses (timm models define it; nn.Module does not)."""
+
+    feature_info: Any  # per stage: {'num_chs', 'reduction', 'module'}
+    pretrained_cfg: dict[str, Any]
+
+    def prune_intermediate_layers(self, indices: list[int], prune_norm: bool, prune_head: bool) -> list[int]: ...
+
+    def forward_intermediates(
+        self, x: torch.Tensor, *, indices: list[int], intermediates_only: bool, output_fmt: str
+    ) -> list[torch.Tensor]: ...
+
+
+def _timm_features(model: nn.Module) -> _TimmFeatures:
+    """`model` seen through timm's feature API (torch types its attributes as Tensor | Module)."""
+    return cast(_TimmFeatures, model)
+
+
+class TimmPyramid(FeaturePyramid):
     """A timm model cut after the stages named by `indices`."""
 
     def __init__(self, model: nn.Module, indices: tuple[int, ...]):
         super().__init__()
-        model.prune_intermediate_layers(list(indices), prune_head=True, prune_norm=True)
+        features = _timm_features(model)
+        features.prune_intermediate_layers(list(indices), prune_head=True, prune_norm=True)
         self.model = model
         self.indices = list(indices)
-        info = [model.feature_info[i] for i in indices]
+        info = [features.feature_info[i] for i in indices]
         self.channels = [f['num_chs'] for f in info]
         self.reductions = [f['reduction'] for f in info]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True, output_fmt='NCHW')
+        return _timm_features(self.model).forward_intermediates(
+            x, indices=self.indices, intermediates_only=True, output_fmt='NCHW'
+        )
 
 
-class ResNetFPN(nn.Module):
+class ResNetFPN(FeaturePyramid):
     """The classic configuration: ResNet stages merged top-down by a feature pyramid network."""
 
     def __init__(self, pyramid: TimmPyramid, fpn_channels: int):
@@ -74,7 +103,7 @@ def deconv_upsamplers(dim: int) -> tuple[nn.Module, nn.Module]:
     )
 
 
-class EfficientViMPyramid(nn.Module):
+class EfficientViMPyramid(FeaturePyramid):
     """EfficientViM's three stages sit at strides 16, 32 and 64. The stride-16 map is deconvolved to
     strides 4 and 8 (as for Vim) and kept at 16; the stride-64 map is merged top-down into the
     stride-32 one (1x1 projection, nearest upsampling, sum), as in an FPN, so no stage is wasted."""
@@ -130,6 +159,8 @@ def backbone_preprocessing(name: str) -> dict[str, Any]:
     if spec.timm_name is None:
         return {'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'interpolation': 'bicubic'}
     cfg = get_pretrained_cfg(spec.timm_name)
+    if cfg is None:
+        raise ConfigError(f'{name}: timm has no pretrained config for {spec.timm_name!r} (is timm too old?)')
     return {'mean': tuple(cfg.mean), 'std': tuple(cfg.std), 'interpolation': cfg.interpolation}
 
 
@@ -177,7 +208,7 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
     says which architecture it holds, that must be the model's: another one with the same key names and
     shapes (timm's efficientnetv2_s for tf_efficientnetv2_s) would otherwise load without a word."""
     state = read_state_dict(path)
-    expected = model.pretrained_cfg['architecture']
+    expected = _timm_features(model).pretrained_cfg['architecture']
     stated = weights_architecture(Path(path))
     if stated and split_model_name_tag(stated[0])[0] != expected:
         raise PretrainedWeightsError(
@@ -194,7 +225,7 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
                 f'weights file {path} does not fit {type(model).__name__}: '
                 f"timm's key conversion failed ({type(exc).__name__}: {exc})"
             ) from exc
-    head = model.pretrained_cfg.get('classifier') or ''
+    head = _timm_features(model).pretrained_cfg.get('classifier') or ''
     heads = [head] if isinstance(head, str) else list(head)
     is_head = lambda k: any(h and (k == h or k.startswith(h + '.')) for h in heads)
     own = {k: v for k, v in model.state_dict().items() if not is_head(k)}

@@ -42,6 +42,8 @@ class HierarchicalHead(nn.Module):
     coarse targets and its consistency term from the same matrix).
     """
 
+    group_matrix: torch.Tensor  # buffer [G, K]
+
     def __init__(self, in_features: int, class_names: list[str], groups: dict[str, list[str]], dropout: float):
         super().__init__()
         self.register_buffer('group_matrix', group_matrix(class_names, groups), persistent=False)

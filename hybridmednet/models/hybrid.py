@@ -39,6 +39,7 @@ class HybridMedNet(nn.Module):
             m['attention_pool_size'],
         )
         self.fusion = DynamicFusion(channels, m['fusion_channels'])
+        self.head: HierarchicalHead | MultiLabelHead
         if m['hierarchical']:
             self.head = HierarchicalHead(m['fusion_channels'], self.class_names, coarse_groups(config), m['dropout'])
         else:

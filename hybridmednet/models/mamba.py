@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from torch import Tensor, nn
 
 from hybridmednet.errors import PretrainedWeightsError
-from hybridmednet.models.backbones import check_fits, deconv_upsamplers, read_state_dict
+from hybridmednet.models.backbones import FeaturePyramid, check_fits, deconv_upsamplers, read_state_dict
 from hybridmednet.models.selective_scan import scan_function, selective_scan
 
 VIM_VARIANTS: dict[str, dict[str, Any]] = {
@@ -157,6 +157,8 @@ class VisionMamba(nn.Module):
         # as in the Vim code: lecun-normal patch conv, truncated-normal tokens and head, zero Linear
         # biases except dt_proj (set above), out_proj scaled down by sqrt(depth)
         lecun_normal_(self.patch_embed.proj.weight)
+        if self.patch_embed.proj.bias is None:
+            raise RuntimeError('PatchEmbed.proj must have a bias (Vim checkpoints carry one)')
         nn.init.zeros_(self.patch_embed.proj.bias)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
@@ -164,9 +166,10 @@ class VisionMamba(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
         for layer in self.layers:
-            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            out_proj = cast(VimBlock, layer).mixer.out_proj
+            nn.init.kaiming_uniform_(out_proj.weight, a=math.sqrt(5))
             with torch.no_grad():
-                layer.mixer.out_proj.weight /= math.sqrt(depth)
+                out_proj.weight /= math.sqrt(depth)
 
     def tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int], int]:
         """Embedded token sequence [b, h*w + 1, d] with the class token at index h*w // 2."""
@@ -209,7 +212,7 @@ def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tup
     return torch.cat([patches[:, :new_mid], cls, patches[:, new_mid:]], 1)
 
 
-class VimBackbone(nn.Module):
+class VimBackbone(FeaturePyramid):
     """Vim as a 4-scale pyramid: tokens after 1/4, 2/4, 3/4 and all of the blocks, reshaped to
     stride-16 maps and resampled to strides 4, 8, 16, 32 (ViTDet's simple feature pyramid:
     two 2x deconvolutions, one, none, a 2x max-pool)."""

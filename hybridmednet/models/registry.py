@@ -1,6 +1,6 @@
 """One registry: every backbone name maps to a spec; `list_backbones()` and the docs come from here.
 
-A builder takes `(spec, pretrained, img_size, **options)` and returns a module whose
+A builder takes `(spec, pretrained, img_size, **options)` and returns a `FeaturePyramid` whose
 `forward(x)` gives a list of 4 NCHW feature maps (strides 4, 8, 16, 32) and whose
 `channels` / `reductions` attributes describe them.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hybridmednet.errors import ConfigError
 
 if TYPE_CHECKING:
-    from torch import nn
+    from hybridmednet.models.backbones import FeaturePyramid
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,9 @@ class BackboneSpec:
     spec_params_m: float | None = None  # whole-model parameters the SPEC states (millions)
     experimental: bool = False
 
-    def build(self, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> nn.Module:
+    def build(self, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> FeaturePyramid:
         module_name, _, func_name = self.builder.partition(':')
-        builder: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), func_name)
+        builder: Callable[..., FeaturePyramid] = getattr(importlib.import_module(module_name), func_name)
         return builder(self, pretrained=pretrained, img_size=img_size, **options)
 
 
@@ -58,7 +58,7 @@ def list_backbones(family: str | None = None) -> list[str]:
     return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
 
 
-def build_backbone(name: str, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> nn.Module:
+def build_backbone(name: str, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> FeaturePyramid:
     return get_backbone_spec(name).build(pretrained=pretrained, img_size=img_size, **options)
 
 

@@ -121,7 +121,8 @@ class _SelectiveScan(torch.autograd.Function):
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, bias))
         out_dtype, work = u.dtype, torch.promote_types(u.dtype, torch.float32)
         delta, u, B, C = (_time_major(t, padded, tokens_first, work) for t in (delta, u, B, C))
-        A, D, bias = (None if t is None else t.to(work) for t in (A, D, bias))
+        A = A.to(work)
+        D, bias = (None if t is None else t.to(work) for t in (D, bias))
         if bias is not None:
             delta += bias
         dt = _softplus(delta) if softplus else delta
@@ -158,7 +159,7 @@ class _SelectiveScan(torch.autograd.Function):
             delta if softplus else None, u, dt, A, B, C, entering[:, :-1], D, z, y if z is not None else None
         )
         ctx.chunk, ctx.segment, ctx.has_bias, ctx.tokens_first = chunk, segment, bias is not None, tokens_first
-        return _channel_major(y * z_gate if z is not None else y, length, tokens_first, out_dtype)
+        return _channel_major(y * z_gate if z_gate is not None else y, length, tokens_first, out_dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
