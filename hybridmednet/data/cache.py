@@ -226,7 +226,8 @@ def _write_images(
 ) -> tuple[pd.DataFrame, int]:
     """Fill `images_file`; (the index: path relative to data_dir, size, mtime_ns; unreadable files skipped)."""
     images = np.lib.format.open_memmap(images_file, mode='w+', dtype=dtype, shape=(len(paths), size, size))
-    kept, bad = [], []
+    kept: list[tuple[str, int, int]] = []  # (path relative to data_dir, size, mtime_ns)
+    bad: list[str] = []
     for path, result in zip(paths, run(_resize, ((p, size, intensity, dtype) for p in paths))):
         if isinstance(result, str):
             if not skip_bad_images:

@@ -143,7 +143,8 @@ def _layout_hint(config: Config, data_dir: Path) -> str:
 
 
 def _fractions(config: Config) -> tuple[float, float, float]:
-    return tuple(float(config.DATA[k]) for k in ('train_split', 'val_split', 'test_split'))
+    train, val, test = (float(config.DATA[k]) for k in ('train_split', 'val_split', 'test_split'))
+    return train, val, test
 
 
 def _age(values: pd.Series) -> np.ndarray:
@@ -427,7 +428,7 @@ class ChestXrayDataset(Dataset):
 
     def load_image(self, i: int) -> np.ndarray:
         """Float [H, W] in [0, 1]: from the memory-mapped cache when it holds the image, else the file."""
-        if self._cache_rows is not None and self._cache_rows[i] >= 0:
+        if self._cache is not None and self._cache_rows is not None and self._cache_rows[i] >= 0:
             return self._cache.image(int(self._cache_rows[i]))
         return read_image(self.records['path'].iat[i], intensity=self.intensity)
 
@@ -522,5 +523,9 @@ def make_weighted_sampler(dataset: ChestXrayDataset, seed: int | None = None) ->
     weights[empty] = 1.0 / max(int(empty.sum()), 1)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return WeightedRandomSampler(
-        torch.as_tensor(weights, dtype=torch.double), num_samples=len(dataset), replacement=True, generator=generator
+        # torch annotates `weights: Sequence[float]`, but the sampler takes a tensor: it applies torch.as_tensor
+        torch.as_tensor(weights, dtype=torch.double),  # type: ignore[arg-type]
+        num_samples=len(dataset),
+        replacement=True,
+        generator=generator,
     )

@@ -72,8 +72,9 @@ def stores_more_than_8_bits(path: str | Path) -> bool:
 
 def _read_pil(path: Path, intensity: str | int) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later in a worker
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated file fails here, not later in a worker
+            img: Image.Image = opened
             if img.mode in SIXTEEN_BIT_MODES:
                 full = 65535
             elif img.mode == 'F':
@@ -86,10 +87,12 @@ def _read_pil(path: Path, intensity: str | int) -> np.ndarray:
             significant = _png_significant_bits(path) if img.format == 'PNG' else None
     except UnidentifiedImageError:
         raise ImageReadError(f'{path}: not a recognised image file') from None
-    if intensity == 'minmax' or (intensity == 'auto' and full is None):
+    if intensity == 'minmax':
         return _minmax(arr)
-    if intensity != 'auto':
+    if isinstance(intensity, int):  # a bit depth (read_image checked the modes and the range)
         return np.clip(arr / (2**intensity - 1), 0.0, 1.0)
+    if full is None:  # 'auto' on a float image: no nominal range
+        return _minmax(arr)
     if significant and 2**significant - 1 < full and arr.max() < 2**significant:
         # The PNG standard scales n-bit samples up to the full depth and records n in sBIT; most
         # 12-bit exports store 0..4095 as they are. A maximum below 2**n tells those apart.

@@ -41,7 +41,7 @@ def fit_square(image: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torc
     """[..., H, W] -> [..., size, size]: antialiased resize of the longer side to `size`, aspect
     ratio kept, the rest padded with 0 (black), centred. Arrays come back as float32 arrays."""
     is_array = isinstance(image, np.ndarray)
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)) if is_array else image
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)) if isinstance(image, np.ndarray) else image
     h, w = tensor.shape[-2:]
     if (h, w) != (size, size):
         top, left, new_h, new_w = square_box(h, w, size)

@@ -30,6 +30,8 @@ class MultiLabelLoss(nn.Module):
     findings (Hernia: 0.2% of NIH) are not drowned by negatives in every variant.
     """
 
+    pos_weight: torch.Tensor | None  # buffer [K]
+
     def __init__(
         self,
         kind: str = 'bce',
@@ -82,6 +84,8 @@ class HierarchicalLoss(nn.Module):
     is present if they were independent (the group's maximum is only a lower bound on it), so the
     two heads tell one story.
     """
+
+    groups: torch.Tensor  # buffer [G, K]
 
     def __init__(
         self,

@@ -101,7 +101,11 @@ def init_worker(_: int) -> None:
 # -- random streams as tensors and plain values (weights_only-loadable, saved in checkpoints) -------
 def rng_state() -> dict[str, Any]:
     """Every random stream the loop draws from: torch (CPU, CUDA), numpy, Python."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    # legacy=True is numpy's default, spelled out: its stubs type the bare call as the dict form
+    state = np.random.get_state(legacy=True)
+    if not isinstance(state, tuple):  # a dict only for a non-MT19937 generator; numpy's global one is MT19937
+        raise RuntimeError(f'numpy global random state is not MT19937 ({state.get("bit_generator")}); cannot save it')
+    _, keys, pos, has_gauss, cached = state
     version, internal, gauss_next = random.getstate()
     return {
         'torch': torch.get_rng_state(),

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TypedDict
 
 from hybridmednet.config import Config
+
+
+class ScheduleState(TypedDict):
+    scale: float
+    best: float
+    bad_epochs: int
 
 
 class LRSchedule:
@@ -52,10 +59,10 @@ class LRSchedule:
             if self.bad_epochs > self.patience:
                 self.scale, self.bad_epochs = self.scale * self.gamma, 0
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> ScheduleState:
         return {'scale': self.scale, 'best': self.best, 'bad_epochs': self.bad_epochs}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: ScheduleState) -> None:
         self.scale, self.best, self.bad_epochs = state['scale'], state['best'], state['bad_epochs']
 
 

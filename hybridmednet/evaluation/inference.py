@@ -6,6 +6,8 @@ TTA averages logits over small zooms and shifts; it never flips (the heart is on
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,4 +49,7 @@ def dataset_logits(
         batch_logits(model, batch[0].to(device), tta).cpu()
         for batch in tqdm(loader, desc=desc, unit='batch', leave=False)
     ]
-    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(model.class_names)))
+    if out:
+        return torch.cat(out).numpy().astype(np.float64)
+    class_names = cast(list[str], model.class_names)  # HybridMedNet's; torch types module attributes loosely
+    return np.zeros((0, len(class_names)))
