@@ -84,7 +84,7 @@ def _read_pil(path: Path, intensity: str | int) -> np.ndarray:
                 if img.mode != 'L':
                     img = img.convert('L')  # RGB/RGBA/P/LA/1 -> luminance, alpha dropped
             arr = np.asarray(img, dtype=np.float32)
-            significant = _png_significant_bits(path) if opened.format == 'PNG'  # before convert() clears it else None
+            significant = _png_significant_bits(path) if opened.format == 'PNG' else None  # convert() clears format
     except UnidentifiedImageError:
         raise ImageReadError(f'{path}: not a recognised image file') from None
     if intensity == 'minmax':
