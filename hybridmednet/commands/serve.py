@@ -1,0 +1,129 @@
+"""`hybridmednet serve --model_path CKPT_OR_DIR [--host 127.0.0.1] [--port 8000] [--workers N] [--token T]`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import warnings
+
+from hybridmednet.commands import add_model, parser, run
+from hybridmednet.serve import ServeError
+
+TOKEN_ENV = 'HYBRIDMEDNET_TOKEN'
+
+
+def _positive(kind: type[int] | type[float], what: str):
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f'{what} must be above 0, got {text}')
+        return value
+
+    return parse
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == 'localhost'
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(
+        'serve',
+        'An HTTP API and a web page that score uploaded chest X-rays (PNG, JPEG, DICOM) with one model: '
+        'a checkpoint through PyTorch, or an exported ONNX folder through ONNX Runtime. Open http://HOST:PORT/.',
+    )
+    add_model(p)
+    p.add_argument(
+        '--max-batch',
+        dest='batch_size',
+        type=_positive(int, '--max-batch'),
+        metavar='N',
+        help='most images in one forward pass (same as --batch_size; default 8)',
+    )
+    p.add_argument(
+        '--batch-wait-ms',
+        type=float,
+        default=5.0,
+        metavar='MS',
+        help='how long a batch waits for requests already arriving (default 5; 0: never waits)',
+    )
+    p.add_argument(
+        '--host',
+        default='127.0.0.1',
+        help='address to listen on (default 127.0.0.1: this machine only; patient images should not cross a network '
+        'without TLS in front)',
+    )
+    p.add_argument('--port', type=int, default=8000, help='port (default 8000)')
+    p.add_argument(
+        '--workers',
+        type=_positive(int, '--workers'),
+        default=1,
+        metavar='N',
+        help='server processes, each with its own copy of the model (default 1)',
+    )
+    p.add_argument(
+        '--token',
+        default=os.environ.get(TOKEN_ENV),
+        help=f'require "Authorization: Bearer TOKEN" on the API (default: ${TOKEN_ENV}, which keeps it out of ps)',
+    )
+    p.add_argument(
+        '--max-upload-mb',
+        type=_positive(float, '--max-upload-mb'),
+        default=50.0,
+        metavar='MB',
+        help='largest accepted upload (default 50)',
+    )
+    args = p.parse_args(argv)
+    if args.batch_wait_ms < 0:
+        p.error(f'--batch-wait-ms must be 0 or more, got {args.batch_wait_ms}')
+    if not 0 <= args.port <= 65535:
+        p.error(f'--port must lie in 0..65535, got {args.port}')
+
+    def body() -> int:
+        try:
+            import uvicorn
+
+            from hybridmednet.serve.app import Settings, create_app, settings_environment
+            from hybridmednet.serve.inference import ServedModel
+        except ImportError as exc:
+            raise ServeError(f"serve needs FastAPI and uvicorn: pip install 'hybridmednet[serve]' ({exc})") from None
+        settings = Settings(
+            model_path=args.model_path,
+            device=args.device,
+            token=args.token or None,
+            max_upload_mb=args.max_upload_mb,
+            max_batch=args.batch_size or 8,
+            batch_wait_ms=args.batch_wait_ms,
+        )
+        if settings.token is None and not _is_loopback(args.host):
+            warnings.warn(
+                f'serving on {args.host} without a token: anyone who can reach the port can upload images '
+                f'(set ${TOKEN_ENV})',
+                stacklevel=1,
+            )
+        served = ServedModel.load(args.model_path, args.device)  # a bad model is one line and status 2, here
+        backbone = served.config.MODEL['backbone']
+        print(
+            f'serving {served.name} ({backbone}, {served.runtime}, weights {served.weights_hash}) '
+            f'on http://{args.host}:{args.port}/' + (' with a bearer token' if settings.token else '')
+        )
+        if args.workers == 1:
+            uvicorn.run(create_app(settings, served), host=args.host, port=args.port, log_level='info')
+        else:
+            del served  # each worker process loads its own copy
+            os.environ.update(settings_environment(settings))
+            uvicorn.run(
+                'hybridmednet.serve.app:app_from_environment',
+                factory=True,
+                host=args.host,
+                port=args.port,
+                workers=args.workers,
+                log_level='info',
+            )
+        return 0
+
+    return run('serve', body)

@@ -1,0 +1,156 @@
+"""The served model: loaded once, with what every answer needs (operating point, OOD model, weights
+hash), and a `score` that takes a batch of preprocessed images.
+
+A training checkpoint or safetensors export is served through PyTorch: probabilities, the OOD score
+and Grad-CAM heatmaps. An exported ONNX folder is served through ONNX Runtime
+(`hybridmednet.deploy.runtime`, the `deploy` extra): the exported graph gives logits only, so
+heatmaps and the OOD score are not available and the answers say so.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hybridmednet.checkpoint import load_model, weights_hash
+from hybridmednet.config import Config
+from hybridmednet.data.transforms import build_transforms
+from hybridmednet.evaluation.gradcam import grad_cam
+from hybridmednet.evaluation.inference import batch_logits
+from hybridmednet.evaluation.operating_point import OperatingPoint
+from hybridmednet.models.hybrid import HybridMedNet
+from hybridmednet.serve import ServeError
+
+NO_OOD_STATISTICS = (
+    'the model carries no out-of-distribution statistics, so nothing tells whether this image resembles '
+    'the training images'
+)
+ONNX_NO_HEATMAPS = 'heatmaps need the PyTorch checkpoint: this model is served through ONNX Runtime'
+ONNX_NO_OOD = 'the out-of-distribution score needs the PyTorch checkpoint: this model is served through ONNX Runtime'
+
+
+@dataclass
+class Request:
+    image: torch.Tensor  # [3, S, S], preprocessed
+    heatmaps: bool
+
+
+@dataclass
+class Scored:
+    probabilities: np.ndarray  # [K], calibrated as the thresholds expect
+    positive: np.ndarray  # [K] bool
+    ood_score: float | None
+    cams: dict[int, np.ndarray]  # finding index -> Grad-CAM [S, S], for the positive findings when asked
+
+
+class ServedModel:
+    """One model and everything stored with it; `score` runs on the inference thread only."""
+
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], Any],
+        config: Config,
+        meta: dict[str, Any],
+        *,
+        name: str,
+        runtime: str,
+        fingerprint: str | None,
+        device: str = 'cpu',
+        load_seconds: float = 0.0,
+    ):
+        self.model = model
+        self.config = config
+        self.meta = meta
+        self.name = name
+        self.runtime = runtime  # 'pytorch' | 'onnxruntime'
+        self.weights_hash = fingerprint
+        self.device = device
+        self.load_seconds = load_seconds
+        self.class_names: list[str] = list(meta['class_names'])
+        with warnings.catch_warnings(record=True) as caught:  # "no fitted thresholds": a note in every answer
+            warnings.simplefilter('always')
+            self.op = OperatingPoint.of_model(meta)
+        self.notes = [str(w.message) for w in caught]
+        self.transform = build_transforms(config, train=False)
+        fitted_with = (self.op.fitted_on or {}).get('tta')  # thresholds fit the outputs they were fitted on
+        self.tta = bool(config.EVAL['tta'] if fitted_with is None else fitted_with)
+        self.torch_model = model if isinstance(model, HybridMedNet) else None
+        self.ood, self.ood_note = self._ood_model()
+        self.heatmaps_note = None if self.torch_model is not None else ONNX_NO_HEATMAPS
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = 'cpu') -> ServedModel:
+        """A checkpoint (.pth / .safetensors) through PyTorch, or an exported ONNX folder through ONNX Runtime."""
+        start = time.perf_counter()
+        path = Path(path)
+        if path.is_dir():
+            try:
+                from hybridmednet.deploy.runtime import load_exported
+
+                model, config, meta = load_exported(path)
+            except ImportError as exc:
+                raise ServeError(
+                    f'{path} is a folder, so it is served as an exported ONNX model, which needs hybridmednet.deploy '
+                    f"and ONNX Runtime: pip install 'hybridmednet[deploy]' ({exc})"
+                ) from None
+            runtime, fingerprint = 'onnxruntime', meta.get('weights_hash')
+        else:
+            model, config, meta = load_model(path, map_location=device)
+            runtime, fingerprint = 'pytorch', weights_hash(model.state_dict())
+        served = cls(model, config, meta, name=path.name, runtime=runtime, fingerprint=fingerprint, device=device)
+        served.load_seconds = time.perf_counter() - start
+        return served
+
+    def _ood_model(self) -> tuple[Any, str | None]:
+        """(OodModel or None, why there is none)."""
+        state = self.meta.get('ood')
+        if state is None:
+            return None, NO_OOD_STATISTICS
+        if self.torch_model is None:
+            return None, ONNX_NO_OOD
+        from hybridmednet.evaluation.ood import OodModel  # only models that carry OOD statistics need it
+
+        return OodModel.from_state(state), None
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.DATA['image_size'])
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        return self.transform(image)
+
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B, K], fused features [B, D] when there is an OOD model): the backbone runs once."""
+        if self.torch_model is None:
+            return torch.as_tensor(np.asarray(self.model(x), dtype=np.float32)), None
+        if self.ood is None:
+            return batch_logits(self.torch_model, x, self.tta), None
+        maps = self.torch_model.forward_features(x)  # as ood.fused_features and batch_logits, from one pass
+        logits = batch_logits(self.torch_model, x, True) if self.tta else self.torch_model.forward_head(maps).float()
+        return logits, self.torch_model.fusion(maps).float()
+
+    def score(self, requests: Sequence[Request]) -> list[Scored]:
+        """Probabilities, decisions and OOD scores for a batch; Grad-CAM per positive finding where asked."""
+        x = torch.stack([r.image for r in requests]).to(self.device)
+        logits, features = self._forward(x)
+        probs = self.op.probabilities(logits.cpu().numpy().astype(np.float64))
+        ood: list[float | None] = [None] * len(requests)
+        if features is not None and self.ood is not None:
+            ood = [float(d) for d in self.ood.score(features)]
+        out = []
+        for i, (request, p) in enumerate(zip(requests, probs)):
+            positive = self.op.positives(p)
+            classes = np.flatnonzero(positive).tolist()
+            cams: dict[int, np.ndarray] = {}
+            if request.heatmaps and classes and self.torch_model is not None:
+                cams = dict(zip(classes, grad_cam(self.torch_model, x[i], classes)))
+            out.append(Scored(p, positive, ood[i], cams))
+        return out
