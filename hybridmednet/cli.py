@@ -19,6 +19,7 @@ COMMANDS = {
     'check-data': 'scan a dataset: missing/corrupt files, labels, splits',
     'cache': 'write a memory-mapped image cache for fast loading',
     'models': 'list the backbones with parameter counts',
+    'export': 'export a checkpoint to ONNX, checked against PyTorch',
     'serve': 'HTTP API and web page that score uploaded images',
 }
 

@@ -3,7 +3,7 @@
 # (fast) test suite. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,albumentations,serve
+bash scripts/setup.sh test,albumentations,serve,deploy
 export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -1,0 +1,93 @@
+"""An exported model directory run by ONNX Runtime, in the shape predict and evaluate expect of a model.
+
+`load_exported(dir)` returns what `checkpoint.load_model` returns (model, Config, meta), so the
+scoring code is the same for both; `load_any_model` picks between them by the path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybridmednet.checkpoint import load_model
+from hybridmednet.config import Config
+from hybridmednet.deploy import DeployError
+from hybridmednet.deploy.export import FORMAT, META_FILE, session
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """model.json of an exported directory, or a DeployError saying what the path is missing."""
+    directory = Path(directory)
+    path = directory / META_FILE
+    if not path.is_file():
+        raise DeployError(
+            f'{directory}: no {META_FILE}, so it is not an exported model; make one with '
+            f'`hybridmednet export --model_path CHECKPOINT --output_dir {directory}`'
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DeployError(f'{path} is not valid JSON ({exc}); re-export the model') from None
+    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+        raise DeployError(f'{path} is not an export description (format {FORMAT!r}); re-export the model')
+    return meta
+
+
+class OnnxModel:
+    """Logits [B, K] for images [B, 3, S, S], like the PyTorch model the directory was exported from.
+
+    The image size is fixed at export; other sizes are refused with the size to use.
+    """
+
+    def __init__(self, directory: str | Path, threads: int | None = None):
+        self.directory = Path(directory)
+        self.meta = read_meta(self.directory)
+        self.path = self.directory / self.meta['model_file']
+        if not self.path.is_file():
+            raise DeployError(f'{self.path} is missing (named in {self.directory / META_FILE}); re-export the model')
+        self.class_names: list[str] = list(self.meta['class_names'])
+        self.image_size = int(self.meta['preprocessing']['image_size'])
+        self.session = session(self.path, threads)
+        node = self.session.get_inputs()[0]
+        self.input_name = node.name
+        if list(node.shape[1:]) != [3, self.image_size, self.image_size]:
+            raise DeployError(
+                f'{self.path} takes images of shape {node.shape[1:]}, but {META_FILE} says '
+                f'[3, {self.image_size}, {self.image_size}]; re-export the checkpoint with `hybridmednet export`'
+            )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
+            raise DeployError(
+                f'{self.path} takes images [B, 3, {self.image_size}, {self.image_size}], got {list(x.shape)}; '
+                f'set DATA.image_size={self.image_size} or export the model again at the new size'
+            )
+        logits = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(logits).to(x.device)
+
+    def eval(self) -> OnnxModel:
+        """Inference only, always (the scoring code calls model.eval())."""
+        return self
+
+
+def load_exported(directory: str | Path, threads: int | None = None) -> tuple[OnnxModel, Config, dict[str, Any]]:
+    """(model, Config, meta) of an exported directory, as `checkpoint.load_model` gives for a checkpoint."""
+    model = OnnxModel(directory, threads)
+    config = Config.from_dict(model.meta['config'])
+    config.MODEL['pretrained'] = False
+    return model, config, {k: v for k, v in model.meta.items() if k != 'config'}
+
+
+def load_any_model(
+    path: str | Path, map_location: str | torch.device = 'cpu'
+) -> tuple[nn.Module | OnnxModel, Config, dict[str, Any]]:
+    """An exported directory through ONNX Runtime (CPU only), anything else through `load_model`."""
+    if not Path(path).is_dir():
+        return load_model(path, map_location=map_location)
+    if torch.device(map_location).type != 'cpu':
+        raise DeployError(f'{path}: exported models run on the CPU with ONNX Runtime; use --device cpu')
+    return load_exported(path)
