@@ -8,6 +8,7 @@ Models are untrained on purpose: these tests check what the server does with a m
 import base64
 import io
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -295,6 +296,19 @@ def test_openapi_documents_every_field(client):
     assert 'multipart/form-data' in predict['requestBody']['content']
 
 
+def test_page_and_its_assets_come_from_this_server(client):
+    page = client.get('/')
+    assert page.status_code == 200 and page.headers['content-type'].startswith('text/html')
+    assert "default-src 'self'" in page.headers['content-security-policy']
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert {'/static/app.js', '/static/style.css'} <= set(assets)
+    assert all(a.startswith(('/static/', 'data:')) for a in assets)
+    for asset in assets[1:]:
+        text = client.get(asset).text
+        assert client.get(asset).status_code == 200
+        assert not re.search(r'https?://|@import|@font-face|url\(', text), asset  # no CDN, no web font
+
+
 def test_no_cors_headers(client):
     r = client.get('/v1/model', headers={'Origin': 'https://elsewhere.example'})
     assert r.status_code == 200 and 'access-control-allow-origin' not in r.headers
@@ -369,8 +383,8 @@ def _corrupt_inputs(tmp_path):
     frames = dicom_bytes(tmp_path, np.stack([xray(0), xray(1)]), name='frames.dcm', NumberOfFrames=2)
     return {
         'truncated png': (png[: len(png) // 2], 'truncated'),
-        'corrupt png': (png[:40] + bytes(200), 'upload.png'),
-        'truncated dicom': (dicom[: len(dicom) // 2], 'upload.dcm'),
+        'corrupt png': (png[:40] + bytes(200), 'the uploaded PNG: not a recognised image file'),
+        'truncated dicom': (dicom[: len(dicom) // 2], 'the uploaded DICOM: '),
         'dicom without pixels': (no_pixels.getvalue(), 'no pixel data'),
         'multi-frame dicom': (frames, 'multi-frame DICOM (2 frames)'),
     }

@@ -23,12 +23,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import ClientDisconnect
@@ -52,6 +54,7 @@ from hybridmednet.serve.uploads import (
 )
 
 log = logging.getLogger('hybridmednet.serve')
+STATIC = Path(__file__).parent / 'static'  # the web page: plain HTML, CSS and JavaScript, no build step
 SETTINGS_ENV = 'HYBRIDMEDNET_SERVE_SETTINGS'  # how `serve --workers N` hands the settings to each worker
 HEATMAP_SIDE = 512  # overlays: the heatmap itself is model-sized (224 px); 512 keeps encoding fast
 PREVIEW_SIDE = 1024
@@ -207,6 +210,7 @@ def create_app(settings: Settings, model: ServedModel | None = None) -> FastAPI:
         docs_url=None,  # the interactive pages load their scripts from a CDN; the schema is at /openapi.json
         redoc_url=None,
     )
+    app.mount('/static', StaticFiles(directory=STATIC), name='static')
     authorized = [Depends(_bearer(settings.token))]
 
     @app.middleware('http')
@@ -229,6 +233,10 @@ def create_app(settings: Settings, model: ServedModel | None = None) -> FastAPI:
     async def refused(request: Request, exc: UploadError) -> JSONResponse:
         log.info('upload refused with %d', exc.status)  # the status only: the message may describe the file
         return JSONResponse({'detail': str(exc)}, exc.status)
+
+    @app.get('/', include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / 'index.html')
 
     @app.get('/healthz', response_model=schemas.Status, summary='the process answers')
     async def healthz() -> schemas.Status:

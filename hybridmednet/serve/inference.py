@@ -90,6 +90,7 @@ class ServedModel:
         """A checkpoint (.pth / .safetensors) through PyTorch, or an exported ONNX folder through ONNX Runtime."""
         start = time.perf_counter()
         path = Path(path)
+        model: Callable[[torch.Tensor], Any]
         if path.is_dir():
             try:
                 from hybridmednet.deploy.runtime import load_exported
@@ -102,8 +103,8 @@ class ServedModel:
                 ) from None
             runtime, fingerprint = 'onnxruntime', meta.get('weights_hash')
         else:
-            model, config, meta = load_model(path, map_location=device)
-            runtime, fingerprint = 'pytorch', weights_hash(model.state_dict())
+            network, config, meta = load_model(path, map_location=device)
+            model, runtime, fingerprint = network, 'pytorch', weights_hash(network.state_dict())
         served = cls(model, config, meta, name=path.name, runtime=runtime, fingerprint=fingerprint, device=device)
         served.load_seconds = time.perf_counter() - start
         return served

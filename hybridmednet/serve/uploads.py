@@ -168,5 +168,5 @@ def read_upload(data: bytes, intensity: str | int = 'auto') -> Upload:
         try:
             image = read_image(path, intensity=intensity)
         except ImageReadError as exc:
-            raise UploadError(422, str(exc).replace(str(path), path.name)) from None
+            raise UploadError(422, str(exc).replace(str(path), f'the uploaded {kind.upper()}')) from None
     return Upload(kind, image)
