@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
-from timm.models import get_pretrained_cfg, split_model_name_tag
+from timm.models import get_pretrained_cfg, group_parameters, split_model_name_tag
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
@@ -36,6 +36,47 @@ class FeaturePyramid(nn.Module):
     channels: list[int]
     reductions: list[int]
 
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names of the pretrained trunk by depth, as BEiT and timm group them for layer-wise learning
+        rates: [stem, block 1, ..., block n]. Parameters in none of them (the layers a pyramid adds: FPN,
+        deconvolutions; a final norm) are new or closest to the output, and train like the head."""
+        raise NotImplementedError(f'{type(self).__name__} does not group its parameters by depth')
+
+    def freeze(self, trainable_blocks: int | None = None, backbone: str = 'the backbone') -> None:
+        """Stop training the whole pyramid (None: a linear probe), or its stem and all but the last
+        `trainable_blocks` blocks (the layers it adds and a final norm train); `backbone` names it in messages."""
+        frozen = {name for name, _ in self.named_parameters()}
+        if trainable_blocks is not None:
+            groups = self.layer_groups()
+            depth = len(groups) - 1
+            if not 0 <= trainable_blocks <= depth:
+                raise ConfigError(
+                    f'MODEL.trainable_blocks = {trainable_blocks} but {backbone} has {depth} blocks; '
+                    f'use 0 to {depth}, or MODEL.finetune = full'
+                )
+            frozen = {name for group in groups[: depth + 1 - trainable_blocks] for name in group}
+        for name, param in self.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
+        self.train(self.training)
+
+    def lr_scales(self, decay: float) -> dict[str, float]:
+        """Layer-wise learning-rate decay (BEiT, timm's param_groups_layer_decay): a parameter at depth i of the
+        stem (0) and n blocks gets decay ** (n + 1 - i); those in no group (scale 1) train like the head."""
+        groups = self.layer_groups()
+        return {name: decay ** (len(groups) - depth) for depth, group in enumerate(groups) for name in group}
+
+    def train(self, mode: bool = True) -> FeaturePyramid:
+        """Frozen parts stay in eval mode, so a frozen backbone's BatchNorm statistics, dropout and drop-path
+        change nothing: a linear probe sees the same features in every epoch."""
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
+        return self
+
 
 class _TimmFeatures(Protocol):
     """The part of timm's feature-extraction API a pyramid uses (timm models define it; nn.Module does not)."""
@@ -43,14 +84,16 @@ class _TimmFeatures(Protocol):
     feature_info: Any  # per stage: {'num_chs', 'reduction', 'module'}
     pretrained_cfg: dict[str, Any]
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]: ...
+
     def prune_intermediate_layers(self, indices: list[int], prune_norm: bool, prune_head: bool) -> list[int]: ...
 
     def forward_intermediates(
-        self, x: torch.Tensor, *, indices: list[int], intermediates_only: bool, output_fmt: str
+        self, x: torch.Tensor, *, indices: list[int], intermediates_only: bool, output_fmt: str, norm: bool = False
     ) -> list[torch.Tensor]: ...
 
 
-def _timm_features(model: nn.Module) -> _TimmFeatures:
+def timm_features(model: nn.Module) -> _TimmFeatures:
     """`model` seen through timm's feature API (torch types its attributes as Tensor | Module)."""
     return cast(_TimmFeatures, model)
 
@@ -60,7 +103,7 @@ class TimmPyramid(FeaturePyramid):
 
     def __init__(self, model: nn.Module, indices: tuple[int, ...]):
         super().__init__()
-        features = _timm_features(model)
+        features = timm_features(model)
         features.prune_intermediate_layers(list(indices), prune_head=True, prune_norm=True)
         self.model = model
         self.indices = list(indices)
@@ -69,9 +112,12 @@ class TimmPyramid(FeaturePyramid):
         self.reductions = [f['reduction'] for f in info]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return _timm_features(self.model).forward_intermediates(
+        return timm_features(self.model).forward_intermediates(
             x, indices=self.indices, intermediates_only=True, output_fmt='NCHW'
         )
+
+    def layer_groups(self) -> list[list[str]]:
+        return timm_layer_groups(self.model, 'model.')
 
 
 class ResNetFPN(FeaturePyramid):
@@ -87,6 +133,9 @@ class ResNetFPN(FeaturePyramid):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = self.body(x)
         return list(self.fpn({str(i): m for i, m in enumerate(maps)}).values())
+
+    def layer_groups(self) -> list[list[str]]:
+        return [[f'body.{n}' for n in group] for group in self.body.layer_groups()]
 
 
 def deconv_upsamplers(dim: int) -> tuple[nn.Module, nn.Module]:
@@ -122,6 +171,15 @@ class EfficientViMPyramid(FeaturePyramid):
         s32 = s32 + F.interpolate(self.top_down(s64), size=s32.shape[-2:], mode='nearest')
         return [self.up4(s16), self.up2(s16), s16, s32]
 
+    def layer_groups(self) -> list[list[str]]:
+        return [[f'body.{n}' for n in group] for group in self.body.layer_groups()]
+
+
+def timm_layer_groups(model: nn.Module, prefix: str) -> list[list[str]]:
+    """A timm model's parameters grouped by its own group_matcher, stem first (the groups timm's layer decay uses)."""
+    groups = group_parameters(model, timm_features(model).group_matcher(coarse=False))
+    return [[prefix + n for n in names] for _, names in sorted(groups.items())]
+
 
 def build_timm_backbone(
     spec: Any, pretrained: bool | str = False, img_size: int = 224, drop_path_rate: float = 0.0, **options: Any
@@ -151,11 +209,14 @@ def build_efficientvim(
 
 
 def backbone_preprocessing(name: str) -> dict[str, Any]:
-    """How images were prepared for the backbone's pretrained weights: {'mean', 'std', 'interpolation'}
-    from timm's pretrained config of its timm model (read from timm's registry: nothing is built or
-    downloaded). Vision Mamba has no timm model; its official weights were trained on ImageNet-normalised,
-    bicubic-resized images."""
+    """How images were prepared for the backbone's pretrained weights: {'mean', 'std', 'interpolation'}, plus
+    'image_size' and 'intensity' where the weights come with a preparation of their own (RAD-DINO, MedSAM),
+    recorded in the registry. Otherwise from timm's pretrained config of its timm model (read from timm's
+    registry: nothing is built or downloaded). Vision Mamba has no timm model; its official weights were
+    trained on ImageNet-normalised, bicubic-resized images."""
     spec = get_backbone_spec(name)
+    if spec.preprocessing is not None:
+        return dict(spec.preprocessing)
     if spec.timm_name is None:
         return {'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'interpolation': 'bicubic'}
     cfg = get_pretrained_cfg(spec.timm_name)
@@ -203,12 +264,18 @@ def create_timm_model(timm_name: str, pretrained: bool | str, **kwargs: Any) -> 
     return model
 
 
-def load_local_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a timm-layout state dict from a local file, strictly except for the classifier. Where the file
-    says which architecture it holds, that must be the model's: another one with the same key names and
-    shapes (timm's efficientnetv2_s for tf_efficientnetv2_s) would otherwise load without a word."""
+StateDict = dict[str, torch.Tensor]
+
+
+def load_local_weights(
+    model: nn.Module, path: str | Path, convert: Callable[[StateDict, str], StateDict] | None = None
+) -> None:
+    """Load a state dict from a local file, strictly except for the classifier: in timm's layout, or in one that
+    `convert(state, 'weights file PATH')` maps onto it (a publisher's own layout). Where the file says which
+    architecture it holds, that must be the model's: another one with the same key names and shapes (timm's
+    efficientnetv2_s for tf_efficientnetv2_s) would otherwise load without a word."""
     state = read_state_dict(path)
-    expected = _timm_features(model).pretrained_cfg['architecture']
+    expected = timm_features(model).pretrained_cfg['architecture']
     stated = weights_architecture(Path(path))
     if stated and split_model_name_tag(stated[0])[0] != expected:
         raise PretrainedWeightsError(
@@ -216,21 +283,28 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
             f"{expected!r}; use weights saved from {expected}, or set MODEL['pretrained'] = True (ImageNet "
             'weights) or False'
         )
+    source = f'weights file {path}'
+    load_timm_state(model, convert(state, source) if convert else state, source)
+
+
+def load_timm_state(model: nn.Module, state: StateDict, source: str) -> None:
+    """Load `state` into a timm model through timm's own key conversion for its family, strictly except for the
+    classifier; `source` names where the weights came from in messages."""
     filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
     if filter_fn is not None:  # timm's own remapping: window or position-table resizing, old key names
         try:
             state = filter_fn(state, model)
         except Exception as exc:
             raise PretrainedWeightsError(
-                f'weights file {path} does not fit {type(model).__name__}: '
+                f'{source} does not fit {type(model).__name__}: '
                 f"timm's key conversion failed ({type(exc).__name__}: {exc})"
             ) from exc
-    head = _timm_features(model).pretrained_cfg.get('classifier') or ''
+    head = timm_features(model).pretrained_cfg.get('classifier') or ''
     heads = [head] if isinstance(head, str) else list(head)
     is_head = lambda k: any(h and (k == h or k.startswith(h + '.')) for h in heads)
     own = {k: v for k, v in model.state_dict().items() if not is_head(k)}
     state = {k: v for k, v in state.items() if not is_head(k)}
-    check_fits(own, state, f'weights file {path} does not fit {type(model).__name__}')
+    check_fits(own, state, f'{source} does not fit {type(model).__name__}')
     model.load_state_dict(state, strict=False)  # strictness checked above; only the head is left out
 
 

@@ -2,7 +2,7 @@
 
 Pure PyTorch, so it trains and runs on CPU; the selective scan itself lives in `selective_scan`
 (mamba-ssm's fused kernel on a GPU where it is installed). The multi-scale backbone resamples the
-stride-16 tokens as ViTDet's simple feature pyramid does.
+stride-16 tokens as ViTDet's simple feature pyramid does (models/isotropic.py, shared with DINOv2 and SAM).
 
 Module and parameter names follow the official hustvl/Vim code, so its checkpoints load
 key for key (`load_vim_checkpoint`).
@@ -20,7 +20,8 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from torch import Tensor, nn
 
 from hybridmednet.errors import PretrainedWeightsError
-from hybridmednet.models.backbones import FeaturePyramid, check_fits, deconv_upsamplers, read_state_dict
+from hybridmednet.models.backbones import check_fits, read_state_dict
+from hybridmednet.models.isotropic import IsotropicPyramid, check_image_size
 from hybridmednet.models.selective_scan import scan_function, selective_scan
 
 VIM_VARIANTS: dict[str, dict[str, Any]] = {
@@ -212,29 +213,22 @@ def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tup
     return torch.cat([patches[:, :new_mid], cls, patches[:, new_mid:]], 1)
 
 
-class VimBackbone(FeaturePyramid):
-    """Vim as a 4-scale pyramid: tokens after 1/4, 2/4, 3/4 and all of the blocks, reshaped to
-    stride-16 maps and resampled to strides 4, 8, 16, 32 (ViTDet's simple feature pyramid:
-    two 2x deconvolutions, one, none, a 2x max-pool)."""
+class VimBackbone(IsotropicPyramid):
+    """Vim as a 4-scale pyramid through the isotropic adapter: tokens after 1/4, 2/4, 3/4 and all of the
+    blocks, each through norm_f, without the class token, as stride-16 maps."""
+
+    trunk: VisionMamba
 
     def __init__(self, img_size: int = 224, embed_dim: int = 192, depth: int = 24, **options: Any):
-        super().__init__()
-        self.trunk = VisionMamba(img_size=img_size, embed_dim=embed_dim, depth=depth, **options)
-        if self.trunk.patch_size != 16:
+        trunk = VisionMamba(img_size=img_size, embed_dim=embed_dim, depth=depth, **options)
+        if trunk.patch_size != 16:
             raise ValueError('the Vim pyramid expects 16x16 patches (strides 4..32 are resampled from 16)')
-        self.indices = [max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)]
-        d = embed_dim
-        self.channels = [d // 4, d // 2, d, d]
-        self.reductions = [4, 8, 16, 32]
-        self.resample = nn.ModuleList([*deconv_upsamplers(d), nn.Identity(), nn.MaxPool2d(2)])
+        super().__init__(trunk, embed_dim, 'layers', 'norm_f')
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def taps(self, x: Tensor) -> list[Tensor]:
         taps, (h, w), mid = self.trunk.forward_intermediates(x, self.indices)
-        maps = []
-        for tokens, resample in zip(taps, self.resample):
-            patches = torch.cat([tokens[:, :mid], tokens[:, mid + 1 :]], 1)  # drop the class token
-            maps.append(resample(patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)))
-        return maps
+        patches = [torch.cat([tokens[:, :mid], tokens[:, mid + 1 :]], 1) for tokens in taps]  # no class token
+        return [tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w) for tokens in patches]
 
     def load_pretrained(self, path: str | Path) -> None:
         load_vim_checkpoint(self.trunk, path)
@@ -273,6 +267,7 @@ def build_vim_backbone(spec: Any, pretrained: bool | str = False, img_size: int 
             "from https://github.com/hustvl/Vim and set MODEL['pretrained'] = '/path/to/vim_checkpoint.pth', "
             "or MODEL['pretrained'] = False to train from scratch."
         )
+    check_image_size(spec.name, img_size, 16)
     model = VimBackbone(img_size=img_size, **{**VIM_VARIANTS[spec.name], **options})
     if pretrained:
         model.load_pretrained(pretrained)

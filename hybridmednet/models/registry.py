@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hybridmednet.errors import ConfigError
@@ -28,6 +28,8 @@ class BackboneSpec:
     out_indices: tuple[int, ...] | None = None
     spec_params_m: float | None = None  # whole-model parameters the SPEC states (millions)
     experimental: bool = False
+    # what backbone_preprocessing returns where the weights bring their own preparation (not timm's config)
+    preprocessing: dict[str, Any] | None = field(default=None, hash=False)
 
     def build(self, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> FeaturePyramid:
         module_name, _, func_name = self.builder.partition(':')
@@ -112,3 +114,40 @@ for _size in ('m1', 'm2', 'm3', 'm4'):
             (0, 1, 2),
         )
     )
+# Foundation encoders through the isotropic adapter (models/isotropic.py): DINOv2 (Oquab et al., 2024), with
+# 4 register tokens (Darcet et al., 2024); RAD-DINO, a DINOv2-B trained on chest X-rays (Perez-Garcia et al.,
+# 2025), from a local transformers file; SAM's image encoder (Kirillov et al., 2023) and MedSAM's (Ma et al.,
+# 2024), from a local segment_anything file.
+_FOUNDATION = 'hybridmednet.models.foundation'
+for _size in ('small', 'base', 'large'):
+    for _suffix, _timm in (('', 'dinov2'), ('_reg', 'reg4_dinov2')):
+        _name, _timm_name = f'dinov2_{_size}{_suffix}', f'vit_{_size}_patch14_{_timm}.lvd142m'
+        register(BackboneSpec(_name, 'dinov2', f'{_FOUNDATION}:build_dinov2', _timm_name))
+register(
+    BackboneSpec(
+        'rad_dino',
+        'dinov2',
+        f'{_FOUNDATION}:build_rad_dino',
+        'vit_base_patch14_dinov2',
+        # microsoft/rad-dino's preprocessor_config.json: resize and crop to 518 px, bicubic, its own normalisation
+        preprocessing={'mean': (0.5307,) * 3, 'std': (0.2583,) * 3, 'interpolation': 'bicubic', 'image_size': 518},
+    )
+)
+for _size, _letter in (('base', 'b'), ('large', 'l'), ('huge', 'h')):
+    register(BackboneSpec(f'sam_vit_{_letter}', 'sam', f'{_FOUNDATION}:build_sam', f'samvit_{_size}_patch16.sa1b'))
+register(
+    BackboneSpec(
+        'medsam_vit_b',
+        'sam',
+        f'{_FOUNDATION}:build_medsam',
+        'samvit_base_patch16',
+        # MedSAM's inference: each image stretched to [0, 1] by its own range, 1024 px (bicubic), no normalisation
+        preprocessing={
+            'mean': (0.0,) * 3,
+            'std': (1.0,) * 3,
+            'interpolation': 'bicubic',
+            'image_size': 1024,
+            'intensity': 'minmax',
+        },
+    )
+)
