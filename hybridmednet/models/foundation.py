@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -162,7 +163,8 @@ def _sam_pyramid(
     """Built for `img_size`, so a smaller size is faster: the weights' position table and global-attention
     relative positions (trained at 1024 px) are resized on load, as SAM resizes them at run time."""
     check_image_size(spec.name, img_size, 16)
-    kwargs = {'drop_path_rate': drop_path_rate, **options}
+    # segment_anything's blocks normalise with eps 1e-6; timm's SAM keeps LayerNorm's 1e-5 unless told
+    kwargs = {'drop_path_rate': drop_path_rate, 'norm_layer': partial(nn.LayerNorm, eps=1e-6), **options}
     model = create_timm_model(spec.timm_name, False, img_size=img_size, **kwargs)
     if pretrained is True:  # timm's weights load at their own 1024 px, then move to this size
         native = create_timm_model(spec.timm_name, True, **kwargs)
