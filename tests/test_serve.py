@@ -150,9 +150,9 @@ def test_predict_gives_predicts_numbers(client, model_path, tmp_path, fmt):
     assert r.headers['cache-control'] == 'no-store'
 
 
-def test_heatmaps_are_grad_cam_overlays_of_the_positive_findings(client, model_path, tmp_path):
-    image = xray(2)
-    data = png_bytes(image)
+@pytest.mark.parametrize('shape', [(48, 40), (1100, 900)], ids=['small', 'shrunk to 512'])
+def test_heatmaps_are_grad_cam_overlays_of_the_positive_findings(client, model_path, tmp_path, shape):
+    data = png_bytes(xray(2, shape))
     body = post(client, data, params={'heatmaps': 'true'}).json()
     assert body['heatmaps'] == {'requested': True, 'available': True}
     model, config, _ = load_model(model_path)
@@ -168,8 +168,9 @@ def test_heatmaps_are_grad_cam_overlays_of_the_positive_findings(client, model_p
         k = model.class_names.index(f['name'])
         want = overlay(read, cams[classes.index(k)], label=f'{f["name"]} p={f["probability"]:.2f}', max_side=512)
         got = Image.open(io.BytesIO(base64.b64decode(f['heatmap_png'])))
-        assert got.format == 'PNG' and got.size == (40, 48)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.format == 'PNG' and got.size == want.size
+        difference = np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float))
+        assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 4  # exact but for rounding
 
 
 def test_preview_is_the_image_as_read(client, tmp_path):

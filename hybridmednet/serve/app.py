@@ -362,17 +362,27 @@ def _preview(image: np.ndarray) -> str:
     return _png(picture)
 
 
+def _fit(image: np.ndarray, side: int) -> np.ndarray:
+    """The image at most `side` pixels on its longer side, as `overlay` shrinks it: shrunk once, not per heatmap."""
+    if max(image.shape) <= side:
+        return image
+    scale = side / max(image.shape)
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return np.asarray(Image.fromarray(image.astype(np.float32), mode='F').resize(size, Image.Resampling.BILINEAR))
+
+
 def _answer(
     served: ServedModel, upload: Upload, scored: Scored, heatmaps: bool, preview: bool
 ) -> schemas.PredictResponse:
     op, names = served.op, served.class_names
+    small = _fit(upload.image, HEATMAP_SIDE) if scored.cams else upload.image
     findings = [
         schemas.Finding(
             name=name,
             probability=round(float(p), 6),
             threshold=float(t),
             positive=bool(positive),
-            heatmap_png=_png(overlay(upload.image, scored.cams[k], label=f'{name} p={p:.2f}', max_side=HEATMAP_SIDE))
+            heatmap_png=_png(overlay(small, scored.cams[k], label=f'{name} p={p:.2f}', max_side=HEATMAP_SIDE))
             if k in scored.cams
             else None,
         )
