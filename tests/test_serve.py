@@ -462,6 +462,21 @@ def test_exported_folder_served_through_the_deploy_runtime(tmp_path, model_path,
     assert facts['heatmaps_available'] is False
 
 
+def test_a_real_onnx_export_is_served_through_onnx_runtime(tmp_path, model_path):
+    pytest.importorskip('onnxruntime', reason="ONNX Runtime is not installed: pip install 'hybridmednet[deploy]'")
+    export = pytest.importorskip('hybridmednet.deploy.export', reason='hybridmednet.deploy is not in this tree')
+    record = export.export_onnx(model_path, tmp_path / 'onnx')
+    (tmp_path / 'a.png').write_bytes(png_bytes(xray(7)))
+    probs, thresholds, positive = expected(model_path, tmp_path / 'a.png')
+    with TestClient(create_app(Settings(str(tmp_path / 'onnx')), ServedModel.load(tmp_path / 'onnx'))) as c:
+        body = post(c, png_bytes(xray(7)), params={'heatmaps': 'true'}).json()
+    assert body['model']['runtime'] == 'onnxruntime' and body['model']['weights_hash'] == record['weights_hash']
+    np.testing.assert_allclose([f['probability'] for f in body['findings']], probs, atol=1e-4)
+    assert [f['threshold'] for f in body['findings']] == thresholds.tolist()
+    assert [f['positive'] for f in body['findings']] == positive.tolist()
+    assert body['heatmaps']['available'] is False and body['ood'] is None
+
+
 def test_exported_folder_without_the_deploy_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'hybridmednet.deploy.runtime', None)  # import fails as if not installed
     with pytest.raises(ServeError, match=r'hybridmednet\[deploy\]'):
