@@ -89,6 +89,8 @@ class Config:
         'coarse_groups': None,  # {group: [finding, ...]}; None -> NIH groups
         'attention_pool_size': 7,  # keys/values pooled to at most this side
         'drop_path_rate': 0.0,
+        'finetune': 'full',  # full | linear (backbone frozen, in eval mode) | partial (its last trainable_blocks train)
+        'trainable_blocks': None,  # finetune = partial: how many of the backbone's last blocks train
     }
     TRAIN: dict[str, Any] = {
         'batch_size': 32,
@@ -111,6 +113,7 @@ class Config:
         'seed': 42,
         'device': 'auto',  # auto | cpu | cuda | cuda:N
         'max_steps_per_epoch': None,  # cap for quick runs
+        'layer_decay': 1.0,  # layer-wise learning-rate decay over the backbone's blocks, e.g. 0.75; 1.0 = off
     }
     DATA: dict[str, Any] = {
         'dataset': 'nih',  # nih | chexpert | csv | folder
@@ -415,6 +418,7 @@ UNCERTAINTY_POLICIES = ('ones', 'zeros', 'ignore')
 THRESHOLD_METHODS = ('youden', 'f1', 'sensitivity')
 BOOTSTRAP_INTERVALS = ('percentile', 'bca')
 INTENSITY_MODES = ('auto', 'minmax')
+FINETUNE_MODES = ('full', 'linear', 'partial')
 
 RULES: dict[str, dict[str, Rule]] = {
     'MODEL': {
@@ -432,6 +436,8 @@ RULES: dict[str, dict[str, Rule]] = {
         'coarse_groups': _nullable(groups),
         'attention_pool_size': POSITIVE,
         'drop_path_rate': number(0.0, 1.0, high_open=True),
+        'finetune': choice(*FINETUNE_MODES),
+        'trainable_blocks': _nullable(COUNT),
     },
     'TRAIN': {
         'batch_size': POSITIVE,
@@ -454,6 +460,7 @@ RULES: dict[str, dict[str, Rule]] = {
         'seed': COUNT,
         'device': device,
         'max_steps_per_epoch': _nullable(POSITIVE),
+        'layer_decay': number(0.0, 1.0, low_open=True),
     },
     'DATA': {
         'dataset': choice(*DATASET_KINDS),

@@ -50,10 +50,10 @@ from hybridmednet.engine.runtime import (
     stop_on_sigint,
 )
 from hybridmednet.engine.schedule import build_schedule
-from hybridmednet.errors import TrainingError
+from hybridmednet.errors import ConfigError, TrainingError
 from hybridmednet.evaluation.metrics import roc_auc
 from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
-from hybridmednet.models.backbones import backbone_preprocessing
+from hybridmednet.models.backbones import FeaturePyramid, backbone_preprocessing
 from hybridmednet.models.hybrid import HybridMedNet
 from hybridmednet.models.summary import count_parameters
 
@@ -108,15 +108,14 @@ class Trainer:
             config.DATA['class_names'] = list(names)  # CheXpert, CSV, folders: the data's own labels
             config.validate()
         self.model = (model or self._build_model()).to(self.device)
+        self._freeze()  # before DDP, which registers only the parameters that train
         self.net = self.model
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == 'cuda' else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.hierarchical = bool(config.MODEL['hierarchical'])
         self.criterion = build_loss(config, self._pos_weight()).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=t['learning_rate'], weight_decay=t['weight_decay']
-        )
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=t['learning_rate'], weight_decay=t['weight_decay'])
         self.autocast, self.scaler = precision(t['mixed_precision'], self.device, self.log)
         self.batch_size, self.accum = t['batch_size'], t['gradient_accumulation_steps']
         shard = len(self.datasets['train']) // self.dist.world
@@ -150,6 +149,52 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         return HybridMedNet(self.config)
+
+    def _backbone(self, needs: str) -> FeaturePyramid:
+        backbone = getattr(self.model, 'backbone', None)
+        if not isinstance(backbone, FeaturePyramid):
+            raise ConfigError(f'{needs} needs a HybridMedNet (a registry backbone), not a {type(self.model).__name__}')
+        return backbone
+
+    def _freeze(self) -> None:
+        """MODEL.finetune: linear freezes the backbone, partial its stem and all but its last trainable_blocks blocks.
+        Frozen parts stay in eval mode (FeaturePyramid.train), so their outputs do not change from step to step."""
+        m = self.config.MODEL
+        mode, blocks = m['finetune'], m['trainable_blocks']
+        if (mode == 'partial') != (blocks is not None):
+            raise ConfigError(
+                f'MODEL.finetune = {mode} with MODEL.trainable_blocks = {blocks}: the block count goes with partial '
+                'fine-tuning only; set both (e.g. MODEL.finetune=partial MODEL.trainable_blocks=4) or neither'
+            )
+        if mode == 'full':
+            return
+        self._backbone(f'MODEL.finetune = {mode}').freeze(blocks, m['backbone'])
+        frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        what = 'backbone frozen' if blocks is None else f'the last {blocks} backbone blocks train'
+        self.log(
+            f'fine-tuning: {mode} ({what}): {frozen / 1e6:.2f}M of '
+            f'{count_parameters(self.model) / 1e6:.2f}M parameters frozen'
+        )
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The parameters that train. With TRAIN.layer_decay < 1, one group per depth of the backbone, its rate
+        scaled by `lr_scale` (BEiT's layer-wise decay); the group at the full rate (head, attention, fusion, layers
+        the pyramid adds) comes first, so its rate is the one logged."""
+        decay = self.config.TRAIN['layer_decay']
+        params = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if decay == 1.0:
+            return [{'params': [p for _, p in params]}]
+        backbone = self._backbone('TRAIN.layer_decay')
+        scales = {f'backbone.{name}': scale for name, scale in backbone.lr_scales(decay).items()}
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in params:
+            groups.setdefault(scales.get(name, 1.0), []).append(param)
+        blocks = len(backbone.layer_groups()) - 1
+        self.log(
+            f'layer-wise LR decay {decay}: {self.config.MODEL["backbone"]} stem x{decay ** (blocks + 1):.3g}, '
+            f'blocks 1..{blocks} x{decay**blocks:.3g}..x{decay:.3g}, the rest x1 ({len(groups)} groups train)'
+        )
+        return [{'params': group, 'lr_scale': scale} for scale, group in sorted(groups.items(), reverse=True)]
 
     def _pos_weight(self) -> torch.Tensor | None:
         if self.config.LOSS['pos_weight'] != 'auto':
@@ -316,7 +361,7 @@ class Trainer:
         The gradients hold sums over labels; `known_labels` (per rank: DDP averages) turns them into the mean."""
         p, t = self.progress, self.config.TRAIN
         for group in self.optimizer.param_groups:
-            group['lr'] = t['learning_rate'] * self.schedule.factor(p.step)
+            group['lr'] = t['learning_rate'] * self.schedule.factor(p.step) * group.get('lr_scale', 1.0)
         p.step += 1
         if not ok:
             self.optimizer.zero_grad(set_to_none=True)

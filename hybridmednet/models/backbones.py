@@ -37,14 +37,14 @@ class FeaturePyramid(nn.Module):
     reductions: list[int]
 
     def layer_groups(self) -> list[list[str]]:
-        """Parameter names of the pretrained trunk by depth, as BEiT and timm group them for layer-wise learning
-        rates: [stem, block 1, ..., block n]. Parameters in none of them (the layers a pyramid adds: FPN,
-        deconvolutions; a final norm) are new or closest to the output, and train like the head."""
+        """Parameter names of the pretrained trunk by depth, as timm groups them for layer-wise learning rates:
+        [stem, block 1, ..., block n] (a final norm goes with the last block). Parameters in none of them, the
+        layers a pyramid adds (FPN, deconvolutions), are new, and train like the head."""
         raise NotImplementedError(f'{type(self).__name__} does not group its parameters by depth')
 
     def freeze(self, trainable_blocks: int | None = None, backbone: str = 'the backbone') -> None:
         """Stop training the whole pyramid (None: a linear probe), or its stem and all but the last
-        `trainable_blocks` blocks (the layers it adds and a final norm train); `backbone` names it in messages."""
+        `trainable_blocks` blocks (the layers it adds train); `backbone` names it in messages."""
         frozen = {name for name, _ in self.named_parameters()}
         if trainable_blocks is not None:
             groups = self.layer_groups()

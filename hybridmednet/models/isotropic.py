@@ -35,7 +35,7 @@ def check_image_size(name: str, img_size: int, patch: int) -> None:
 
 class IsotropicPyramid(FeaturePyramid):
     """The simple feature pyramid over `trunk`, whose blocks are the module list `trunk.<blocks>` and whose
-    final norm (trained like the head, not a block) is `trunk.<norm>`. Subclasses run the encoder in `taps`."""
+    final norm, if any, is `trunk.<norm>`. Subclasses run the encoder in `taps`."""
 
     def __init__(self, trunk: nn.Module, dim: int, blocks: str, norm: str | None = None):
         super().__init__()
@@ -60,8 +60,12 @@ class IsotropicPyramid(FeaturePyramid):
         return maps
 
     def layer_groups(self) -> list[list[str]]:
+        """The stem (everything before the blocks), then each block; the final norm joins the last block, as in
+        timm's grouping of its ViTs."""
         blocks = enumerate(self.trunk.get_submodule(self.blocks).children())
         groups = [[f'trunk.{self.blocks}.{i}.{n}' for n, _ in block.named_parameters()] for i, block in blocks]
         later = (f'{self.blocks}.', f'{self.norm}.') if self.norm else (f'{self.blocks}.',)
         stem = [f'trunk.{n}' for n, _ in self.trunk.named_parameters() if not n.startswith(later)]
+        if self.norm:
+            groups[-1] += [f'trunk.{self.norm}.{n}' for n, _ in self.trunk.get_submodule(self.norm).named_parameters()]
         return [stem, *groups]
