@@ -37,13 +37,15 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-class OnnxModel:
+class OnnxModel(nn.Module):
     """Logits [B, K] for images [B, 3, S, S], like the PyTorch model the directory was exported from.
 
-    The image size is fixed at export; other sizes are refused with the size to use.
+    A module without parameters, so the scoring code takes it where it takes a HybridMedNet; the image
+    size is fixed at export, and other sizes are refused with the size to use.
     """
 
     def __init__(self, directory: str | Path, threads: int | None = None):
+        super().__init__()
         self.directory = Path(directory)
         self.meta = read_meta(self.directory)
         self.path = self.directory / self.meta['model_file']
@@ -60,7 +62,7 @@ class OnnxModel:
                 f'[3, {self.image_size}, {self.image_size}]; re-export the checkpoint with `hybridmednet export`'
             )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
             raise DeployError(
                 f'{self.path} takes images [B, 3, {self.image_size}, {self.image_size}], got {list(x.shape)}; '
@@ -68,10 +70,6 @@ class OnnxModel:
             )
         logits = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
         return torch.from_numpy(logits).to(x.device)
-
-    def eval(self) -> OnnxModel:
-        """Inference only, always (the scoring code calls model.eval())."""
-        return self
 
 
 def load_exported(directory: str | Path, threads: int | None = None) -> tuple[OnnxModel, Config, dict[str, Any]]:
@@ -84,7 +82,7 @@ def load_exported(directory: str | Path, threads: int | None = None) -> tuple[On
 
 def load_any_model(
     path: str | Path, map_location: str | torch.device = 'cpu'
-) -> tuple[nn.Module | OnnxModel, Config, dict[str, Any]]:
+) -> tuple[nn.Module, Config, dict[str, Any]]:
     """An exported directory through ONNX Runtime (CPU only), anything else through `load_model`."""
     if not Path(path).is_dir():
         return load_model(path, map_location=map_location)
