@@ -243,13 +243,14 @@ def swin_window_size(name: str, img_size: int) -> int:
 
 
 def create_timm_model(timm_name: str, pretrained: bool | str, **kwargs: Any) -> nn.Module:
-    """Build a timm classifier with ImageNet weights (True), a local weights file (a path) or none (False)."""
+    """Build a timm model with timm's pretrained weights (True: ImageNet, or DINOv2's and SAM's own), a local
+    weights file (a path) or none (False)."""
     if pretrained is True:
         try:
             return timm.create_model(timm_name, pretrained=True, **kwargs)
         except Exception as exc:  # hub, cache and network errors all land here, re-raised in plain words
             raise PretrainedWeightsError(
-                f'could not load ImageNet weights for {timm_name!r} (no network and no cached copy?): '
+                f"could not load timm's pretrained weights for {timm_name!r} (no network and no cached copy?): "
                 f'{type(exc).__name__}: {exc}\n'
                 'Fix it with one of:\n'
                 "  1. MODEL['pretrained'] = False  (train from scratch)\n"
@@ -357,7 +358,7 @@ def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], wha
     if problems:
         raise PretrainedWeightsError(
             f"{what}: {problems}. Use weights saved from this architecture, or set MODEL['pretrained'] = True "
-            '(ImageNet weights) or False'
+            "(timm's pretrained weights, for the backbones that have them) or False"
         )
 
 
