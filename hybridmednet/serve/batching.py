@@ -44,11 +44,17 @@ class Arrival:
 class MicroBatcher(Generic[T, R]):
     """`run(items) -> results` (same length and order) on a worker thread, up to `max_batch` items at a time."""
 
-    def __init__(self, run: Callable[[Sequence[T]], Sequence[R]], max_batch: int, wait_s: float, on_batch=None):
+    def __init__(
+        self,
+        run: Callable[[Sequence[T]], Sequence[R]],
+        max_batch: int,
+        wait_s: float,
+        on_batch: Callable[[int], Any] | None = None,  # called with each batch's size (metrics)
+    ):
         self.run = run
         self.max_batch = max_batch
         self.wait_s = wait_s
-        self.on_batch: Callable[[int], Any] | None = on_batch  # called with each batch's size (metrics)
+        self.on_batch = on_batch
         self._queue: queue.Queue[_Job[T] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._arriving = 0
