@@ -5,7 +5,11 @@ A training checkpoint (.pth) holds only tensors and plain containers, so both
 `torch.load(path, weights_only=True)` and the SPEC's legacy
 `model.load_state_dict(torch.load(path)['model_state_dict'])` work. For inference the best
 weights are also exported as `.safetensors` with a `.json` sidecar (config, class names,
-preprocessing). The operating point `evaluate` fits is stored into these files here too.
+preprocessing). What else describes the model is stored into these files here too, as entries of
+the checkpoint dict and of the sidecar: 'thresholds' (the operating point `evaluate` fits),
+'calibration' and 'ood' (fitted at the end of training). The tensors of an entry (the OOD model's
+mean and precision matrix) go into a second safetensors file beside the export,
+`<name>.<entry>.safetensors`, so the export itself stays a plain state dict.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from hybridmednet.config import Config
 from hybridmednet.data.transforms import normalization
+from hybridmednet.deploy.prune import restore_pruning
 from hybridmednet.errors import CheckpointError
 from hybridmednet.models.backbones import state_dict_mismatch
 from hybridmednet.models.hybrid import HybridMedNet
@@ -30,6 +35,7 @@ from hybridmednet.models.hybrid import HybridMedNet
 FORMAT = 'hybridmednet-checkpoint'
 EXPORT_FORMAT = 'hybridmednet-weights'
 PTH_SUFFIXES = ('.pth', '.pt', '.ckpt')
+MODEL_ENTRIES = ('thresholds', 'calibration', 'ood')  # stored with the model, None until fitted
 
 
 def _umask() -> int:
@@ -98,7 +104,7 @@ def export_weights(
         'config': config.to_dict(),
         'class_names': config.class_names,
         'preprocessing': preprocessing(config),
-        'thresholds': None,
+        **dict.fromkeys(MODEL_ENTRIES),
         **(meta or {}),
     }
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={'format': EXPORT_FORMAT}))
@@ -116,6 +122,7 @@ def _read(path: Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, 
         meta = json.loads(sidecar.read_text())
         if not path.is_file():
             raise CheckpointError(f'checkpoint not found: {path}')
+        meta.update({key: _read_entry(sidecar, meta.get(key)) for key in MODEL_ENTRIES})
         return load_file(str(path), device=str(map_location)), meta
     if path.suffix not in PTH_SUFFIXES:
         raise CheckpointError(
@@ -129,7 +136,7 @@ def _read(path: Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, 
             f"(HybridMedNet(config)) and call model.load_state_dict(checkpoint['model_state_dict'])"
         )
     weights = ckpt.get('ema_state_dict') or ckpt['model_state_dict']
-    meta = {k: ckpt.get(k) for k in ('config', 'class_names', 'preprocessing', 'thresholds', 'epoch', 'best_auc')}
+    meta = {k: ckpt.get(k) for k in ('config', 'class_names', 'preprocessing', *MODEL_ENTRIES, 'epoch', 'best_auc', 'pruning')}
     return weights, meta
 
 
@@ -138,7 +145,8 @@ def load_model(
 ) -> tuple[nn.Module, Config, dict[str, Any]]:
     """Rebuild the HybridMedNet a checkpoint was trained as; strict, and loud on any mismatch.
 
-    Returns (model in eval mode, its Config, meta with class_names, thresholds, preprocessing).
+    Returns (model in eval mode, its Config, meta with class_names, preprocessing, and the entries
+    thresholds, calibration, ood: each None when the model was stored without it).
     Training checkpoints with EMA give the EMA weights (the ones that were validated).
     `num_classes`, when given, must match the checkpoint's (e.g. the classes of a dataset to score).
     """
@@ -155,6 +163,8 @@ def load_model(
             f'{len(names)} class names ({", ".join(names)}){wanted}'
         )
     model = HybridMedNet(config)
+    if meta.get('pruning'):  # `hybridmednet prune` removed channels: remove the same ones before loading
+        restore_pruning(model, meta['pruning']['history'])
     problems = state_dict_mismatch(model.state_dict(), state_dict)
     if problems:
         raise CheckpointError(
@@ -180,7 +190,7 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-# -- the operating point stored with a model --------------------------------------------------------
+# -- what is stored with a model: operating point, calibration, OOD model ---------------------------
 def model_files(model_path: str | Path) -> list[Path]:
     """The training checkpoint and/or safetensors sidecar that describe this model (those that exist)."""
     path = Path(model_path)
@@ -191,18 +201,44 @@ def model_files(model_path: str | Path) -> list[Path]:
     return [p for p in dict.fromkeys(candidates) if p.is_file()]
 
 
-def write_thresholds(model_path: str | Path, record: dict[str, Any]) -> list[Path]:
-    """Write `record` as the `thresholds` entry of every file describing the model; returns those files."""
+def _write_entry(sidecar: Path, key: str, record: Any) -> Any:
+    """The sidecar's form of an entry: its tensors written to their own safetensors file, named in 'tensor_file'."""
+    tensors = {k: v for k, v in record.items() if isinstance(v, torch.Tensor)} if isinstance(record, dict) else {}
+    if not tensors:
+        return record
+    path = sidecar.with_suffix(f'.{key}.safetensors')
+    plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata={'format': EXPORT_FORMAT, 'entry': key}))
+    return {**{k: v for k, v in record.items() if k not in tensors}, 'tensor_file': path.name}
+
+
+def _read_entry(sidecar: Path, record: Any) -> Any:
+    """An entry as the training checkpoint holds it: tensors read back from its 'tensor_file'."""
+    if not isinstance(record, dict) or 'tensor_file' not in record:
+        return record
+    path = sidecar.parent / record['tensor_file']
+    if not path.is_file():
+        raise CheckpointError(f'{sidecar}: {path.name}, which it names as a tensor file, is missing')
+    return {**{k: v for k, v in record.items() if k != 'tensor_file'}, **load_file(str(path))}
+
+
+def write_model_entries(model_path: str | Path, entries: dict[str, Any]) -> list[Path]:
+    """Write `entries` (keys from MODEL_ENTRIES) into every file describing the model; returns those files."""
     written = []
     for path in model_files(model_path):
         if path.suffix == '.json':
             sidecar = json.loads(path.read_text())
-            sidecar['thresholds'] = record
+            sidecar.update({key: _write_entry(path, key, record) for key, record in entries.items()})
             text = json.dumps(sidecar, indent=2)
             atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
         else:
             state = load_checkpoint(path)
-            state['thresholds'] = record
+            state.update(entries)
             save_checkpoint(path, state)
         written.append(path)
     return written
+
+
+def write_thresholds(model_path: str | Path, record: dict[str, Any]) -> list[Path]:
+    """Write `record` as the `thresholds` entry of every file describing the model; returns those files."""
+    return write_model_entries(model_path, {'thresholds': record})

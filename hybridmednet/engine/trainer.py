@@ -31,13 +31,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from hybridmednet.checkpoint import FORMAT, export_weights, load_checkpoint, preprocessing, save_checkpoint
+from hybridmednet.checkpoint import (
+    FORMAT,
+    export_weights,
+    load_checkpoint,
+    preprocessing,
+    save_checkpoint,
+    write_model_entries,
+)
 from hybridmednet.config import Config
-from hybridmednet.data.datasets import build_datasets, compute_pos_weight, make_weighted_sampler
+from hybridmednet.data.datasets import ChestXrayDataset, build_datasets, compute_pos_weight, make_weighted_sampler
+from hybridmednet.data.transforms import build_transforms
 from hybridmednet.engine.losses import build_loss
 from hybridmednet.engine.runtime import (
     Dist,
@@ -51,7 +59,9 @@ from hybridmednet.engine.runtime import (
 )
 from hybridmednet.engine.schedule import build_schedule
 from hybridmednet.errors import ConfigError, TrainingError
+from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
 from hybridmednet.evaluation.metrics import roc_auc
+from hybridmednet.evaluation.ood import OodModel, fit_ood, fused_features
 from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
 from hybridmednet.models.backbones import FeaturePyramid, backbone_preprocessing
 from hybridmednet.models.hybrid import HybridMedNet
@@ -62,6 +72,7 @@ OOM_REMEDIES = """CUDA ran out of memory (TRAIN.batch_size={batch}, MODEL.backbo
   - a smaller backbone: MODEL.backbone=convnext_tiny (or efficientnetv2_s)
   - cross-scale attention off: MODEL.use_cross_scale_attention=false
   - mixed precision on (if off): TRAIN.mixed_precision=true"""
+OOD_MAX_TRAIN_IMAGES = 20_000  # evenly spaced training images for the OOD Gaussian: plenty for its covariance
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -410,19 +421,22 @@ class Trainer:
         return model
 
     @torch.no_grad()
-    def collect_outputs(self, model: nn.Module, dataset: Dataset) -> dict[str, torch.Tensor]:
-        """Logits, targets and masks for a whole dataset, gathered from every rank in dataset order."""
+    def collect_outputs(self, model: nn.Module, dataset: Dataset, features: bool = False) -> dict[str, torch.Tensor]:
+        """Logits (with `features`: the fused features instead), targets and masks for a whole dataset,
+        gathered from every rank in dataset order."""
         indices = list(range(self.dist.rank, len(dataset), self.dist.world))
         model.eval()
-        parts: dict[str, list[torch.Tensor]] = {'logits': [], 'coarse': [], 'target': [], 'mask': []}
+        parts: dict[str, list[torch.Tensor]] = {}
         for images, target, mask in self.loader(dataset, indices, False):
             with self.autocast():
-                out = self.forward(model, images.to(self.device))
-            logits, coarse = out if self.hierarchical else (out, None)
-            for key, value in (('logits', logits), ('coarse', coarse), ('target', target), ('mask', mask)):
-                if value is not None:
-                    parts[key].append(value.float().cpu())
-        result = {k: torch.cat(v) for k, v in parts.items() if v}
+                if features:
+                    outputs = {'features': fused_features(model, images.to(self.device))}
+                else:
+                    out = self.forward(model, images.to(self.device))
+                    outputs = dict(zip(('logits', 'coarse'), out if self.hierarchical else (out,)))
+            for key, value in {**outputs, 'target': target, 'mask': mask}.items():
+                parts.setdefault(key, []).append(value.float().cpu())
+        result = {k: torch.cat(v) for k, v in parts.items()}
         result['index'] = torch.tensor(indices)
         if self.dist.world > 1:
             gathered: list[Any] = [None] * self.dist.world
@@ -445,6 +459,7 @@ class Trainer:
             'loss': float(loss),
             'mean_auc': float(valid.mean()) if len(valid) else math.nan,
             'aucs': aucs,
+            'logits': out['logits'].numpy(),
             'probs': probs,
             'target': out['target'].numpy(),
             'mask': out['mask'].numpy(),
@@ -552,13 +567,18 @@ class Trainer:
         }
 
     def finish(self, best_path: Path) -> None:
-        """training_curves.png, and roc_curves.png of the best model on the validation set."""
+        """On the best weights: training_curves.png, roc_curves.png on the validation set, and what is stored
+        with the model for inference: its calibration and (for a HybridMedNet) its OOD model."""
         self.dist.barrier()
         if not best_path.is_file():
             return
         best = load_checkpoint(best_path, self.device)
-        val = self.score_validation(self.eval_model(best['ema_state_dict'] or best['model_state_dict']))
+        model = self.eval_model(best['ema_state_dict'] or best['model_state_dict'])
+        val = self.score_validation(model)
+        calibration = self.fit_calibration(val)
+        ood = self.fit_ood(model) if isinstance(model, HybridMedNet) else None
         if self.dist.is_main:
+            write_model_entries(best_path, {'calibration': calibration.to_meta(), 'ood': ood and ood.to_state()})
             plot_training_curves(self.progress.history, self.log_dir / 'training_curves.png')
             plot_roc_curves(
                 val['target'],
@@ -569,6 +589,40 @@ class Trainer:
                 split='validation',
             )
             self.log(f'best val mean AUC {val["mean_auc"]:.4f}: {best_path} (+ .safetensors); plots in {self.log_dir}')
+
+    def fit_calibration(self, val: dict[str, Any]) -> Calibration:
+        """Platt scaling per finding on the validation split. Probabilities straight from a sigmoid are off
+        whenever the loss weights positives (LOSS.pos_weight shifts every logit) and often otherwise."""
+        y, mask = val['target'], val['mask']
+        calibration = Calibration.fit(
+            val['logits'], y, mask, self.config.class_names, {'split': 'val', 'n_images': len(y)}
+        )
+        before = expected_calibration_error(y, apply_temperature(val['logits']), mask)
+        after = expected_calibration_error(y, calibration.probabilities(val['logits']), mask)
+        self.log(
+            f'calibration (Platt scaling on the validation split): mean ECE {np.nanmean(before):.3f} -> '
+            f'{np.nanmean(after):.3f} on those images'
+        )
+        return calibration
+
+    def fit_ood(self, model: HybridMedNet) -> OodModel:
+        """The OOD model: a Gaussian over the fused features of the training images (as validation sees
+        them: no augmentation), its threshold from the validation images."""
+        train = self.datasets['train']
+        if isinstance(train, ChestXrayDataset):
+            train = copy.copy(train)
+            train.transform, train.epoch_seed = build_transforms(self.config, train=False), None
+        if len(train) > OOD_MAX_TRAIN_IMAGES:
+            train = Subset(train, np.linspace(0, len(train) - 1, OOD_MAX_TRAIN_IMAGES).round().astype(int).tolist())
+        ood = fit_ood(
+            self.collect_outputs(model, train, features=True)['features'],
+            self.collect_outputs(model, self.datasets['val'], features=True)['features'],
+        )
+        self.log(
+            f'out-of-distribution model: {ood.n_train} training images, threshold {ood.threshold:.2f} '
+            f'(the {ood.quantile:.0%} quantile of {ood.n_val} validation distances)'
+        )
+        return ood
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:

@@ -1,0 +1,130 @@
+"""Out-of-distribution score: how far an image's fused features lie from those of the training images.
+
+A chest X-ray classifier gives confident-looking probabilities for any input, a holiday photo
+included. The fused features (the head's input, [B, fusion_channels]) of the training images are
+modelled as one Gaussian with a Ledoit-Wolf shrinkage covariance (a plain sample covariance is
+singular or noisy when the images are not many times the feature dimension); an image's score is
+its Mahalanobis distance to that Gaussian. The threshold is a high quantile of the validation
+images' distances, not the training images', whose distances are shrunk by having been fitted on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+from torch.utils.data import DataLoader, Dataset
+
+from hybridmednet.errors import CheckpointError, DataError
+from hybridmednet.models.hybrid import HybridMedNet
+
+DEFAULT_QUANTILE = 0.99
+
+
+@torch.no_grad()
+def fused_features(model: HybridMedNet, x: torch.Tensor) -> torch.Tensor:
+    """Fused features [B, fusion_channels] (float32, on x's device) of a batch of model inputs [B, 3, S, S]."""
+    return model.fusion(model.forward_features(x)).float()
+
+
+def dataset_features(
+    model: HybridMedNet,
+    dataset: Dataset,
+    batch_size: int = 32,
+    device: str | torch.device = 'cpu',
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Fused features [N, D] for every item of a dataset of (image, target, mask), in dataset order."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    model.eval()
+    out = [fused_features(model, batch[0].to(device)).cpu() for batch in loader]
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, model.config.MODEL['fusion_channels']))
+
+
+def _matrix(features: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().numpy()
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or not np.isfinite(f).all():
+        raise DataError(f'{what}: expected a finite [N, D] feature matrix, got shape {f.shape}')
+    return f
+
+
+@dataclass
+class OodModel:
+    """A Gaussian over fused features and the distance above which an image is flagged."""
+
+    mean: np.ndarray  # [D]
+    precision: np.ndarray  # [D, D], inverse of the shrunk covariance
+    threshold: float  # distances above it are flagged
+    quantile: float  # of the validation distances, that gave the threshold
+    n_train: int = 0
+    n_val: int = 0
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def score(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Mahalanobis distance [N] of each row of `features` [N, D] to the training features."""
+        f = _matrix(features, 'OodModel.score')
+        if f.shape[1] != self.feature_dim:
+            raise DataError(f'OodModel.score: features have {f.shape[1]} dimensions, the model {self.feature_dim}')
+        d = f - self.mean
+        return np.sqrt(np.maximum(np.einsum('nd,de,ne->n', d, self.precision, d), 0.0))
+
+    def flag(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """True [N] where an image lies further from the training images than `threshold`."""
+        return self.score(features) > self.threshold
+
+    # -- the record stored with the model: tensors and plain values, no pickle ------------------------
+    def to_state(self) -> dict[str, Any]:
+        return {
+            'mean': torch.from_numpy(self.mean.copy()),
+            'precision': torch.from_numpy(self.precision.copy()),
+            'threshold': float(self.threshold),
+            'quantile': float(self.quantile),
+            'feature_dim': self.feature_dim,
+            'n_train': int(self.n_train),
+            'n_val': int(self.n_val),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> OodModel:
+        """From `load_model(...)[2]['ood']` (which is None for models stored without one: check first)."""
+        mean = torch.as_tensor(state['mean']).double().cpu().numpy()
+        precision = torch.as_tensor(state['precision']).double().cpu().numpy()
+        dim = int(state['feature_dim'])
+        if mean.shape != (dim,) or precision.shape != (dim, dim):
+            raise CheckpointError(
+                f'the stored OOD model is inconsistent: feature_dim {dim}, mean {tuple(mean.shape)}, '
+                f'precision {tuple(precision.shape)}'
+            )
+        return cls(
+            mean,
+            precision,
+            float(state['threshold']),
+            float(state['quantile']),
+            int(state.get('n_train', 0)),
+            int(state.get('n_val', 0)),
+        )
+
+
+def fit_ood(
+    features: np.ndarray | torch.Tensor, val_features: np.ndarray | torch.Tensor, quantile: float = DEFAULT_QUANTILE
+) -> OodModel:
+    """Gaussian on the training `features` [N, D]; threshold = `quantile` of the `val_features` distances."""
+    train, val = _matrix(features, 'fit_ood: training features'), _matrix(val_features, 'fit_ood: validation features')
+    if train.shape[0] < 2 or val.shape[0] == 0:
+        raise DataError(
+            f'fit_ood needs at least 2 training and 1 validation feature rows, got {train.shape[0]} and {val.shape[0]}'
+        )
+    if not 0.0 < quantile < 1.0:
+        raise DataError(f'fit_ood: quantile {quantile} must lie in (0, 1)')
+    shrunk = LedoitWolf().fit(train)
+    model = OodModel(shrunk.location_, shrunk.precision_, 0.0, quantile, train.shape[0], val.shape[0])
+    model.threshold = float(np.quantile(model.score(val), quantile))
+    return model
