@@ -136,7 +136,8 @@ def _read(path: Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, 
             f"(HybridMedNet(config)) and call model.load_state_dict(checkpoint['model_state_dict'])"
         )
     weights = ckpt.get('ema_state_dict') or ckpt['model_state_dict']
-    meta = {k: ckpt.get(k) for k in ('config', 'class_names', 'preprocessing', *MODEL_ENTRIES, 'epoch', 'best_auc', 'pruning')}
+    keys = ('config', 'class_names', 'preprocessing', *MODEL_ENTRIES, 'epoch', 'best_auc', 'pruning')
+    meta = {k: ckpt.get(k) for k in keys}
     return weights, meta
 
 

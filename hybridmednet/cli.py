@@ -21,6 +21,7 @@ COMMANDS = {
     'models': 'list the backbones with parameter counts',
     'export': 'export a checkpoint to ONNX, checked against PyTorch',
     'quantize': 'static int8 ONNX model, refused when validation AUC drops',
+    'prune': 'remove channels from the backbone, fine-tune, write a checkpoint',
     'serve': 'HTTP API and web page that score uploaded images',
 }
 
