@@ -12,6 +12,7 @@ browsers let only the server's own page call the API.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import io
@@ -23,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -294,9 +296,8 @@ def create_app(settings: Settings, model: ServedModel | None = None) -> FastAPI:
             upload, tensor = await anyio.to_thread.run_sync(_prepare, served, data, limiter=state.decoders)
             del data
             scored = await batcher.submit(ScoreRequest(tensor, heatmaps), arrival)
-        return await anyio.to_thread.run_sync(
-            _answer, served, upload, scored, heatmaps, preview, limiter=state.decoders
-        )
+        pictures = await _pictures(served, upload, scored, preview, state.decoders)
+        return _answer(served, upload, scored, pictures, heatmaps)
 
     return app
 
@@ -371,20 +372,38 @@ def _fit(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image.astype(np.float32), mode='F').resize(size, Image.Resampling.BILINEAR))
 
 
+def _heatmap(small: np.ndarray, cam: np.ndarray, label: str) -> str:
+    return _png(overlay(small, cam, label=label, max_side=HEATMAP_SIDE))
+
+
+async def _pictures(
+    served: ServedModel, upload: Upload, scored: Scored, preview: bool, limiter: anyio.CapacityLimiter | None
+) -> dict[int | str, str]:
+    """Base64 PNGs: the heatmap overlay of each finding index in `scored.cams`, and 'preview' when asked.
+    Encoded on worker threads side by side (PNG encoding releases the GIL): two heatmaps cost one's time."""
+    jobs: dict[int | str, Any] = {}
+    if scored.cams:
+        small = await anyio.to_thread.run_sync(_fit, upload.image, HEATMAP_SIDE, limiter=limiter)
+        for k, cam in scored.cams.items():
+            label = f'{served.class_names[k]} p={scored.probabilities[k]:.2f}'
+            jobs[k] = partial(_heatmap, small, cam, label)
+    if preview:
+        jobs['preview'] = partial(_preview, upload.image)
+    done = await asyncio.gather(*(anyio.to_thread.run_sync(job, limiter=limiter) for job in jobs.values()))
+    return dict(zip(jobs, done))
+
+
 def _answer(
-    served: ServedModel, upload: Upload, scored: Scored, heatmaps: bool, preview: bool
+    served: ServedModel, upload: Upload, scored: Scored, pictures: dict[int | str, str], heatmaps: bool
 ) -> schemas.PredictResponse:
     op, names = served.op, served.class_names
-    small = _fit(upload.image, HEATMAP_SIDE) if scored.cams else upload.image
     findings = [
         schemas.Finding(
             name=name,
             probability=round(float(p), 6),
             threshold=float(t),
             positive=bool(positive),
-            heatmap_png=_png(overlay(small, scored.cams[k], label=f'{name} p={p:.2f}', max_side=HEATMAP_SIDE))
-            if k in scored.cams
-            else None,
+            heatmap_png=pictures.get(k),
         )
         for k, (name, p, t, positive) in enumerate(zip(names, scored.probabilities, op.thresholds, scored.positive))
     ]
@@ -402,9 +421,7 @@ def _answer(
     height, width = upload.image.shape
     return schemas.PredictResponse(
         model=_model_info(served),
-        image=schemas.ImageInfo(
-            format=upload.kind, width=width, height=height, preview_png=_preview(upload.image) if preview else None
-        ),
+        image=schemas.ImageInfo(format=upload.kind, width=width, height=height, preview_png=pictures.get('preview')),
         findings=findings,
         positive_findings=[f.name for f in findings if f.positive],
         ood=ood,
