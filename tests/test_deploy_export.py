@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hybridmednet import cli
 from hybridmednet.checkpoint import load_model, save_checkpoint, weights_hash
@@ -66,18 +67,28 @@ def test_onnx_runtime_reproduces_pytorch(tmp_path, backbone, options):
     assert json.loads((tmp_path / 'onnx' / 'model.json').read_text())['parity'] == record['parity']
 
 
+THRESHOLDS = {'values': {'a': 0.3, 'b': 0.5, 'c': 0.7}, 'method': 'youden'}
+OOD = {'mean': torch.zeros(32), 'precision': torch.eye(32), 'threshold': 3.0, 'quantile': 0.99, 'feature_dim': 32}
+
+
+def store_entries(path, **entries):
+    """Add what evaluate (thresholds) and training (OOD model) store with a model to a checkpoint."""
+    state = torch.load(path, weights_only=True)
+    save_checkpoint(path, {**state, **entries})
+    return path
+
+
 def test_model_json_describes_the_model(tmp_path):
-    ckpt = make_checkpoint(tmp_path / 'best.pth')
-    state = torch.load(ckpt, weights_only=True)
-    state['thresholds'] = {'values': {'a': 0.3, 'b': 0.5, 'c': 0.7}, 'method': 'youden'}
-    save_checkpoint(ckpt, state)
+    ckpt = store_entries(make_checkpoint(tmp_path / 'best.pth'), thresholds=THRESHOLDS, ood=OOD)
     assert cli.main(['export', '--model_path', str(ckpt)]) == 0
     out = tmp_path / 'best-onnx'  # the default: beside the checkpoint
-    assert sorted(p.name for p in out.iterdir()) == ['model.json', 'model.onnx']
+    assert sorted(p.name for p in out.iterdir()) == ['model.json', 'model.onnx', 'model.ood.safetensors']
     meta = json.loads((out / 'model.json').read_text())
     model, config, _ = load_model(ckpt)
     assert meta['class_names'] == CLASSES
-    assert meta['thresholds'] == state['thresholds']
+    assert meta['thresholds'] == THRESHOLDS and meta['calibration'] is None
+    assert meta['ood']['tensor_file'] == 'model.ood.safetensors' and meta['ood']['threshold'] == 3.0
+    assert torch.equal(load_file(out / 'model.ood.safetensors')['precision'], OOD['precision'])
     assert meta['weights_hash'] == weights_hash(model.state_dict())
     assert meta['config'] == config.to_dict()
     assert meta['preprocessing']['image_size'] == 64

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_deploy_export import make_checkpoint
+from test_deploy_export import OOD, make_checkpoint, store_entries
 
 from hybridmednet import cli
 from hybridmednet.commands import quantize as quantize_command
@@ -22,7 +22,7 @@ pytest.importorskip('onnxruntime')
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp('quantize')
     data = generate_sample_dataset(root / 'data', n=80, size=64, seed=0, workers=1)
-    export_onnx(make_checkpoint(root / 'model.pth', data=data), root / 'model-onnx')
+    export_onnx(store_entries(make_checkpoint(root / 'model.pth', data=data), ood=OOD), root / 'model-onnx')
     return root / 'model-onnx'
 
 
@@ -36,6 +36,7 @@ def test_int8_copy_is_calibrated_checked_and_keeps_softmax_float(exported):
     meta = json.loads((out / 'model.json').read_text())
     source = json.loads((exported / 'model.json').read_text())
     assert {k: v for k, v in meta.items() if k != 'quantization'} == source  # same classes, thresholds, config
+    assert (out / meta['ood']['tensor_file']).read_bytes() == (exported / meta['ood']['tensor_file']).read_bytes()
     q = meta['quantization']
     assert q['calibration_images'] == 24
     assert (

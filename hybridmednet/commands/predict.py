@@ -7,8 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from hybridmednet.checkpoint import load_model
 from hybridmednet.commands import add_model, parser, print_rows, run
+from hybridmednet.deploy import DeployError
+from hybridmednet.deploy.runtime import load_any_model
 from hybridmednet.errors import DataError
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.predict import list_images, predict_files, write_predictions
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        model, config, meta = load_model(args.model_path, map_location=args.device)
+        if args.visualize and Path(args.model_path).is_dir():
+            raise DeployError(
+                f'{args.model_path} is an exported ONNX model, which has no Grad-CAM heatmaps; run --visualize '
+                f'with the checkpoint it was exported from'
+            )
+        model, config, meta = load_any_model(args.model_path, map_location=args.device)
         op = OperatingPoint.of_model(meta)
         files = list_images(args.image_path)
         if not files:

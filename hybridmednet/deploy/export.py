@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hybridmednet.checkpoint import load_model, weights_hash
+from hybridmednet.checkpoint import MODEL_ENTRIES, load_model, weights_hash, write_model_entries
 from hybridmednet.deploy import DeployError, require
 
 FORMAT = 'hybridmednet-onnx'
@@ -31,7 +31,6 @@ INPUT, OUTPUT = 'images', 'logits'
 OPSET = 20  # >= 17 for LayerNormalization (ConvNeXt, Swin); 20 has Gelu as one op, not five
 ATOL, RTOL = 1e-4, 1e-3
 PARITY_BATCHES = (1, 3)  # 1: torch.export specialises size-1 dimensions; 3: neither 1 nor the traced 2
-STORED_ENTRIES = ('thresholds', 'calibration', 'ood')
 
 T = TypeVar('T')
 
@@ -101,7 +100,6 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, source: str) ->
         return 'dynamo'
     except Exception as exc:  # the exporter raises many types; any failure means: try the other exporter
         dynamo_error = _first_line(exc)
-        warnings.warn(f'the dynamo ONNX exporter failed ({dynamo_error}); using the TorchScript exporter', stacklevel=2)
     for stale in path.parent.iterdir():  # the staging directory: whatever the failed export left
         stale.unlink()
     try:
@@ -123,6 +121,7 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, source: str) ->
             f'{source}: neither ONNX exporter handles this model (dynamo: {dynamo_error}; TorchScript: '
             f'{_first_line(exc)})'
         ) from None
+    warnings.warn(f'the dynamo ONNX exporter failed ({dynamo_error}); used the TorchScript exporter', stacklevel=2)
     return 'torchscript'
 
 
@@ -156,7 +155,7 @@ def export_onnx(model_path: str | Path, output_dir: str | Path | None = None) ->
     model, config, meta = load_model(model_path)
     size = config.DATA['image_size']
     out = Path(output_dir) if output_dir else default_output_dir(model_path)
-    source_meta = {key: meta.get(key) for key in ('class_names', 'preprocessing', *STORED_ENTRIES, 'epoch')}
+    source_meta = {key: meta.get(key) for key in ('class_names', 'preprocessing', 'epoch')}
 
     def fill(directory: Path) -> dict[str, Any]:
         onnx_path = directory / MODEL_FILE
@@ -182,6 +181,8 @@ def export_onnx(model_path: str | Path, output_dir: str | Path | None = None) ->
             'config': config.to_dict(),
         }
         write_meta(directory, record)
-        return record
+        # thresholds, calibration, OOD model: as in a safetensors sidecar (tensors in model.<entry>.safetensors)
+        write_model_entries(directory / META_FILE, {key: meta.get(key) for key in MODEL_ENTRIES})
+        return json.loads((directory / META_FILE).read_text())
 
     return {**write_directory(out, fill), 'output_dir': str(out)}

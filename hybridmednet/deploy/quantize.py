@@ -12,6 +12,7 @@ activation-by-activation MatMuls.
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -81,6 +82,7 @@ def quantize_int8(source: str | Path, output: str | Path, batches: Iterable[np.n
     if first is None:
         raise DeployError(f'no calibration images for {source}: give a dataset whose train split has images')
     start = time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
     prepared = output / 'prepared.onnx'
     # shape inference and graph fusions (Conv + BatchNorm, ...) first, so calibration sees the final ops
     quantization.quant_pre_process(str(source / meta['model_file']), str(prepared), skip_symbolic_shape=True)
@@ -100,6 +102,9 @@ def quantize_int8(source: str | Path, output: str | Path, batches: Iterable[np.n
     for path in output.iterdir():
         if path.name.startswith(prepared.name):
             path.unlink()
+    for entry in meta.values():  # tensors of stored entries (the OOD model) travel with model.json
+        if isinstance(entry, dict) and 'tensor_file' in entry:
+            shutil.copy2(source / entry['tensor_file'], output / entry['tensor_file'])
     record = {
         **meta,
         'model_file': MODEL_FILE,

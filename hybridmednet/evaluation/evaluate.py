@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hybridmednet.checkpoint import load_model, weights_hash, write_thresholds
+from hybridmednet.checkpoint import weights_hash, write_thresholds
 from hybridmednet.data.datasets import build_datasets
+from hybridmednet.deploy.runtime import load_any_model
 from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.evaluation import metrics
 from hybridmednet.evaluation.calibration import apply_temperature, expected_calibration_error
@@ -184,7 +185,7 @@ def evaluate_model(
     and results.json go there. With `store_thresholds`, the operating point is written into the
     model files.
     """
-    model, config, meta = load_model(model_path, map_location=device)
+    model, config, meta = load_any_model(model_path, map_location=device)
     trained_as = dict(config.MODEL)
     if config_file:
         config.merge_yaml(config_file)
@@ -269,7 +270,7 @@ def evaluate_model(
             'backbone': config.MODEL['backbone'],
             'class_names': names,
             'epoch': meta.get('epoch'),
-            'weights_hash': weights_hash(model.state_dict()),
+            'weights_hash': meta.get('weights_hash') or weights_hash(model.state_dict()),  # an export's: its source's
         },
         'data': {
             'dataset': config.DATA['dataset'],
