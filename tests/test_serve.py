@@ -5,6 +5,7 @@ Models are untrained on purpose: these tests check what the server does with a m
 (thresholds, OOD flag, heatmaps, refusals), not how good the outputs are.
 """
 
+import asyncio
 import base64
 import io
 import logging
@@ -61,8 +62,9 @@ def write_model(path, thresholds=True, ood=None, size=SIZE):
     state = {'model_state_dict': model.state_dict(), 'config': config.to_dict(), 'class_names': config.class_names}
     if thresholds:
         values = np.array([0.0 if n in POSITIVE else 1.0 for n in config.class_names])
+        temperatures = np.linspace(0.5, 2.0, len(values))  # so that probabilities are not the plain sigmoid
         state['thresholds'] = OperatingPoint(
-            config.class_names, values, method='youden', fitted_on={'split': 'val'}
+            config.class_names, values, temperatures, method='youden', fitted_on={'split': 'val'}
         ).to_meta()
     if ood is not None:
         state['ood'] = ood
@@ -159,6 +161,8 @@ def test_heatmaps_are_grad_cam_overlays_of_the_positive_findings(client, model_p
     (tmp_path / 'a.png').write_bytes(data)
     read = read_image(tmp_path / 'a.png')
     x = build_transforms(config, train=False)(read)
+    probs, _, _ = expected(model_path, tmp_path / 'a.png')
+    np.testing.assert_allclose([f['probability'] for f in body['findings']], probs, atol=2e-6)
     classes = [model.class_names.index(n) for n in POSITIVE]
     cams = grad_cam(model, x, classes)
     for f in body['findings']:
@@ -203,12 +207,15 @@ def test_ood_score_and_flag(tmp_path):
     state = load_checkpoint(path)
     save_checkpoint(path, {**state, 'ood': fitted.to_state()})
     with TestClient(create_app(Settings(str(path)), ServedModel.load(path))) as c:
-        answers = [post(c, png_bytes(image)).json()['ood'] for image in (near, far)]
+        answers = [post(c, png_bytes(image)).json() for image in (near, far)]
         facts = c.get('/v1/model').json()['ood']
     for answer, score in zip(answers, scores):
-        assert answer['score'] == pytest.approx(score, rel=1e-4)
-        assert answer['threshold'] == pytest.approx(fitted.threshold)
-    assert [a['flagged'] for a in answers] == [False, True]
+        assert answer['ood']['score'] == pytest.approx(score, rel=1e-4)
+        assert answer['ood']['threshold'] == pytest.approx(fitted.threshold)
+    assert [a['ood']['flagged'] for a in answers] == [False, True]
+    (tmp_path / 'near.png').write_bytes(png_bytes(near))
+    probs, _, _ = expected(path, tmp_path / 'near.png')  # one backbone pass gives both, as predict's numbers
+    np.testing.assert_allclose([f['probability'] for f in answers[0]['findings']], probs, atol=2e-6)
     assert facts['threshold'] == pytest.approx(fitted.threshold) and facts['n_train'] == 20
 
 
@@ -219,6 +226,7 @@ def test_model_facts(client, model_path):
     assert [c['threshold'] for c in body['classes']] == [0.0 if n in POSITIVE else 1.0 for n in model.class_names]
     assert body['preprocessing'] == meta['preprocessing']
     assert body['operating_point']['method'] == 'youden' and body['operating_point']['fitted_on'] == {'split': 'val'}
+    assert [c['temperature'] for c in body['classes']] == pytest.approx(np.linspace(0.5, 2.0, 14).tolist())
     assert body['model']['weights_hash'] == weights_hash(model.state_dict())
     assert body['card']['epoch'] == 3 and body['card']['best_validation_auc'] == 0.71
     assert body['card']['image_size'] == SIZE and 'Not a medical device' in body['card']['intended_use']
@@ -338,6 +346,29 @@ def test_413_upload_over_the_limit(client):
     big = png_bytes(np.random.default_rng(0).random((800, 800)))  # ~640 kB of noise, twice: over 1 MB
     r = post(client, big + big)
     assert r.status_code == 413 and '1 MB' in r.json()['detail']
+
+
+def test_413_from_the_declared_length_before_reading(client):
+    headers = {'Content-Type': 'multipart/form-data; boundary=b', 'Content-Length': str(2**30)}
+    r = client.post('/v1/predict', content=b'--b--', headers=headers)  # the body itself is small
+    assert r.status_code == 413
+
+
+def test_413_while_streaming_stops_reading_at_the_limit():
+    """A body without a length (chunked) is read only until it passes the limit, not to its end."""
+    from starlette.requests import Request
+
+    from hybridmednet.serve.app import _read_body
+
+    chunk, received = 65536, []
+
+    async def receive():
+        received.append(chunk)
+        return {'type': 'http.request', 'body': b'x' * chunk, 'more_body': len(received) < 100}  # 6.4 MB
+
+    with pytest.raises(uploads.UploadError) as refused:
+        asyncio.run(_read_body(Request({'type': 'http', 'headers': []}, receive), 2**20))
+    assert refused.value.status == 413 and sum(received) <= 2**20 + chunk
 
 
 def test_413_decompression_bomb_refused_before_decoding(client, monkeypatch):
