@@ -6,6 +6,7 @@ import argparse
 
 from hybridmednet.commands import add_config, add_model, parser, run
 from hybridmednet.config import THRESHOLD_METHODS
+from hybridmednet.deploy.runtime import load_any_model
 from hybridmednet.evaluation.evaluate import evaluate_model, summary_table
 from hybridmednet.evaluation.report import default_output_dir
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             args.compare,
             not args.no_store_thresholds,
             args.seed,
+            loader=load_any_model,  # checkpoints, and exported ONNX directories
         )
         print(summary_table(results))
         if results.get('stored_in'):

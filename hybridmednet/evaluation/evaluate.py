@@ -11,16 +11,15 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from hybridmednet.checkpoint import weights_hash, write_thresholds
+from hybridmednet.checkpoint import load_model, weights_hash, write_thresholds
 from hybridmednet.data.datasets import build_datasets
-from hybridmednet.deploy.runtime import load_any_model
 from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.evaluation import metrics
 from hybridmednet.evaluation.calibration import apply_temperature, expected_calibration_error
@@ -33,6 +32,8 @@ AGE_BANDS = (0, 20, 40, 60, 80, 200)
 SUBGROUP_COLUMNS = ('view', 'sex', 'age_band')
 MIN_SUBGROUP_IMAGES = 20
 N_BINS = 10
+# (path, map_location=...) -> (model, Config, meta), like checkpoint.load_model
+ModelLoader = Callable[..., tuple[Any, Any, dict[str, Any]]]
 
 
 def age_band(age: pd.Series) -> pd.Series:
@@ -178,14 +179,16 @@ def evaluate_model(
     compare: str | Path | None = None,
     store_thresholds: bool = True,
     seed: int = 0,
+    loader: ModelLoader = load_model,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on its dataset's `split`; returns the results dict (and writes files when asked).
 
     `eval_options` overrides the checkpoint's EVAL section. With `out_dir`, the report, figures
     and results.json go there. With `store_thresholds`, the operating point is written into the
-    model files.
+    model files. `loader` reads `model_path` as `checkpoint.load_model` does; the command layer passes one
+    that also reads exported ONNX directories (hybridmednet.deploy), which this package cannot import.
     """
-    model, config, meta = load_any_model(model_path, map_location=device)
+    model, config, meta = loader(model_path, map_location=device)
     trained_as = dict(config.MODEL)
     if config_file:
         config.merge_yaml(config_file)
