@@ -61,6 +61,13 @@ def test_prune_without_fine_tuning_reports_and_exports(tmp_path, capsys):
     assert record['ratio'] == 0.5 and record['macs']['after'] < 0.5 * record['macs']['before']
     model, _, _ = load_model(path)
     assert cost(model)['macs'] == record['macs']['after']
+    again = tmp_path / 'again'  # a pruned checkpoint pruned again: both histories replay in order
+    assert (
+        cli.main(['prune', '--model_path', str(path), '--ratio', '0.5', '--epochs', '0', '--output_dir', str(again)])
+        == 0
+    )
+    twice, _, _ = load_model(again / 'pruned_model.pth')
+    assert count_parameters(twice) < 0.5 * count_parameters(model)
     export_onnx(path, tmp_path / 'onnx')  # a pruned checkpoint exports like any other
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
