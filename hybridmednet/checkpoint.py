@@ -27,10 +27,10 @@ from torch import nn
 
 from hybridmednet.config import Config
 from hybridmednet.data.transforms import normalization
-from hybridmednet.deploy.prune import restore_pruning
 from hybridmednet.errors import CheckpointError
 from hybridmednet.models.backbones import state_dict_mismatch
 from hybridmednet.models.hybrid import HybridMedNet
+from hybridmednet.models.pruning import restore_pruning
 
 FORMAT = 'hybridmednet-checkpoint'
 EXPORT_FORMAT = 'hybridmednet-weights'
@@ -122,7 +122,7 @@ def _read(path: Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, 
         meta = json.loads(sidecar.read_text())
         if not path.is_file():
             raise CheckpointError(f'checkpoint not found: {path}')
-        meta.update({key: _read_entry(sidecar, meta.get(key)) for key in MODEL_ENTRIES})
+        meta.update({key: read_sidecar_entry(sidecar, meta.get(key)) for key in MODEL_ENTRIES})
         return load_file(str(path), device=str(map_location)), meta
     if path.suffix not in PTH_SUFFIXES:
         raise CheckpointError(
@@ -202,8 +202,9 @@ def model_files(model_path: str | Path) -> list[Path]:
     return [p for p in dict.fromkeys(candidates) if p.is_file()]
 
 
-def _write_entry(sidecar: Path, key: str, record: Any) -> Any:
-    """The sidecar's form of an entry: its tensors written to their own safetensors file, named in 'tensor_file'."""
+def write_sidecar_entry(sidecar: Path, key: str, record: Any) -> Any:
+    """The JSON form of an entry for the sidecar file `sidecar` (or any JSON model description): its tensors
+    written to `<sidecar stem>.<key>.safetensors` beside it, named in 'tensor_file'."""
     tensors = {k: v for k, v in record.items() if isinstance(v, torch.Tensor)} if isinstance(record, dict) else {}
     if not tensors:
         return record
@@ -213,7 +214,7 @@ def _write_entry(sidecar: Path, key: str, record: Any) -> Any:
     return {**{k: v for k, v in record.items() if k not in tensors}, 'tensor_file': path.name}
 
 
-def _read_entry(sidecar: Path, record: Any) -> Any:
+def read_sidecar_entry(sidecar: Path, record: Any) -> Any:
     """An entry as the training checkpoint holds it: tensors read back from its 'tensor_file'."""
     if not isinstance(record, dict) or 'tensor_file' not in record:
         return record
@@ -229,7 +230,7 @@ def write_model_entries(model_path: str | Path, entries: dict[str, Any]) -> list
     for path in model_files(model_path):
         if path.suffix == '.json':
             sidecar = json.loads(path.read_text())
-            sidecar.update({key: _write_entry(path, key, record) for key, record in entries.items()})
+            sidecar.update({key: write_sidecar_entry(path, key, record) for key, record in entries.items()})
             text = json.dumps(sidecar, indent=2)
             atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
         else:

@@ -8,15 +8,12 @@ pruned themselves.
 
 A pruned model no longer matches `HybridMedNet(config)`, so the checkpoint records the pruning
 history (layer name, output or input channels, indices removed) as plain values, and
-`restore_pruning` replays it on a freshly built model before its weights are loaded.
+`models.pruning.restore_pruning` replays it on a freshly built model before its weights are loaded.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from statistics import median
 from typing import Any
 
@@ -26,16 +23,12 @@ from torch import nn
 from hybridmednet.deploy import DeployError, require
 from hybridmednet.models.attention import CBAM, PyramidSelfAttention
 from hybridmednet.models.hybrid import HybridMedNet
+from hybridmednet.models.pruning import example_input, layer_scales_unremarked, sync_channels
 from hybridmednet.models.registry import get_backbone_spec
 
 # Families whose every operator the dependency graph follows (checked by restoring and comparing outputs).
 PRUNABLE_FAMILIES = ('resnet', 'convnext', 'efficientnet', 'efficientnetv2')
 ROUND_TO = 8  # channel counts stay multiples of 8, which vectorised kernels prefer
-
-
-def _example(model: HybridMedNet, batch: int = 2) -> torch.Tensor:
-    size = model.config.DATA['image_size']
-    return torch.randn(batch, 3, size, size, device=next(model.parameters()).device)
 
 
 def _fixed_outputs(model: HybridMedNet) -> list[nn.Module]:
@@ -47,20 +40,6 @@ def _fixed_outputs(model: HybridMedNet) -> list[nn.Module]:
         elif isinstance(module, CBAM):
             fixed += [module.mlp[0], module.spatial]
     return fixed
-
-
-@contextmanager
-def _layer_scales_unremarked() -> Iterator[None]:
-    """Torch-Pruning warns about every bare nn.Parameter (layer scales), whose last dimension it rightly prunes."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='Unwrapped parameters detected')
-        yield
-
-
-def _sync_channels(model: HybridMedNet) -> None:
-    """The backbone's declared pyramid widths, as they are after pruning."""
-    with torch.no_grad():
-        model.backbone.channels = [m.shape[1] for m in model.backbone(_example(model, 1))]
 
 
 def check_prunable(backbone: str, ratio: float) -> None:
@@ -82,34 +61,24 @@ def prune_backbone(model: HybridMedNet, ratio: float) -> list[list[Any]]:
     check_prunable(model.config.MODEL['backbone'], ratio)
     tp = require('torch_pruning')
     model.eval()  # tracing runs the model: BatchNorm statistics must not move
-    with _layer_scales_unremarked():
+    with layer_scales_unremarked():
         pruner = tp.pruner.MetaPruner(
             model,
-            _example(model),
+            example_input(model),
             importance=tp.importance.MagnitudeImportance(p=2),
             pruning_ratio=ratio,
             ignored_layers=_fixed_outputs(model),
             round_to=ROUND_TO,
         )
         pruner.step()
-    _sync_channels(model)
+    sync_channels(model)
     return [[name, bool(out), [int(i) for i in indices]] for name, out, indices in pruner.pruning_history()]
-
-
-def restore_pruning(model: HybridMedNet, history: list[list[Any]]) -> HybridMedNet:
-    """Replay a stored pruning history on a freshly built model, so a pruned checkpoint's weights fit it."""
-    tp = require('torch_pruning')
-    with _layer_scales_unremarked():
-        graph = tp.DependencyGraph().build_dependency(model.eval(), _example(model))
-        graph.load_pruning_history([(name, out, indices) for name, out, indices in history])
-    _sync_channels(model)
-    return model
 
 
 def cost(model: HybridMedNet, repeats: int = 5) -> dict[str, float]:
     """Parameters, multiply-accumulates and median batch-1 latency (ms, this process's threads) of `model`."""
     tp = require('torch_pruning')
-    x = _example(model, 1)
+    x = example_input(model, 1)
     macs, params = tp.utils.count_ops_and_params(model.eval(), x)
     times = []
     with torch.no_grad():
