@@ -11,7 +11,7 @@ from hybridmednet import cli
 from hybridmednet.checkpoint import load_model, save_checkpoint, weights_hash
 from hybridmednet.config import Config
 from hybridmednet.deploy import export
-from hybridmednet.deploy.runtime import OnnxModel
+from hybridmednet.deploy.runtime import OnnxModel, load_exported
 from hybridmednet.models.hybrid import HybridMedNet
 
 pytest.importorskip('onnxruntime')
@@ -89,6 +89,7 @@ def test_model_json_describes_the_model(tmp_path):
     assert meta['thresholds'] == THRESHOLDS and meta['calibration'] is None
     assert meta['ood']['tensor_file'] == 'model.ood.safetensors' and meta['ood']['threshold'] == 3.0
     assert torch.equal(load_file(out / 'model.ood.safetensors')['precision'], OOD['precision'])
+    assert torch.equal(load_exported(out)[2]['ood']['precision'], OOD['precision'])  # read back as load_model does
     assert meta['weights_hash'] == weights_hash(model.state_dict())
     assert meta['config'] == config.to_dict()
     assert meta['preprocessing']['image_size'] == 64

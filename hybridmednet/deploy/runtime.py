@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridmednet.checkpoint import load_model
+from hybridmednet.checkpoint import MODEL_ENTRIES, load_model, read_sidecar_entry
 from hybridmednet.config import Config
 from hybridmednet.deploy import DeployError
 from hybridmednet.deploy.export import FORMAT, META_FILE, session
@@ -73,11 +73,13 @@ class OnnxModel(nn.Module):
 
 
 def load_exported(directory: str | Path, threads: int | None = None) -> tuple[OnnxModel, Config, dict[str, Any]]:
-    """(model, Config, meta) of an exported directory, as `checkpoint.load_model` gives for a checkpoint."""
+    """(model, Config, meta) of an exported directory, as `checkpoint.load_model` gives for a checkpoint
+    (the stored entries with their tensors, e.g. the OOD model's, read back)."""
     model = OnnxModel(directory, threads)
     config = Config.from_dict(model.meta['config'])
     config.MODEL['pretrained'] = False
-    return model, config, {k: v for k, v in model.meta.items() if k != 'config'}
+    entries = {key: read_sidecar_entry(model.directory / META_FILE, model.meta.get(key)) for key in MODEL_ENTRIES}
+    return model, config, {**{k: v for k, v in model.meta.items() if k != 'config'}, **entries}
 
 
 def load_any_model(
