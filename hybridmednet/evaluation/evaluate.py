@@ -22,7 +22,7 @@ from hybridmednet.checkpoint import load_model, weights_hash, write_thresholds
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.evaluation import metrics
-from hybridmednet.evaluation.calibration import apply_temperature, expected_calibration_error
+from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
 from hybridmednet.evaluation.inference import dataset_logits
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.plots import plot_pr_curves, plot_reliability, plot_roc_curves
@@ -237,6 +237,7 @@ def evaluate_model(
             ev['target_sensitivity'],
             ev['temperature_scaling'],
             {'split': 'val', 'n_images': len(val), 'hash': hashes['val'], 'tta': ev['tta']},
+            Calibration.from_meta(meta.get('calibration'), names),  # the model's own, fitted in training
         )
         source = f'fitted on the validation split ({len(val)} images) by this evaluation'
     else:
