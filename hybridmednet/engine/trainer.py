@@ -61,7 +61,7 @@ from hybridmednet.engine.schedule import build_schedule
 from hybridmednet.errors import ConfigError, TrainingError
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
 from hybridmednet.evaluation.metrics import roc_auc
-from hybridmednet.evaluation.ood import OodModel, fit_ood, fused_features
+from hybridmednet.evaluation.ood import OodModel, fit_ood, ood_features
 from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
 from hybridmednet.models.backbones import FeaturePyramid, backbone_preprocessing
 from hybridmednet.models.hybrid import HybridMedNet
@@ -422,7 +422,7 @@ class Trainer:
 
     @torch.no_grad()
     def collect_outputs(self, model: nn.Module, dataset: Dataset, features: bool = False) -> dict[str, torch.Tensor]:
-        """Logits (with `features`: the fused features instead), targets and masks for a whole dataset,
+        """Logits (with `features`: the OOD model's features instead), targets and masks for a whole dataset,
         gathered from every rank in dataset order."""
         indices = list(range(self.dist.rank, len(dataset), self.dist.world))
         model.eval()
@@ -430,7 +430,7 @@ class Trainer:
         for images, target, mask in self.loader(dataset, indices, False):
             with self.autocast():
                 if features:
-                    outputs = {'features': fused_features(model, images.to(self.device))}
+                    outputs = {'features': ood_features(model, images.to(self.device))}
                 else:
                     out = self.forward(model, images.to(self.device))
                     outputs = dict(zip(('logits', 'coarse'), out if self.hierarchical else (out,)))
@@ -606,7 +606,7 @@ class Trainer:
         return calibration
 
     def fit_ood(self, model: HybridMedNet) -> OodModel:
-        """The OOD model: a Gaussian over the fused features of the training images (as validation sees
+        """The OOD model: a Gaussian over the pooled features of the training images (as validation sees
         them: no augmentation), its threshold from the validation images."""
         train = self.datasets['train']
         if isinstance(train, ChestXrayDataset):

@@ -1,11 +1,17 @@
-"""Out-of-distribution score: how far an image's fused features lie from those of the training images.
+"""Out-of-distribution score: how far an image's features lie from those of the training images.
 
 A chest X-ray classifier gives confident-looking probabilities for any input, a holiday photo
-included. The fused features (the head's input, [B, fusion_channels]) of the training images are
-modelled as one Gaussian with a Ledoit-Wolf shrinkage covariance (a plain sample covariance is
-singular or noisy when the images are not many times the feature dimension); an image's score is
-its Mahalanobis distance to that Gaussian. The threshold is a high quantile of the validation
-images' distances, not the training images', whose distances are shrunk by having been fitted on.
+included. The features are the attention maps pooled as the fusion pools them (average and max over
+space per scale, concatenated: [B, 2 * sum(channels)]), not the fused vector the head reads: the
+fusion's LayerNorm-ed projections discard the activation magnitudes that give a photograph or noise
+away (on the quickstart model the fused vector flagged 5 of 14 photographs and 2 of 28 noise images;
+the pooled maps flag all of them, and 6 of 380 held-out X-rays, 1.6 %).
+
+The training images' features are modelled as one Gaussian with a Ledoit-Wolf shrinkage covariance
+(a plain sample covariance is singular or noisy when the images are not many times the feature
+dimension); an image's score is its Mahalanobis distance to that Gaussian. The threshold is a high
+quantile of the validation images' distances, not the training images', whose distances are shrunk
+by having been fitted on.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 from torch.utils.data import DataLoader, Dataset
 
@@ -22,12 +29,17 @@ from hybridmednet.errors import CheckpointError, DataError
 from hybridmednet.models.hybrid import HybridMedNet
 
 DEFAULT_QUANTILE = 0.99
+FEATURES = 'pooled attention maps (avg, max)'  # stored with the model: a stored Gaussian fits these only
 
 
 @torch.no_grad()
-def fused_features(model: HybridMedNet, x: torch.Tensor) -> torch.Tensor:
-    """Fused features [B, fusion_channels] (float32, on x's device) of a batch of model inputs [B, 3, S, S]."""
-    return model.fusion(model.forward_features(x)).float()
+def ood_features(model: HybridMedNet, x: torch.Tensor) -> torch.Tensor:
+    """Features [B, 2 * sum(channels)] (float32, on x's device) of model inputs [B, 3, S, S]: each attention
+    map's average and max over space, as DynamicFusion pools them, scale after scale."""
+    pooled = [
+        torch.cat([F.adaptive_avg_pool2d(m, 1), F.adaptive_max_pool2d(m, 1)], 1) for m in model.forward_features(x)
+    ]
+    return torch.cat(pooled, 1).flatten(1).float()
 
 
 def dataset_features(
@@ -37,11 +49,11 @@ def dataset_features(
     device: str | torch.device = 'cpu',
     num_workers: int = 0,
 ) -> np.ndarray:
-    """Fused features [N, D] for every item of a dataset of (image, target, mask), in dataset order."""
+    """`ood_features` [N, D] for every item of a dataset of (image, target, mask), in dataset order."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     model.eval()
-    out = [fused_features(model, batch[0].to(device)).cpu() for batch in loader]
-    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, model.config.MODEL['fusion_channels']))
+    out = [ood_features(model, batch[0].to(device)).cpu() for batch in loader]
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 2 * sum(model.backbone.channels)))
 
 
 def _matrix(features: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
@@ -55,7 +67,7 @@ def _matrix(features: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
 
 @dataclass
 class OodModel:
-    """A Gaussian over fused features and the distance above which an image is flagged."""
+    """A Gaussian over `ood_features` and the distance above which an image is flagged."""
 
     mean: np.ndarray  # [D]
     precision: np.ndarray  # [D, D], inverse of the shrunk covariance
@@ -88,6 +100,7 @@ class OodModel:
             'threshold': float(self.threshold),
             'quantile': float(self.quantile),
             'feature_dim': self.feature_dim,
+            'features': FEATURES,
             'n_train': int(self.n_train),
             'n_val': int(self.n_val),
         }
@@ -98,6 +111,11 @@ class OodModel:
         mean = torch.as_tensor(state['mean']).double().cpu().numpy()
         precision = torch.as_tensor(state['precision']).double().cpu().numpy()
         dim = int(state['feature_dim'])
+        if state.get('features') != FEATURES:
+            raise CheckpointError(
+                f'the stored OOD model reads features {state.get("features")!r}, this version computes '
+                f'{FEATURES!r}; retrain the model (or fit_ood on its training images) to score it'
+            )
         if mean.shape != (dim,) or precision.shape != (dim, dim):
             raise CheckpointError(
                 f'the stored OOD model is inconsistent: feature_dim {dim}, mean {tuple(mean.shape)}, '
