@@ -198,10 +198,10 @@ def test_ood_score_and_flag(tmp_path):
     model, config, _ = load_model(path)
     transform = build_transforms(config, train=False)
     train = torch.stack([transform(xray(s)) for s in range(20)])
-    fitted = ood_module.fit_ood(ood_module.fused_features(model, train), ood_module.fused_features(model, train[:5]))
+    fitted = ood_module.fit_ood(ood_module.ood_features(model, train), ood_module.ood_features(model, train[:5]))
     near, far = xray(100), np.random.default_rng(0).random((48, 40)) ** 4  # far: a speckled dark picture
     near, far = (np.round(image * 255) / 255 for image in (near, far))  # as the server reads them from PNG
-    scores = fitted.score(ood_module.fused_features(model, torch.stack([transform(near), transform(far)])))
+    scores = fitted.score(ood_module.ood_features(model, torch.stack([transform(near), transform(far)])))
     assert scores[0] < scores[1]
     fitted.threshold = float(scores.mean())
     state = load_checkpoint(path)

@@ -46,10 +46,10 @@ def files(tmp_path_factory):
     model, config, _ = load_model(path)
     transform = build_transforms(config, train=False)
     x = torch.stack([transform(read_image(p)) for p in images])
-    fitted = ood.fit_ood(ood.fused_features(model, x[2:]), ood.fused_features(model, x[2:6]))
+    fitted = ood.fit_ood(ood.ood_features(model, x[2:]), ood.ood_features(model, x[2:6]))
     speckle = root / 'speckle.png'
     speckle.write_bytes(png_bytes(np.random.default_rng(0).random((300, 400)) ** 4))
-    scores = fitted.score(ood.fused_features(model, torch.stack([x[0], transform(read_image(speckle))])))
+    scores = fitted.score(ood.ood_features(model, torch.stack([x[0], transform(read_image(speckle))])))
     assert scores[0] < scores[1]
     fitted.threshold = float(scores.mean())
     save_checkpoint(path, {**load_checkpoint(path), 'ood': fitted.to_state()})

@@ -36,9 +36,12 @@ FEATURES = 'pooled attention maps (avg, max)'  # stored with the model: a stored
 def ood_features(model: HybridMedNet, x: torch.Tensor) -> torch.Tensor:
     """Features [B, 2 * sum(channels)] (float32, on x's device) of model inputs [B, 3, S, S]: each attention
     map's average and max over space, as DynamicFusion pools them, scale after scale."""
-    pooled = [
-        torch.cat([F.adaptive_avg_pool2d(m, 1), F.adaptive_max_pool2d(m, 1)], 1) for m in model.forward_features(x)
-    ]
+    return pooled_features(model.forward_features(x))
+
+
+def pooled_features(maps: list[torch.Tensor]) -> torch.Tensor:
+    """`ood_features` from attention maps already computed (a server's one forward pass)."""
+    pooled = [torch.cat([F.adaptive_avg_pool2d(m, 1), F.adaptive_max_pool2d(m, 1)], 1) for m in maps]
     return torch.cat(pooled, 1).flatten(1).float()
 
 

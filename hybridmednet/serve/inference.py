@@ -24,6 +24,7 @@ from hybridmednet.config import Config
 from hybridmednet.data.transforms import build_transforms
 from hybridmednet.evaluation.gradcam import grad_cam
 from hybridmednet.evaluation.inference import batch_logits
+from hybridmednet.evaluation.ood import pooled_features
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
 from hybridmednet.serve import ServeError
@@ -135,9 +136,9 @@ class ServedModel:
             return torch.as_tensor(np.asarray(self.model(x), dtype=np.float32)), None, None
         if self.ood is None and not keep_maps:
             return batch_logits(self.torch_model, x, self.tta), None, None
-        maps = self.torch_model.forward_features(x)  # as ood.fused_features and batch_logits, from one pass
+        maps = self.torch_model.forward_features(x)  # as ood.ood_features and batch_logits, from one pass
         logits = batch_logits(self.torch_model, x, True) if self.tta else self.torch_model.forward_head(maps).float()
-        features = None if self.ood is None else self.torch_model.fusion(maps).float()
+        features = None if self.ood is None else pooled_features(maps)  # the OOD model's own features
         return logits, features, maps if keep_maps else None
 
     def score(self, requests: Sequence[Request]) -> list[Scored]:
