@@ -11,8 +11,10 @@ from hybridmednet.commands import add_model, parser, print_rows, run
 from hybridmednet.deploy import DeployError
 from hybridmednet.deploy.runtime import load_any_model
 from hybridmednet.errors import DataError
+from hybridmednet.evaluation.ood import OodModel
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.predict import list_images, predict_files, write_predictions
+from hybridmednet.models.hybrid import HybridMedNet
 
 NOTHING_SCORED = 1
 
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 f'predicting with it {"on" if tta else "off"} moves the probabilities they were chosen for',
                 stacklevel=1,
             )
+        ood = OodModel.from_state(meta['ood']) if meta.get('ood') and isinstance(model, HybridMedNet) else None
         result = predict_files(
             model,
             config,
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             tta,
             out / 'heatmaps' if args.visualize else None,
+            ood,
         )
         written = write_predictions(result, op, args.model_path, out)
         print_rows(

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,8 +23,10 @@ from hybridmednet.data.transforms import build_transforms
 from hybridmednet.errors import DataError, ImageReadError
 from hybridmednet.evaluation.gradcam import save_overlays
 from hybridmednet.evaluation.inference import batch_logits
+from hybridmednet.evaluation.ood import OodModel, ood_features
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.report import write_json
+from hybridmednet.models.hybrid import HybridMedNet
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -48,6 +51,7 @@ class Prediction:
     probabilities: dict[str, float]
     positive_findings: list[str]
     heatmaps: dict[str, str] = field(default_factory=dict)
+    ood: dict[str, Any] | None = None  # {'score', 'threshold', 'flagged'} when the model carries an OOD model
 
 
 @dataclass
@@ -72,8 +76,10 @@ def predict_files(
     device: str = 'cpu',
     tta: bool = False,
     heatmap_dir: Path | None = None,
+    ood: OodModel | None = None,
 ) -> Predictions:
-    """Score `files` in batches; with `heatmap_dir`, one Grad-CAM overlay per positive finding."""
+    """Score `files` in batches; with `heatmap_dir`, one Grad-CAM overlay per positive finding; with `ood`
+    (a HybridMedNet's stored OOD model), each image's out-of-distribution score and flag."""
     transform = build_transforms(config, train=False)
     names = op.class_names
     images, errors = [], []
@@ -92,11 +98,18 @@ def predict_files(
                 continue
             x = torch.stack([t for _, _, t in loaded]).to(device)
             probs = op.probabilities(batch_logits(model, x, tta).cpu().numpy())
-            for (path, image, tensor), p in zip(loaded, probs):
+            scores = ood.score(ood_features(cast(HybridMedNet, model), x)) if ood is not None else [None] * len(loaded)
+            for (path, image, tensor), p, score in zip(loaded, probs, scores):
                 positive = np.flatnonzero(op.positives(p))
                 pred = Prediction(
                     str(path), {n: round(float(v), 6) for n, v in zip(names, p)}, [names[k] for k in positive]
                 )
+                if score is not None and ood is not None:
+                    pred.ood = {
+                        'score': float(score),
+                        'threshold': ood.threshold,
+                        'flagged': bool(score > ood.threshold),
+                    }
                 if heatmap_dir is not None and len(positive):
                     files_out = save_overlays(
                         model,
