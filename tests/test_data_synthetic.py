@@ -45,8 +45,58 @@ def test_deterministic_for_a_seed(sample, tmp_path):
     assert (again / 'Data_Entry_2017.csv').read_text() == (sample / 'Data_Entry_2017.csv').read_text()
     for name in ['00000001_000.png', (sample / 'test_list.txt').read_text().split()[0]]:
         assert (again / 'images' / name).read_bytes() == (sample / 'images' / name).read_bytes()
+    assert (again / synthetic.BOX_FILE).read_text() == (sample / synthetic.BOX_FILE).read_text()
     other = synthetic.generate_sample_dataset(tmp_path / 'c', n=60, size=48, seed=4, workers=1)
     assert (other / 'Data_Entry_2017.csv').read_text() != (sample / 'Data_Entry_2017.csv').read_text()
+
+
+def test_boxes_in_nih_layout_for_labelled_findings(sample):
+    boxes = pd.read_csv(sample / synthetic.BOX_FILE)
+    assert list(boxes.columns) == ['Image Index', 'Finding Label', 'Bbox [x', 'y', 'w', 'h]']
+    assert set(boxes['Finding Label']) == {synthetic.NIH_BOX_SPELLING.get(f, f) for f in synthetic.BOX_FINDINGS}
+    labels = pd.read_csv(sample / 'Data_Entry_2017.csv').set_index('Image Index')['Finding Labels']
+    for name, finding in zip(boxes['Image Index'], boxes['Finding Label'].replace('Infiltrate', 'Infiltration')):
+        assert finding in labels[name].split('|')
+    x, y, w, h = boxes.iloc[:, 2:6].to_numpy().T
+    assert (x >= 0).all() and (y >= 0).all() and (w > 0).all() and (h > 0).all()
+    assert (x + w <= 48).all() and (y + h <= 48).all()  # pixels of the 48 px images
+
+
+class MidRng:
+    """Draws that do not depend on how many came before, so a phantom with a finding differs from
+    the same phantom without it by the finding alone."""
+
+    def uniform(self, low, high):
+        return (low + high) / 2
+
+    def random(self):
+        return 0.5
+
+    def normal(self, loc, scale, size):
+        return np.full(size, loc)
+
+    def standard_normal(self, shape):
+        return np.random.default_rng(0).standard_normal(shape)
+
+    def integers(self, low, high):
+        return low
+
+    def choice(self, options):
+        return options[0]
+
+
+@pytest.mark.parametrize('finding', synthetic.BOX_FINDINGS)
+def test_box_surrounds_what_the_finding_changed(finding):
+    anatomy = synthetic._anatomy(0, 1, 'PA')
+    with_it, boxes = synthetic.render_with_boxes(np.array([f == finding for f in NIH_FINDINGS]), anatomy, MidRng(), 128)
+    without = synthetic.render(np.zeros(14, bool), anatomy, MidRng(), 128)
+    change = np.abs(with_it.astype(float) - without)
+    inside = np.zeros(change.shape, bool)
+    for name, x, y, w, h in boxes:
+        assert name == finding
+        inside[y : y + h, x : x + w] = True
+    assert change[inside].sum() > 0.8 * change.sum()
+    assert inside.mean() < 0.15  # the boxes are not the whole lung field
 
 
 def test_label_statistics_follow_nih_with_a_floor():
@@ -74,6 +124,10 @@ def test_sample_is_the_default_dataset(sample, monkeypatch, tmp_path):
     assert folder.parent == tmp_path and len(list(tmp_path.iterdir())) == 1  # no temporary left behind
     index = build_index(config)
     assert patient_leaks(index.records['patient_id'], index.records['split']) == {}
+    boxes = (folder / synthetic.BOX_FILE).read_text()
+    (folder / synthetic.BOX_FILE).unlink()  # a sample cached before the boxes were written gets them
+    assert synthetic.cached_sample_dataset(30, 32) == folder
+    assert (folder / synthetic.BOX_FILE).read_text() == boxes
 
 
 def test_cli(tmp_path, capsys):

@@ -9,17 +9,39 @@ from hybridmednet import create_model
 from hybridmednet.evaluation.gradcam import grad_cam, overlay
 
 
+class PooledImage(nn.Module):
+    """A backbone whose four maps are the image's first channel average-pooled at strides 4 to 32."""
+
+    def forward(self, x):
+        return [nn.functional.avg_pool2d(x[:, :1], s) for s in (4, 8, 16, 32)]
+
+
 class BrightSpotNet(nn.Module):
-    """forward_features/forward_head like HybridMedNet: pyramid of pooled images, logit = pooled brightness.
+    """Logit = pooled brightness: the finding's evidence is wherever the image is bright, so a correct
+    heatmap must peak there."""
 
-    The finding's evidence is wherever the image is bright, so a correct Grad-CAM must peak there.
-    """
+    def __init__(self):
+        super().__init__()
+        self.backbone = PooledImage()
 
-    def forward_features(self, x):
-        return [nn.functional.avg_pool2d(x, s) for s in (4, 8, 16, 32)]
+    def forward(self, x):
+        return torch.stack([m.mean((1, 2, 3)) for m in self.backbone(x)], 1).sum(1, keepdim=True) * torch.ones(1, 2)
 
-    def forward_head(self, maps):
-        return torch.stack([m.mean((1, 2, 3)) for m in maps], 1).sum(1, keepdim=True) * torch.ones(1, 2)
+
+class QuadrantNet(nn.Module):
+    """Class 0 reads only the top-left quadrant of every map, class 1 only the bottom-right one, through the
+    same channels (as a max-pooling head reads particular places). A heatmap built from the activations
+    alone, or one map for every class, cannot put each class's peak in its own quadrant."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = PooledImage()
+
+    def forward(self, x):
+        maps = self.backbone(x)
+        top_left = sum(m[:, :, : m.shape[2] // 2, : m.shape[3] // 2].mean((1, 2, 3)) for m in maps)
+        bottom_right = sum(m[:, :, m.shape[2] // 2 :, m.shape[3] // 2 :].mean((1, 2, 3)) for m in maps)
+        return torch.stack([top_left, bottom_right], 1)
 
 
 def square_image(row: int, col: int, size: int = 128, side: int = 16) -> torch.Tensor:
@@ -40,6 +62,18 @@ def test_heatmap_follows_the_object():
         assert row - 8 <= r < row + 24 and col - 8 <= c < col + 24
         inside = cam[row : row + 16, col : col + 16].mean()
         assert inside > 3 * cam.mean()
+
+
+def test_each_class_heatmap_peaks_where_that_class_looks():
+    for dim_corner in ('top_left', 'bottom_right'):  # the dimmer square is the one an activation map would miss
+        x = torch.zeros(3, 128, 128)
+        x[:, 16:40, 16:40] = 0.5 if dim_corner == 'top_left' else 1.0
+        x[:, 88:112, 88:112] = 0.5 if dim_corner == 'bottom_right' else 1.0
+        top_left, bottom_right = grad_cam(QuadrantNet(), x, [0, 1])
+        r, c = peak(top_left)
+        assert 16 <= r < 40 and 16 <= c < 40, (dim_corner, r, c)
+        r, c = peak(bottom_right)
+        assert 88 <= r < 112 and 88 <= c < 112, (dim_corner, r, c)
 
 
 @pytest.mark.parametrize(

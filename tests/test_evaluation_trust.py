@@ -9,14 +9,16 @@ import pytest
 import torch
 from test_evaluation_commands import make_checkpoint
 
-from hybridmednet.checkpoint import load_model
+from hybridmednet.checkpoint import load_model, write_model_entries
 from hybridmednet.commands import cache as cache_command
 from hybridmednet.commands import predict
+from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.io import read_image
 from hybridmednet.data.synthetic import generate_sample_dataset
 from hybridmednet.data.transforms import build_transforms
 from hybridmednet.evaluation.evaluate import evaluate_model
 from hybridmednet.evaluation.inference import batch_logits
+from hybridmednet.evaluation.ood import dataset_features, fit_ood
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.report import evaluation_sections, to_markdown
 
@@ -111,3 +113,33 @@ def test_evaluate_gives_predicts_probabilities_with_and_without_a_cache(data, tm
     frame = pd.read_csv(tmp_path / 'p' / 'predictions.csv').set_index('path')
     scored = np.stack([frame.loc[str(folder / Path(p).name)].to_numpy()[:14].astype(float) for p in paths])
     assert np.abs(scored - probs).max() < 1e-4
+
+
+def test_evaluate_reports_ood_flags_and_heatmap_localisation(data, tmp_path):
+    work = tmp_path / 'data'
+    shutil.copytree(data, work)
+    model_path = make_checkpoint(tmp_path / 'm.pth', work, 0)
+    model, config, _ = load_model(model_path)
+    datasets = build_datasets(config, use_cache=False)
+    train, test = (dataset_features(model, datasets[s]) for s in ('train', 'test'))
+    ood = fit_ood(train, train[:40])
+    # the threshold sits between the test images' distances: the flags must be the images above it
+    ood.threshold = float(np.median(ood.score(test)))
+    write_model_entries(model_path, {'ood': ood.to_state()})
+
+    results = evaluate_model(model_path, out_dir=tmp_path / 'eval', eval_options={'bootstrap_samples': 10})
+    scores = np.asarray(results['predictions']['ood_score'])
+    np.testing.assert_allclose(scores, ood.score(test), rtol=1e-6)
+    assert results['ood']['n_flagged'] == int((scores > ood.threshold).sum()) == len(test) // 2
+    loc = results['localization']
+    boxes = pd.read_csv(work / 'BBox_List_2017.csv')
+    in_test = boxes['Image Index'].isin([Path(p).name for p in datasets['test'].records['path']])
+    assert loc['n_images'] == boxes.loc[in_test, 'Image Index'].nunique() > 0
+    assert loc['all']['n_boxes'] == in_test.sum()
+    text = (tmp_path / 'eval' / 'report.md').read_text()
+    assert f'{len(test) // 2} of {len(test)} images' in text and 'Localisation of the heatmaps' in text
+    assert (tmp_path / 'eval' / 'reliability_raw.png').is_file()
+
+    (work / 'BBox_List_2017.csv').unlink()  # no box file: no localisation, and the report says nothing about it
+    results = evaluate_model(model_path, out_dir=tmp_path / 'eval2', eval_options={'bootstrap_samples': 10})
+    assert 'localization' not in results and 'Localisation' not in (tmp_path / 'eval2' / 'report.md').read_text()

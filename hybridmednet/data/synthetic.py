@@ -7,7 +7,8 @@ some hard (a small nodule, pneumonia vs infiltration). Labels follow the NIH
 prevalences and co-occurrences (a latent factor model), with each finding lifted
 to at least min(5 %, 100 / n) so that every class has positives in a small
 validation split. Findings are partly shared between a patient's follow-ups,
-like real ones, which is why splits must be by patient.
+like real ones, which is why splits must be by patient. Each drawn lesion of NIH's
+eight boxed findings gets a box in BBox_List_2017.csv, as NIH's 984 images have.
 
 Deterministic for (n, size, seed): image i depends only on the seed and i.
 """
@@ -37,6 +38,22 @@ log = logging.getLogger(__name__)
 # pleural thickening drawn large enough to survive downsampling to the quickstart's 96 px (in v1 a
 # nodule was 3 px across there, and those findings stayed near chance).
 VERSION = 2
+
+# NIH's BBox_List_2017.csv: its header `Image Index,Finding Label,Bbox [x,y,w,h],,,` read as columns,
+# boxes in pixels of the image as stored, for these eight findings, Infiltration spelled 'Infiltrate'.
+BOX_FILE = 'BBox_List_2017.csv'
+BOX_COLUMNS = ['Image Index', 'Finding Label', 'Bbox [x', 'y', 'w', 'h]']
+BOX_FINDINGS = (
+    'Atelectasis',
+    'Cardiomegaly',
+    'Effusion',
+    'Infiltration',
+    'Mass',
+    'Nodule',
+    'Pneumonia',
+    'Pneumothorax',
+)
+NIH_BOX_SPELLING = {'Infiltration': 'Infiltrate'}
 
 # NIH ChestX-ray14 (Data_Entry_2017, 112,120 images): share of images with each finding.
 NIH_PREVALENCE = dict(
@@ -115,9 +132,35 @@ def _noise(rng, size, cells):
     return field[:size, :size]
 
 
+def _box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) in pixels of where `mask` exceeds 0.5 (None when nowhere)."""
+    rows, cols = np.nonzero(mask > 0.5)
+    if len(rows) == 0:
+        return None
+    return int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
+
+
 def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: int) -> np.ndarray:
     """One phantom as uint8 [size, size]; `findings` is a bool[14] in NIH order."""
+    return render_with_boxes(findings, anatomy, rng, size)[0]
+
+
+def render_with_boxes(
+    findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, list[tuple[str, int, int, int, int]]]:
+    """The phantom and a box (finding, x, y, w, h) around each lesion of BOX_FINDINGS it drew.
+
+    A box bounds the pixels where the lesion's own mask (inside the lungs) exceeds one half:
+    the ground truth that heatmaps are scored against (evaluation/localization.py).
+    """
     has = dict(zip(NIH_FINDINGS, findings))
+    boxes: list[tuple[str, int, int, int, int]] = []
+
+    def add(finding: str, mask: np.ndarray) -> None:
+        box = _box(mask)
+        if box is not None:
+            boxes.append((finding, *box))
+
     g = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
     scale = anatomy['scale'] * rng.uniform(0.96, 1.04)
     X = (g[None, :] - rng.uniform(-0.05, 0.05)) / scale
@@ -127,19 +170,24 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
     body = _ellipse(X, Y, 0.0, 0.15, anatomy['body_w'], 1.1, edge=0.04)
     spine = np.clip(1.0 - np.abs(X) / 0.08, 0.0, 1.0) * body
     ry = 0.56 * (1.12 if has['Emphysema'] else 1.0)
-    lungs, fill = np.zeros_like(X), np.zeros_like(X)
+    lungs, fill, lost = np.zeros_like(X), np.zeros_like(X), np.zeros_like(X)
     sides = []
     for side in (-1, 1):  # image left = patient right
         cx, cy, rx = side * 0.34, -0.08 + (ry - 0.56) * 0.8, 0.25 * anatomy['lung_w']
         dome = (0.28 if side < 0 else 0.32) + (ry - 0.56) * 1.6 + 0.16 * ((X - cx) / rx) ** 2
-        if has['Atelectasis'] and side == anatomy['side']:
-            dome = dome - 0.09  # volume loss raises the hemidiaphragm
-        lung = _ellipse(X, Y, cx, cy, rx, ry) * np.clip((dome - Y) / 0.02 + 0.5, 0.0, 1.0)
+        raised = 0.09 if has['Atelectasis'] and side == anatomy['side'] else 0.0  # volume loss raises the dome
+        outline = _ellipse(X, Y, cx, cy, rx, ry)
+        lung = outline * np.clip((dome - raised - Y) / 0.02 + 0.5, 0.0, 1.0)
+        if raised:
+            lost = outline * np.clip((dome - Y) / 0.02 + 0.5, 0.0, 1.0) - lung  # the lung base given up
+        dome = dome - raised
         lungs = np.maximum(lungs, lung)
         sides.append((cx, cy, rx, lung, dome))
     heart_w = anatomy['heart'] * (rng.uniform(1.35, 1.55) if has['Cardiomegaly'] else 1.0)
     heart_w *= 1.06 if anatomy['view'] == 'AP' else 1.0
     heart = _ellipse(X, Y, 0.1, 0.17, heart_w, heart_w * 0.72, edge=0.03)
+    if has['Cardiomegaly']:
+        add('Cardiomegaly', heart)
 
     vessels = np.abs(_noise(rng, size, 40)) * np.clip(1.2 - np.hypot(np.abs(X) - 0.18, Y) / 0.6, 0.15, 1.0)
     air = 0.32 * (1.12 if has['Emphysema'] else 1.0) - vessels * (0.03 if has['Emphysema'] else 0.08)
@@ -155,33 +203,43 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
         for side in (-1, 1) if rng.random() < 0.4 else (anatomy['side'],):
             cx, cy, rx, lung, dome = lung_of(side)
             level = 0.42 - rng.uniform(0.16, 0.28) - 0.12 * np.clip(side * (X - cx) / rx, 0, 1)
-            fill = np.maximum(fill, np.clip((Y - level) / 0.03, 0, 1) * (lung > 0) * 0.95)
+            fluid = np.clip((Y - level) / 0.03, 0, 1) * (lung > 0)
+            fill = np.maximum(fill, fluid * 0.95)
+            add('Effusion', fluid * lung)
     if has['Atelectasis']:  # plate-like band above the raised hemidiaphragm
         cx, cy, rx, _, _ = lung_of(anatomy['side'])
         tilt, y0 = rng.uniform(-0.2, 0.2), 0.12 + rng.uniform(-0.06, 0.04)
         band = np.clip(1 - np.abs(Y - y0 - tilt * (X - cx)) / 0.035, 0, 1) * (np.abs(X - cx) < 0.8 * rx)
         fill = np.maximum(fill, band * 0.85)
+        add('Atelectasis', np.maximum(band * lungs, lost))
     if has['Consolidation']:  # dense, homogeneous, sharp lobar edge
         x, y = in_lung(rng, 0.0, 0.3)
         fill = np.maximum(fill, _ellipse(X, Y, x, y, rng.uniform(0.13, 0.18), rng.uniform(0.16, 0.24), 0.01) * 0.9)
     if has['Infiltration']:  # several faint patchy blotches
         patches = np.clip(_noise(rng, size, 6) - 0.2, 0, 1) * 0.9
         fill = np.maximum(fill, patches * rng.uniform(0.7, 1.0))
+        for _, _, _, lung, _ in sides:  # one box per lung: where the patches are denser than 0.25
+            add('Infiltration', 2 * patches * lung)
     if has['Pneumonia']:  # one hazy, soft-edged area (like a large infiltration patch)
         x, y = in_lung(rng, 0.0, 0.35)
         haze = _ellipse(X, Y, x, y, rng.uniform(0.12, 0.17), rng.uniform(0.12, 0.17), 0.08)
         fill = np.maximum(fill, haze * (0.6 + 0.2 * np.clip(_noise(rng, size, 12), 0, 1)))
+        add('Pneumonia', haze * lungs)
     if has['Edema']:  # bilateral perihilar haze plus Kerley B lines at the periphery
         hilar = np.exp(-((np.abs(X) - 0.22) ** 2 + (Y - 0.05) ** 2) / (2 * 0.16**2))
         kerley = (np.cos(Y * 90) > 0.85) * (np.abs(X) > 0.45) * (Y > 0.1)
         fill = np.maximum(fill, hilar * 0.6 + kerley * 0.5)
     if has['Mass']:
         x, y = in_lung(rng)
-        fill = np.maximum(fill, _ellipse(X, Y, x, y, r := rng.uniform(0.08, 0.12), r, 0.01) * 0.9)
+        mass = _ellipse(X, Y, x, y, r := rng.uniform(0.08, 0.12), r, 0.01)
+        fill = np.maximum(fill, mass * 0.9)
+        add('Mass', mass * lungs)
     if has['Nodule']:
         for _ in range(rng.integers(1, 3)):
             x, y = in_lung(rng)
-            fill = np.maximum(fill, _ellipse(X, Y, x, y, r := rng.uniform(0.04, 0.06), r, 0.008) * 0.8)
+            nodule = _ellipse(X, Y, x, y, r := rng.uniform(0.04, 0.06), r, 0.008)
+            fill = np.maximum(fill, nodule * 0.8)
+            add('Nodule', nodule * lungs)
     if has['Fibrosis']:  # reticular net in the lower and outer lung
         net = (np.abs(_noise(rng, size, 28)) < 0.15) * np.clip((Y + 0.1) / 0.4, 0, 1)
         fill = np.maximum(fill, net * 0.6)
@@ -193,6 +251,7 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
         gap = lung * (1.0 - collapsed) * (Y < 0.2)
         line = np.clip(1 - np.abs(collapsed - 0.5) / 0.5, 0, 1) * (Y < 0.2) * lung
         lung_air = lung_air * (1 - gap) + gap * 0.4 - line * 0.08
+        add('Pneumothorax', gap)
     image = 0.05 + body * 0.5 + spine * 0.12 + heart * 0.06 - lung_air
     ribs = np.clip((np.cos((Y + 0.35 * X**2) * 2 * np.pi / 0.16) - 0.55) * 2.2, 0, 1)
     image += ribs * lungs * 0.07
@@ -207,7 +266,7 @@ def render(findings: np.ndarray, anatomy: dict, rng: np.random.Generator, size: 
     gamma, gain = rng.uniform(0.8, 1.25) * anatomy['gamma'], rng.uniform(0.9, 1.1)
     image = gain * np.clip(image, 0, 1) ** gamma + rng.uniform(-0.04, 0.04)
     image += rng.normal(0.0, rng.uniform(0.01, 0.03), image.shape)
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), boxes
 
 
 # -- the dataset on disk -------------------------------------------------------------------
@@ -254,35 +313,61 @@ def _anatomy(seed: int, patient_id: int, view: str) -> dict:
     }
 
 
-def _render_rows(args: tuple) -> None:
+def _render_rows(args: tuple) -> list[tuple[int, str, int, int, int, int]]:
+    """Render `rows`, saving the images unless `out` is None; their boxes as (row, finding, x, y, w, h)."""
     out, seed, size, rows = args
+    boxes = []
     for i, name, pid, view, findings in rows:
         rng = np.random.default_rng([seed, 2, i])
-        image = render(findings, _anatomy(seed, pid, view), rng, size)
-        Image.fromarray(image).save(out / 'images' / name, compress_level=1)
+        image, drawn = render_with_boxes(findings, _anatomy(seed, pid, view), rng, size)
+        if out is not None:
+            Image.fromarray(image).save(out / 'images' / name, compress_level=1)
+        boxes += [(i, *box) for box in drawn]
+    return boxes
 
 
-def generate_sample_dataset(
-    out_dir: str | Path, n: int = 2000, size: int = 256, seed: int = 0, workers: int | None = None
-) -> Path:
-    """Write the sample dataset (NIH layout) into out_dir and return it."""
-    if n < 10:
-        raise DataError(f'sample dataset size n={n} is too small (need at least 10 images)')
-    out = Path(out_dir)
-    (out / 'images').mkdir(parents=True, exist_ok=True)
+def _render_all(
+    out: Path | None, n: int, size: int, seed: int, workers: int | None
+) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """The Data_Entry table, the labels and the box table (BBox_List_2017 layout); the images are
+    written unless `out` is None."""
     table, labels = _plan(n, seed)
-    table['OriginalImage[Width'] = size
-    table['Height]'] = size
     rows = list(zip(range(n), table['Image Index'], table['Patient ID'], table['View Position'], labels))
     workers = workers or min(4, os.cpu_count() or 1)
     chunks = [(out, seed, size, rows[k :: workers * 4]) for k in range(workers * 4)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_render_rows, chunks))
+            drawn = [box for chunk in pool.map(_render_rows, chunks) for box in chunk]
     else:
-        for chunk in chunks:
-            _render_rows(chunk)
+        drawn = [box for chunk in chunks for box in _render_rows(chunk)]
+    drawn.sort(key=lambda box: box[0])  # image order, whatever the number of workers
+    boxes = pd.DataFrame(
+        [(table['Image Index'].iat[i], NIH_BOX_SPELLING.get(f, f), x, y, w, h) for i, f, x, y, w, h in drawn],
+        columns=BOX_COLUMNS,
+    )
+    return table, labels, boxes
+
+
+def _write_boxes(boxes: pd.DataFrame, path: Path) -> None:
+    """Atomic write, so a reader never sees half a file (two processes may fill one cache)."""
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+    boxes.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def generate_sample_dataset(
+    out_dir: str | Path, n: int = 2000, size: int = 256, seed: int = 0, workers: int | None = None
+) -> Path:
+    """Write the sample dataset (NIH layout, BBox_List_2017.csv included) into out_dir and return it."""
+    if n < 10:
+        raise DataError(f'sample dataset size n={n} is too small (need at least 10 images)')
+    out = Path(out_dir)
+    (out / 'images').mkdir(parents=True, exist_ok=True)
+    table, labels, boxes = _render_all(out, n, size, seed, workers)
+    table['OriginalImage[Width'] = size
+    table['Height]'] = size
     table.to_csv(out / 'Data_Entry_2017.csv', index=False)
+    _write_boxes(boxes, out / BOX_FILE)
     # Official-style lists: about 20 % of patients (all their images) in test_list.
     patients = np.random.default_rng([seed, 3]).permutation(table['Patient ID'].unique())
     test_patients = set(patients[: max(1, round(0.2 * len(patients)))])
@@ -318,6 +403,9 @@ def cached_sample_dataset(n: int = 2000, size: int = 256, seed: int = 0) -> Path
     """The sample dataset in the cache folder, generated on first use (safe if two processes race)."""
     target = cache_root() / f'sample-v{VERSION}-n{n}-s{size}-seed{seed}'
     if (target / 'sample_info.json').is_file():
+        if not (target / BOX_FILE).is_file():  # cached before the boxes were written: same pixels, add them
+            log.info('writing the lesion boxes of the cached sample dataset %s', target)
+            _write_boxes(_render_all(None, n, size, seed, None)[2], target / BOX_FILE)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info('generating the sample dataset (%d images, %d px) into %s', n, size, target)

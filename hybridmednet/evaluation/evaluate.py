@@ -19,14 +19,18 @@ import numpy as np
 import pandas as pd
 
 from hybridmednet.checkpoint import load_model, weights_hash, write_thresholds
-from hybridmednet.data.datasets import build_datasets
+from hybridmednet.data.datasets import ChestXrayDataset, build_datasets
+from hybridmednet.data.synthetic import BOX_FILE
 from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.evaluation import metrics
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
 from hybridmednet.evaluation.inference import dataset_logits
+from hybridmednet.evaluation.localization import localization_scores
+from hybridmednet.evaluation.ood import OodModel, dataset_features
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.plots import plot_pr_curves, plot_reliability, plot_roc_curves
 from hybridmednet.evaluation.report import RATES, fmt, fmt_ci, report_paths, write_report
+from hybridmednet.models.hybrid import HybridMedNet
 
 AGE_BANDS = (0, 20, 40, 60, 80, 200)
 SUBGROUP_COLUMNS = ('view', 'sex', 'age_band')
@@ -156,6 +160,37 @@ def compare_with(
         n: {part: _plain(part, v[k]) for part, v in out['auc_diff'].items()} for k, n in enumerate(class_names)
     }
     return {'other': str(other_path), 'other_model': other['model']['path'], 'n_images': int(len(mine)), **out}
+
+
+def ood_check(
+    model: Any, meta: dict[str, Any], data: ChestXrayDataset, batch_size: int, device: str, num_workers: int
+) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """The split's out-of-distribution scores against the model's stored OOD model: a summary and the
+    per-image scores ((None, None) when the model carries none or is an export, which has no feature maps)."""
+    if not meta.get('ood') or not isinstance(model, HybridMedNet):
+        return None, None
+    ood = OodModel.from_state(meta['ood'])
+    scores = ood.score(dataset_features(model, data, batch_size, device, num_workers))
+    flagged = scores > ood.threshold
+    summary = {
+        'threshold': ood.threshold,
+        'quantile': ood.quantile,
+        'n_flagged': int(flagged.sum()),
+        'rate': float(flagged.mean()),
+        'expected_rate': 1.0 - ood.quantile,
+    }
+    return summary, scores
+
+
+def localization_check(model: Any, data: ChestXrayDataset) -> dict[str, Any] | None:
+    """Heatmaps scored against the dataset's lesion boxes (NIH's BBox_List_2017.csv in its folder), when it
+    has the file and the model has gradients (an ONNX export has none)."""
+    boxes = Path(data.data_dir) / BOX_FILE
+    if not boxes.is_file() or not isinstance(model, HybridMedNet):
+        return None
+    model.eval()
+    scores = localization_scores(model, data, boxes)
+    return {**scores, 'boxes': str(boxes)} if scores['n_images'] else None
 
 
 def threshold_source(op: OperatingPoint) -> str:
@@ -299,6 +334,12 @@ def evaluate_model(
         'subgroups': subgroup_tables(records, y, probs, mask, names, n_boot, level, seed, ev['interval']),
         'figures': {},
     }
+    ood, ood_scores = ood_check(model, meta, data, batch_size, device, config.DATA['num_workers'])
+    if ood is not None:
+        results['ood'] = ood
+    localization = localization_check(model, data)
+    if localization is not None:
+        results['localization'] = localization
     if compare:
         results['comparison'] = compare_with(
             compare,
@@ -321,6 +362,9 @@ def evaluate_model(
             'roc': plot_roc_curves(y, probs, mask, names, out_dir / 'roc_curves.png', op.thresholds, split),
             'pr': plot_pr_curves(y, probs, mask, names, out_dir / 'pr_curves.png', split),
             'reliability': plot_reliability(y, probs, mask, names, out_dir / 'reliability.png', N_BINS, split),
+            'reliability_raw': plot_reliability(
+                y, apply_temperature(logits), mask, names, out_dir / 'reliability_raw.png', N_BINS, split
+            ),
         }
         results['figures'] = {k: p.name for k, p in figures.items()}
         results['predictions'] = {
@@ -329,6 +373,7 @@ def evaluate_model(
             'labels': y,
             'mask': mask,
             'probabilities': probs,
+            'ood_score': ood_scores,
         }
         results['written'] = {k: str(p) for k, p in report_paths(out_dir).items()}
         write_report(results, out_dir)

@@ -191,19 +191,96 @@ def evaluation_sections(results: dict) -> list[Section]:
 
     cal = results['calibration']
     temps = results['operating_point'].get('temperatures')
+    platt = results['operating_point'].get('calibration')
     cal_rows = [
-        [n, fmt(cal['ece_uncalibrated'][n]), fmt(cal['ece'][n]), fmt(temps[n], 2) if temps else '—'] for n in names
+        [
+            n,
+            fmt(cal['ece_uncalibrated'][n]),
+            fmt(cal['ece'][n]),
+            *([fmt(platt['a'][n], 2), fmt(platt['b'][n], 2)] if platt else []),
+            *([fmt(temps[n], 2)] if temps else []),
+        ]
+        for n in names
     ]
+    how = []
+    if platt:
+        fitted = platt.get('fitted_on') or {}
+        where = f' on the {fitted["split"]} split ({fitted["n_images"]} images)' if 'split' in fitted else ''
+        how.append(f'Platt scaling fitted in training{where}: p = sigmoid(a * logit + b)')
+    if temps:
+        how.append('temperatures fitted on the validation split')
     sections.append(
         Section(
             'Calibration',
             [
-                f'Expected calibration error over {cal["n_bins"]} equal-width bins (lower is better)'
-                + ('; temperatures fitted on the validation split.' if temps else '; no temperature scaling.')
+                f'Expected calibration error over {cal["n_bins"]} equal-width bins (lower is better), of the raw '
+                f'sigmoid outputs and of the probabilities this report and predict give; '
+                + ('; '.join(how) if how else 'the model carries no calibration')
+                + '.'
             ],
-            [Table(['Finding', 'ECE (raw)', 'ECE (reported probabilities)', 'Temperature'], cal_rows)],
+            [
+                Table(
+                    [
+                        'Finding',
+                        'ECE (raw)',
+                        'ECE (reported probabilities)',
+                        *(['Platt a', 'Platt b'] if platt else []),
+                        *(['Temperature'] if temps else []),
+                    ],
+                    cal_rows,
+                )
+            ],
         )
     )
+
+    if results.get('ood'):
+        o = results['ood']
+        sections.append(
+            Section(
+                'Out-of-distribution check',
+                [
+                    f'{o["n_flagged"]} of {data["n_images"]} images ({100 * o["rate"]:.1f} %) lie further from the '
+                    f'training images than the threshold {fmt(o["threshold"], 1)} (Mahalanobis distance of the '
+                    f'pooled feature maps; the {100 * o["quantile"]:g}th percentile of the validation images, so '
+                    f'about {100 * o["expected_rate"]:.0f} % of images like the training ones are flagged). A much '
+                    f'higher rate means this data differs from the training data (site, scanner, view, age, '
+                    f'modality): read the metrics above with care. Per-image scores: results.json.'
+                ],
+            )
+        )
+
+    if results.get('localization'):
+        loc = results['localization']
+        thresholds = list(loc['all']['iobb'])
+        rows = [
+            [
+                name,
+                str(row['n_images']),
+                str(row['n_boxes']),
+                f'{fmt(row["pointing_game"], 2)} ({fmt(row["class_blind"]["pointing_game"], 2)})',
+                *(f'{fmt(row["iobb"][t], 2)} ({fmt(row["class_blind"]["iobb"][t], 2)})' for t in thresholds),
+            ]
+            for name, row in [*loc['findings'].items(), ('All', loc['all'])]
+        ]
+        sections.append(
+            Section(
+                'Localisation of the heatmaps',
+                [
+                    f'Heatmaps scored against the lesion boxes of {loc["n_images"]} images ({loc["boxes"]}). '
+                    f'Pointing game: share of boxed findings whose heatmap peaks inside a box of that finding. '
+                    f'IoBB > t: share of boxes covered by a detected region (heatmap >= {loc["threshold"]:g} of its '
+                    f'maximum) with intersection over the detected box above t (Wang et al. 2017). In brackets: '
+                    f"the same for the class-blind map (the mean of all findings' maps); a heatmap that does not "
+                    f'beat it shows where something is abnormal, not which finding.'
+                ],
+                [
+                    Table(
+                        ['Finding', 'Images', 'Boxes', 'Pointing game', *(f'IoBB > {t}' for t in thresholds)],
+                        rows,
+                    )
+                ],
+            )
+        )
 
     for column, groups in results.get('subgroups', {}).items():
         labels = list(groups)
@@ -241,7 +318,8 @@ def evaluation_sections(results: dict) -> list[Section]:
     captions = {
         'roc': 'ROC curves (dot: chosen threshold)',
         'pr': 'Precision-recall curves',
-        'reliability': 'Reliability diagrams',
+        'reliability': 'Reliability diagrams (reported probabilities)',
+        'reliability_raw': 'Reliability diagrams (raw sigmoid outputs, before calibration)',
     }
     sections.append(Section('Figures', figures=[(captions.get(k, k), v) for k, v in results['figures'].items()]))
     return sections

@@ -129,22 +129,20 @@ class ServedModel:
         return self.transform(image)
 
     @torch.no_grad()
-    def _forward(self, x: torch.Tensor, keep_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
-        """(logits [B, K], fused features [B, D] when there is an OOD model, the attended maps when asked):
-        the backbone runs once for all three."""
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B, K], the OOD model's features [B, D] when there is one): the backbone runs once for both."""
         if self.torch_model is None:
-            return torch.as_tensor(np.asarray(self.model(x), dtype=np.float32)), None, None
-        if self.ood is None and not keep_maps:
-            return batch_logits(self.torch_model, x, self.tta), None, None
+            return torch.as_tensor(np.asarray(self.model(x), dtype=np.float32)), None
+        if self.ood is None:
+            return batch_logits(self.torch_model, x, self.tta), None
         maps = self.torch_model.forward_features(x)  # as ood.ood_features and batch_logits, from one pass
         logits = batch_logits(self.torch_model, x, True) if self.tta else self.torch_model.forward_head(maps).float()
-        features = None if self.ood is None else pooled_features(maps)  # the OOD model's own features
-        return logits, features, maps if keep_maps else None
+        return logits, pooled_features(maps)
 
     def score(self, requests: Sequence[Request]) -> list[Scored]:
         """Probabilities, decisions and OOD scores for a batch; Grad-CAM per positive finding where asked."""
         x = torch.stack([r.image for r in requests]).to(self.device)
-        logits, features, maps = self._forward(x, any(r.heatmaps for r in requests))
+        logits, features = self._forward(x)
         probs = self.op.probabilities(logits.cpu().numpy().astype(np.float64))
         ood: list[float | None] = [None] * len(requests)
         if features is not None and self.ood is not None:
@@ -154,24 +152,8 @@ class ServedModel:
             positive = self.op.positives(p)
             classes = np.flatnonzero(positive).tolist()
             cams: dict[int, np.ndarray] = {}
-            if request.heatmaps and classes and maps is not None and self.torch_model is not None:
-                cams = dict(zip(classes, grad_cam(_KnownMaps(self.torch_model, maps, i), x[i], classes)))
+            if request.heatmaps and classes and self.torch_model is not None:
+                # the heatmaps need the trunk's gradients: one more pass, for this image only
+                cams = dict(zip(classes, grad_cam(self.torch_model, x[i], classes)))
             out.append(Scored(p, positive, ood[i], cams))
         return out
-
-
-class _KnownMaps(torch.nn.Module):
-    """The model as Grad-CAM sees it, with the attended maps of image `i` already computed by the batch's
-    forward pass: the gradients of the logits with respect to those maps only run back through fusion and
-    head, so a heatmap costs no second backbone pass."""
-
-    def __init__(self, model: HybridMedNet, maps: list[torch.Tensor], i: int):
-        super().__init__()
-        self.model = model
-        self.maps = [m[i : i + 1] for m in maps]
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [m.detach().requires_grad_(True) for m in self.maps]
-
-    def forward_head(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        return self.model.forward_head(maps)
