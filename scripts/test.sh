@@ -3,7 +3,7 @@
 # (fast) test suite. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,albumentations,serve,deploy
+bash scripts/setup.sh test,albumentations,serve,deploy,3d
 # The web page's browser test (tests/test_serve_browser.py) drives Debian's Chromium; where it cannot be
 # installed the test skips and says why, so a failure here is not fatal.
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
