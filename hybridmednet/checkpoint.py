@@ -10,6 +10,9 @@ the checkpoint dict and of the sidecar: 'thresholds' (the operating point `evalu
 'calibration' and 'ood' (fitted at the end of training). The tensors of an entry (the OOD model's
 mean and precision matrix) go into a second safetensors file beside the export,
 `<name>.<entry>.safetensors`, so the export itself stays a plain state dict.
+
+A model package in the Hugging Face layout (deploy/hub.py) is the same export named `model.safetensors`
+with its sidecar named `config.json`; a folder holding the two loads like the file.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ FORMAT = 'hybridmednet-checkpoint'
 EXPORT_FORMAT = 'hybridmednet-weights'
 PTH_SUFFIXES = ('.pth', '.pt', '.ckpt')
 MODEL_ENTRIES = ('thresholds', 'calibration', 'ood')  # stored with the model, None until fitted
+PACKAGE_WEIGHTS, PACKAGE_CONFIG = 'model.safetensors', 'config.json'  # the Hugging Face layout's names
 
 
 def _umask() -> int:
@@ -93,13 +97,32 @@ def preprocessing(config: Config) -> dict[str, Any]:
     }
 
 
+def package_weights(path: str | Path) -> Path | None:
+    """The weights file of a model package folder (model.safetensors beside config.json), else None."""
+    folder = Path(path)
+    weights = folder / PACKAGE_WEIGHTS
+    return weights if folder.is_dir() and weights.is_file() and (folder / PACKAGE_CONFIG).is_file() else None
+
+
+def sidecar_of(path: Path) -> Path:
+    """The JSON beside a .safetensors export: `<name>.json`, or a package's `config.json`."""
+    package = path.parent / PACKAGE_CONFIG
+    if path.name == PACKAGE_WEIGHTS and package.is_file() and not path.with_suffix('.json').is_file():
+        return package
+    return path.with_suffix('.json')
+
+
 def export_weights(
-    path: str | Path, state_dict: dict[str, torch.Tensor], config: Config, meta: dict[str, Any] | None = None
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    config: Config,
+    meta: dict[str, Any] | None = None,
+    sidecar: str | Path | None = None,
 ) -> Path:
-    """Write `path` (.safetensors) and its `.json` sidecar, both atomically."""
+    """Write `path` (.safetensors) and its sidecar (default `<name>.json`), both atomically."""
     path = Path(path).with_suffix('.safetensors')
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    sidecar = {
+    record = {
         'format': EXPORT_FORMAT,
         'config': config.to_dict(),
         'class_names': config.class_names,
@@ -108,7 +131,8 @@ def export_weights(
         **(meta or {}),
     }
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={'format': EXPORT_FORMAT}))
-    atomic_write(path.with_suffix('.json'), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2)))
+    text = json.dumps(record, indent=2)
+    atomic_write(Path(sidecar) if sidecar else path.with_suffix('.json'), lambda tmp: tmp.write_text(text))
     return path
 
 
@@ -116,7 +140,7 @@ def export_weights(
 def _read(path: Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, metadata with 'config') from a training checkpoint or a safetensors export."""
     if path.suffix == '.safetensors':
-        sidecar = path.with_suffix('.json')
+        sidecar = sidecar_of(path)
         if not sidecar.is_file():
             raise CheckpointError(f'{path}: the sidecar {sidecar.name} (config, class names) is missing')
         meta = json.loads(sidecar.read_text())
@@ -151,7 +175,7 @@ def load_model(
     Training checkpoints with EMA give the EMA weights (the ones that were validated).
     `num_classes`, when given, must match the checkpoint's (e.g. the classes of a dataset to score).
     """
-    path = Path(path)
+    path = package_weights(path) or Path(path)
     state_dict, meta = _read(path, map_location)
     config = Config.from_dict(meta['config'])
     config.MODEL['pretrained'] = False  # the weights come from the file, never the network
@@ -194,8 +218,8 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
 # -- what is stored with a model: operating point, calibration, OOD model ---------------------------
 def model_files(model_path: str | Path) -> list[Path]:
     """The training checkpoint and/or safetensors sidecar that describe this model (those that exist)."""
-    path = Path(model_path)
-    candidates = [path.with_suffix('.json')] if path.suffix == '.safetensors' else [path]
+    path = package_weights(model_path) or Path(model_path)
+    candidates = [sidecar_of(path)] if path.suffix == '.safetensors' else [path]
     candidates += [path.with_suffix(s) for s in PTH_SUFFIXES if path.suffix == '.safetensors']
     if path.suffix in PTH_SUFFIXES and path.with_suffix('.safetensors').is_file():
         candidates.append(path.with_suffix('.json'))

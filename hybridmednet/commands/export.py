@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from hybridmednet.commands import parser, run
 from hybridmednet.deploy.export import export_onnx
+from hybridmednet.deploy.hub import save_pretrained
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(
         'export',
-        'Export a checkpoint to a directory (model.onnx + model.json) that predict and evaluate accept; '
-        'refused unless ONNX Runtime reproduces PyTorch on test images.',
+        'Export a checkpoint to a directory that predict and evaluate accept: ONNX (model.onnx + model.json), '
+        'refused unless ONNX Runtime reproduces PyTorch on test images; or a Hugging Face model package '
+        '(config.json + model.safetensors + README.md model card) for hybridmednet.from_pretrained and push_to_hub.',
     )
     p.add_argument(
         '--model_path',
@@ -18,11 +20,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar='PATH',
         help='training checkpoint (.pth) or .safetensors export (with its .json)',
     )
-    p.add_argument('--format', default='onnx', choices=('onnx',))
-    p.add_argument('--output_dir', metavar='DIR', help='default: <checkpoint name>-onnx beside the checkpoint')
+    p.add_argument('--format', default='onnx', choices=('onnx', 'hf'))
+    p.add_argument('--output_dir', metavar='DIR', help='default: <checkpoint name>-onnx (or -hf) beside the checkpoint')
+    p.add_argument(
+        '--results', metavar='PATH', help="hf: the results.json the model card reports (default: evaluate's)"
+    )
     args = p.parse_args(argv)
 
     def body() -> None:
+        if args.format == 'hf':
+            folder = save_pretrained(args.model_path, args.output_dir, args.results)
+            print(f'wrote the model package {folder} (config.json, model.safetensors, README.md)')
+            return
         record = export_onnx(args.model_path, args.output_dir)
         check = record['parity']
         print(

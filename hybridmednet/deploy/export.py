@@ -41,10 +41,11 @@ def default_output_dir(model_path: str | Path, suffix: str = 'onnx') -> Path:
     return path.with_name(f'{path.stem}-{suffix}')
 
 
-def write_directory(out: str | Path, fill: Callable[[Path], T]) -> T:
-    """Fill a fresh directory beside `out`, then put it in place of `out`: an exception leaves no files."""
+def write_directory(out: str | Path, fill: Callable[[Path], T], marker: str = META_FILE) -> T:
+    """Fill a fresh directory beside `out`, then put it in place of `out`: an exception leaves no files.
+    An existing `out` is replaced only when empty or a model directory (holding `marker`)."""
     out = Path(out)
-    if out.exists() and not (out / META_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not (out / marker).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise DeployError(f'{out} exists and is not an exported model; choose another --output_dir')
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = (out.with_name(f'.{out.name}.{tag}{os.getpid()}') for tag in ('tmp', 'old'))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridmednet.checkpoint import MODEL_ENTRIES, load_model, read_sidecar_entry
+from hybridmednet.checkpoint import MODEL_ENTRIES, load_model, package_weights, read_sidecar_entry
 from hybridmednet.config import Config
 from hybridmednet.deploy import DeployError
 from hybridmednet.deploy.export import FORMAT, META_FILE, session
@@ -85,8 +85,9 @@ def load_exported(directory: str | Path, threads: int | None = None) -> tuple[On
 def load_any_model(
     path: str | Path, map_location: str | torch.device = 'cpu'
 ) -> tuple[nn.Module, Config, dict[str, Any]]:
-    """An exported directory through ONNX Runtime (CPU only), anything else through `load_model`."""
-    if not Path(path).is_dir():
+    """An exported directory through ONNX Runtime (CPU only), anything else (a model package folder
+    included) through `load_model`."""
+    if not Path(path).is_dir() or package_weights(path):
         return load_model(path, map_location=map_location)
     if torch.device(map_location).type != 'cpu':
         raise DeployError(f'{path}: exported models run on the CPU with ONNX Runtime; use --device cpu')
