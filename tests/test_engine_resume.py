@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from test_engine_train import TinyNet, assert_same_weights, run, tiny_config, tiny_datasets
 
 from hybridmednet.engine.trainer import train
+from hybridmednet.errors import TrainingError
 
 TESTS = Path(__file__).parent
 
@@ -123,3 +125,18 @@ def test_ddp_validates_with_the_batchnorm_statistics_it_saves(tmp_path):
     with torch.no_grad():
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model.eval()(images), targets).item()
     assert abs(ckpt['history'][-1]['val_loss'] - loss) < 1e-5, (ckpt['history'][-1]['val_loss'], loss)
+
+
+def test_resume_from_weights_of_another_model_is_one_clear_error(tmp_path):
+    result, _ = run(tmp_path / 'a', epochs=1)
+    other = TinyNet()
+    other.conv = torch.nn.Conv2d(3, 4, 3, stride=2)  # as a pruned model's weights would be: fewer channels
+    other.fc = torch.nn.Linear(4, other.fc.out_features)
+    with pytest.raises(TrainingError, match=r'do not fit the model this config builds \(.*conv.weight'):
+        train(
+            tiny_config(tmp_path / 'b', 0, epochs=2), result['last_checkpoint'], model=other, datasets=tiny_datasets()
+        )
+    weights_only = tmp_path / 'weights.pth'
+    torch.save({'model_state_dict': TinyNet().state_dict()}, weights_only)
+    with pytest.raises(TrainingError, match='holds no training state'):
+        train(tiny_config(tmp_path / 'c', 0, epochs=2), weights_only, model=TinyNet(), datasets=tiny_datasets())

@@ -63,7 +63,7 @@ from hybridmednet.evaluation.calibration import Calibration, apply_temperature, 
 from hybridmednet.evaluation.metrics import roc_auc
 from hybridmednet.evaluation.ood import OodModel, fit_ood, ood_features
 from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
-from hybridmednet.models.backbones import FeaturePyramid, backbone_preprocessing
+from hybridmednet.models.backbones import FeaturePyramid, backbone_preprocessing, state_dict_mismatch
 from hybridmednet.models.hybrid import HybridMedNet
 from hybridmednet.models.summary import count_parameters
 
@@ -254,6 +254,14 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         ckpt = load_checkpoint(path, 'cpu')  # RNG states must stay on the CPU; weights are copied over
+        if 'optimizer_state_dict' not in ckpt:
+            raise TrainingError(f'{path} holds no training state (optimizer, schedule); resume from last_model.pth')
+        problems = state_dict_mismatch(self.model.state_dict(), ckpt['model_state_dict'])
+        if problems:
+            raise TrainingError(
+                f'{path}: its weights do not fit the model this config builds ({problems}); resume with the '
+                f"config the run started with (a pruned model's fine-tuning cannot be resumed: run prune again)"
+            )
         self.model.load_state_dict(ckpt['model_state_dict'], strict=True)
         self.optimizer.load_state_dict(ckpt['optimizer_state_dict'])
         self.schedule.load_state_dict(ckpt['scheduler_state_dict'])
