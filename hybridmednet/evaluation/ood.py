@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 from torch.utils.data import DataLoader, Dataset
 
@@ -34,15 +33,15 @@ FEATURES = 'pooled attention maps (avg, max)'  # stored with the model: a stored
 
 @torch.no_grad()
 def ood_features(model: HybridMedNet, x: torch.Tensor) -> torch.Tensor:
-    """Features [B, 2 * sum(channels)] (float32, on x's device) of model inputs [B, 3, S, S]: each attention
+    """Features [B, 2 * sum(channels)] (float32, on x's device) of model inputs [B, C, *spatial]: each attention
     map's average and max over space, as DynamicFusion pools them, scale after scale."""
     return pooled_features(model.forward_features(x))
 
 
 def pooled_features(maps: list[torch.Tensor]) -> torch.Tensor:
-    """`ood_features` from attention maps already computed (a server's one forward pass)."""
-    pooled = [torch.cat([F.adaptive_avg_pool2d(m, 1), F.adaptive_max_pool2d(m, 1)], 1) for m in maps]
-    return torch.cat(pooled, 1).flatten(1).float()
+    """`ood_features` from attention maps already computed (a server's one forward pass); 2D or 3D maps."""
+    pooled = [torch.cat([m.flatten(2).mean(2), m.flatten(2).amax(2)], 1) for m in maps]
+    return torch.cat(pooled, 1).float()
 
 
 def dataset_features(
