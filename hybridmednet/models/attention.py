@@ -2,30 +2,55 @@
 
 Cost is bounded: queries run on a grid of stride >= 16 (finer maps are pooled
 and their outputs upsampled) and keys and values are pooled to at most
-`pool_size` x `pool_size` tokens per scale, so attention grows linearly with the
+`pool_size` tokens per side per scale, so attention grows linearly with the
 number of pixels instead of quadratically, and runs through
 `scaled_dot_product_attention`.
+
+The same modules take NCHW maps (2D images) and NCDHW maps (3D volumes): the
+pooling and interpolation ops are chosen by the maps' number of spatial dims, and
+CBAM's convolutions by its `spatial_dims` argument.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
 from torch import nn
+
+# The ops for maps with 2 or 3 spatial dims (NCHW or NCDHW), keyed by that number.
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOL: dict[int, Callable[..., torch.Tensor]] = {2: F.avg_pool2d, 3: F.avg_pool3d}
+ADAPTIVE_AVG_POOL: dict[int, Callable[..., torch.Tensor]] = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+ADAPTIVE_MAX_POOL: dict[int, Callable[..., torch.Tensor]] = {2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+_INTERPOLATION = {2: 'bilinear', 3: 'trilinear'}
+
+
+class LayerNormNd(nn.LayerNorm):
+    """LayerNorm over the channels of a channels-first map with any number of spatial dims: timm's
+    LayerNorm2d for NCHW (same parameters, same arithmetic), and NCDHW too."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps).movedim(-1, 1)
 
 
 class CBAM(nn.Module):
     """Channel then spatial attention (Woo et al., 2018): cheap, the classic ResNet pairing."""
 
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7):
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, spatial_dims: int = 2):
         super().__init__()
         hidden = max(channels // reduction, 8)
-        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
-        self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+        conv = _CONV[spatial_dims]
+        self.mlp = nn.Sequential(conv(channels, hidden, 1), nn.ReLU(inplace=True), conv(hidden, channels, 1))
+        self.spatial = conv(2, 1, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.sigmoid(self.mlp(F.adaptive_avg_pool2d(x, 1)) + self.mlp(F.adaptive_max_pool2d(x, 1)))
+        n = x.dim() - 2
+        x = x * torch.sigmoid(self.mlp(ADAPTIVE_AVG_POOL[n](x, 1)) + self.mlp(ADAPTIVE_MAX_POOL[n](x, 1)))
         pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.spatial(pooled))
 
@@ -36,7 +61,7 @@ def attention_dim(channels: int, num_heads: int, max_dim: int = 256) -> int:
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+    return x.flatten(2).transpose(1, 2)  # [B, C, *spatial] -> [B, N, C]
 
 
 def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -52,7 +77,7 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
 class PyramidSelfAttention(nn.Module):
     """Multi-head attention at every scale, with keys/values from pooled context tokens.
 
-    Each scale is normalised, pooled to at most pool_size^2 tokens and projected
+    Each scale is normalised, pooled to at most pool_size tokens per side and projected
     to a shared context width once. Queries keep each scale's own width, on a
     grid of stride at least `query_stride`: the stride-4 and stride-8 maps attend
     on pooled grids and their outputs are upsampled (context is smooth; the fine
@@ -76,7 +101,7 @@ class PyramidSelfAttention(nn.Module):
         self.num_heads, self.pool_size, self.cross_scale = num_heads, pool_size, cross_scale
         self.query_pool = [max(1, query_stride // r) for r in reductions]
         dims = [attention_dim(c, num_heads) for c in channels]
-        self.norms = nn.ModuleList(LayerNorm2d(c) for c in channels)
+        self.norms = nn.ModuleList(LayerNormNd(c) for c in channels)
         self.context = nn.ModuleList(nn.Linear(c, context_dim) for c in channels)
         self.scale_embed = nn.Parameter(torch.zeros(len(channels), context_dim))
         self.q = nn.ModuleList(nn.Linear(c, d) for c, d in zip(channels, dims))
@@ -87,22 +112,23 @@ class PyramidSelfAttention(nn.Module):
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         normed = [norm(m) for norm, m in zip(self.norms, maps)]
         contexts = []
+        n = maps[0].dim() - 2  # spatial dims
         for i, y in enumerate(normed):
-            pooled = F.adaptive_avg_pool2d(y, (min(y.shape[2], self.pool_size), min(y.shape[3], self.pool_size)))
+            pooled = ADAPTIVE_AVG_POOL[n](y, [min(s, self.pool_size) for s in y.shape[2:]])
             contexts.append(self.context[i](_tokens(pooled)) + self.scale_embed[i])
         shared = torch.cat(contexts, dim=1) if self.cross_scale else None
         out = []
         for i, (x, y) in enumerate(zip(maps, normed)):
-            b, c, h, w = x.shape
+            b, c = x.shape[:2]
             context = shared if self.cross_scale else contexts[i]
             k, v = (_heads(t, self.num_heads) for t in self.kv[i](context).chunk(2, dim=-1))
             if self.query_pool[i] > 1:
-                y = F.avg_pool2d(y, self.query_pool[i], ceil_mode=True)
+                y = _AVG_POOL[n](y, self.query_pool[i], ceil_mode=True)
             q = _heads(self.q[i](_tokens(y)), self.num_heads)
             attended = self.proj[i](_merge_heads(F.scaled_dot_product_attention(q, k, v))) * self.gamma[i]
             attended = attended.transpose(1, 2).reshape(b, c, *y.shape[2:])
             if self.query_pool[i] > 1:
-                attended = F.interpolate(attended, size=(h, w), mode='bilinear', align_corners=False)
+                attended = F.interpolate(attended, size=x.shape[2:], mode=_INTERPOLATION[n], align_corners=False)
             out.append(x + attended)
         return out
 
@@ -118,6 +144,7 @@ class PyramidAttention(nn.Module):
         cross_scale: bool,
         num_heads: int,
         pool_size: int,
+        spatial_dims: int = 2,
     ):
         super().__init__()
         # cross_scale applies to the modern attention only: the SPEC's classic row sets just
@@ -127,7 +154,7 @@ class PyramidAttention(nn.Module):
         if modern:
             self.blocks = PyramidSelfAttention(channels, reductions, num_heads, pool_size, cross_scale)
         else:
-            self.blocks = nn.ModuleList(CBAM(c) for c in channels)
+            self.blocks = nn.ModuleList(CBAM(c, spatial_dims=spatial_dims) for c in channels)
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         if isinstance(self.blocks, PyramidSelfAttention):  # modern

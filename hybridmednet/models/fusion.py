@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from hybridmednet.models.attention import ADAPTIVE_AVG_POOL, ADAPTIVE_MAX_POOL
 
 
 class DynamicFusion(nn.Module):
@@ -12,6 +13,7 @@ class DynamicFusion(nn.Module):
 
     The weights adapt per image (a small gate reads every scale) around learned
     per-scale priors, so an image with a small lesion can lean on the fine scales.
+    Maps are NCHW or NCDHW (volumes): pooling is global either way.
     """
 
     def __init__(self, channels: list[int], out_channels: int):
@@ -29,6 +31,7 @@ class DynamicFusion(nn.Module):
         return torch.softmax(self.prior + self.gate(projected.flatten(1)), dim=-1)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        pooled = [torch.cat([F.adaptive_avg_pool2d(m, 1), F.adaptive_max_pool2d(m, 1)], 1).flatten(1) for m in maps]
+        n = maps[0].dim() - 2
+        pooled = [torch.cat([ADAPTIVE_AVG_POOL[n](m, 1), ADAPTIVE_MAX_POOL[n](m, 1)], 1).flatten(1) for m in maps]
         projected = torch.stack([proj(p) for proj, p in zip(self.project, pooled)], dim=1)
         return (self.scale_weights(projected).unsqueeze(-1) * projected).sum(dim=1)
