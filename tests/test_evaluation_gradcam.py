@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hybridmednet import create_model
-from hybridmednet.evaluation.gradcam import grad_cam, overlay
+from hybridmednet.evaluation.gradcam import grad_cam, overlay, volume_montage
 
 
 class PooledImage(nn.Module):
@@ -125,3 +125,41 @@ def test_trained_model_heatmap_moves_with_the_object():
         r, c = peak(cam)
         assert abs(r - (row + side / 2)) <= side and abs(c - (col + side / 2)) <= side, (row, col, r, c)
         assert cam[row : row + side, col : col + side].mean() > 1.5 * cam.mean()
+
+
+class PooledVolume(nn.Module):
+    def forward(self, x):
+        return [nn.functional.avg_pool3d(x[:, :1], s) for s in (2, 4, 8, 16)]
+
+
+class BrightSpotNet3d(nn.Module):
+    """Class 0 reads the brightness of the front half of the volume (low depth index), class 1 the back half."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = PooledVolume()
+
+    def forward(self, x):
+        maps = self.backbone(x)
+        front = sum(m[:, :, : m.shape[2] // 2].mean((1, 2, 3, 4)) for m in maps)
+        back = sum(m[:, :, m.shape[2] // 2 :].mean((1, 2, 3, 4)) for m in maps)
+        return torch.stack([front, back], 1)
+
+
+def test_volume_heatmaps_peak_at_each_class_object_and_the_montage_cuts_through_the_peak():
+    x = torch.zeros(1, 32, 32, 32)
+    x[:, 4:10, 20:26, 6:12] = 1.0  # class 0's object (front half)
+    x[:, 22:28, 4:10, 18:24] = 1.0  # class 1's object (back half)
+    front, back = grad_cam(BrightSpotNet3d(), x, [0, 1])
+    assert front.shape == (32, 32, 32)
+    z, y, w = np.unravel_index(front.argmax(), front.shape)
+    assert 4 <= z < 10 and 20 <= y < 26 and 6 <= w < 12
+    z, y, w = np.unravel_index(back.argmax(), back.shape)
+    assert 22 <= z < 28 and 4 <= y < 10 and 18 <= w < 24
+    montage = np.asarray(volume_montage(x[0].numpy(), front, panel=256))
+    assert montage.shape == (256, 3 * 256, 3)
+    # the axial panel (8x enlarged) shows the slice through the object, flipped for display (anterior up,
+    # the patient's right on the left): the object's centre (y, w) = (22.5, 8.5) lands at row
+    # (31 - 22.5 + 0.5) * 8 = 72, column (31 - 8.5 + 0.5) * 8 = 184; the mirror column 56 is empty
+    axial = montage[:, :256].astype(float).mean(2)
+    assert axial[72, 184] > 100 and axial[72, 56] < 20

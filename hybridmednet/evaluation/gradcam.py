@@ -46,16 +46,17 @@ def trunk(model: torch.nn.Module) -> torch.nn.Module:
 def grad_cam(
     model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int], scales: Sequence[int] | None = None
 ) -> np.ndarray:
-    """Heatmaps [len(classes), H, W] in [0, 1] for one preprocessed image [3, H, W].
+    """Heatmaps [len(classes), *spatial] in [0, 1] for one preprocessed image [C, H, W] or volume [C, D, H, W].
 
     `scales` picks the trunk's levels (0 = stride 4 ... 3 = stride 32); by default every level at least
     `MIN_SIDE` cells across (the finest alone when none is). A class with no positive evidence gets an
     all-zero map.
     """
-    x = image.unsqueeze(0) if image.dim() == 3 else image
-    if x.shape[0] != 1:
-        raise ValueError(f'grad_cam takes one image, got a batch of {x.shape[0]}')
-    size = x.shape[-2:]
+    if image.dim() not in (3, 4):
+        raise ValueError(f'grad_cam takes one image [C, H, W] or volume [C, D, H, W], got shape {tuple(image.shape)}')
+    x = image.unsqueeze(0)
+    size = x.shape[2:]
+    mode = 'bilinear' if len(size) == 2 else 'trilinear'
     captured: list[list[torch.Tensor]] = []
     hook = trunk(model).register_forward_hook(lambda module, args, out: captured.append(list(out)))
     # An input that requires grad gives the maps a graph even when every weight is frozen.
@@ -67,14 +68,14 @@ def grad_cam(
         hook.remove()
     maps = captured[0]
     if scales is None:
-        scales = [i for i, m in enumerate(maps) if min(m.shape[-2:]) >= MIN_SIDE] or [0]
+        scales = [i for i, m in enumerate(maps) if min(m.shape[2:]) >= MIN_SIDE] or [0]
     chosen = [maps[i] for i in scales]
     cams = []
     for c in classes:
         grads = torch.autograd.grad(logits[0, c], chosen, retain_graph=True)
         per_scale = torch.cat(
             [
-                F.interpolate(F.relu((g * a).sum(1, keepdim=True)), size=size, mode='bilinear', align_corners=False)
+                F.interpolate(F.relu((g * a).sum(1, keepdim=True)), size=size, mode=mode, align_corners=False)
                 for a, g in zip(chosen, grads)
             ]
         )[:, 0]
@@ -84,8 +85,8 @@ def grad_cam(
 
 
 def _unit_max(maps: torch.Tensor) -> torch.Tensor:
-    """Each map [N, H, W] divided by its maximum (all-zero maps stay zero)."""
-    return maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    """Each map [N, *spatial] divided by its maximum (all-zero maps stay zero)."""
+    return maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, *[1] * (maps.dim() - 1))
 
 
 def overlay(
@@ -112,6 +113,11 @@ def overlay(
         .clamp(0, 1)
         .numpy()
     )
+    return _blend(image, cam, alpha, label)
+
+
+def _blend(image: np.ndarray, cam: np.ndarray, alpha: float, label: str | None) -> Image.Image:
+    """A grey image [H, W] in [0, 1] and a heatmap of the same size -> RGB picture, `label` top left."""
     heat = colormaps['jet'](cam)[..., :3]
     grey = np.repeat(image[..., None], 3, axis=2)
     blended = (1 - alpha * cam[..., None]) * grey + alpha * cam[..., None] * heat
@@ -123,6 +129,56 @@ def overlay(
     return picture
 
 
+def volume_montage(
+    volume: np.ndarray, cam: np.ndarray, alpha: float = 0.45, label: str | None = None, panel: int = 256
+) -> Image.Image:
+    """Axial, coronal and sagittal slices through the heatmap's peak, side by side, heatmap blended on,
+    each slice enlarged (bilinear) to `panel` pixels on its longer side.
+
+    `volume` [D, H, W] is the model's input grid in RAS order (data/volumes.py: D inferior->superior,
+    H posterior->anterior, W patient left->right), `cam` the heatmap on the same grid or a coarser one.
+    Slices are shown as radiologists read them: superior and anterior up, the patient's right on the left.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    low, high = float(volume.min()), float(volume.max())
+    volume = (volume - low) / (high - low) if high > low else np.zeros_like(volume)
+    cam = (
+        F.interpolate(
+            torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None],
+            size=volume.shape,
+            mode='trilinear',
+            align_corners=False,
+        )[0, 0]
+        .clamp(0, 1)
+        .numpy()
+    )
+    z, y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    views = [  # (image, heatmap) per plane, flipped for display
+        (lambda a: np.flipud(np.fliplr(a[z])), 'axial'),
+        (lambda a: np.flipud(np.fliplr(a[:, y, :])), 'coronal'),
+        (lambda a: np.flipud(np.fliplr(a[:, :, x])), 'sagittal'),
+    ]
+    panels = [
+        _blend(*_enlarge(view(volume), view(cam), panel), alpha, f'{label} {name}' if label else name)
+        for view, name in views
+    ]
+    montage = Image.new('RGB', (sum(p.width for p in panels), max(p.height for p in panels)))
+    left = 0
+    for panel in panels:
+        montage.paste(panel, (left, 0))
+        left += panel.width
+    return montage
+
+
+def _enlarge(image: np.ndarray, cam: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """A slice and its heatmap resized together so that the longer side is `side` pixels."""
+    scale = side / max(image.shape)
+    size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
+    both = torch.from_numpy(np.stack([image, cam]).astype(np.float32))[None]
+    out = F.interpolate(both, size=size, mode='bilinear', align_corners=False)[0].clamp(0, 1).numpy()
+    return out[0], out[1]
+
+
 def save_overlays(
     model: torch.nn.Module,
     tensor: torch.Tensor,
@@ -131,12 +187,16 @@ def save_overlays(
     labels: Sequence[str],
     paths: Sequence[str | Path],
 ) -> list[Path]:
-    """One overlay PNG per class: `labels[i]` is written on it, `paths[i]` is where it goes."""
+    """One overlay PNG per class: `labels[i]` is written on it, `paths[i]` is where it goes. A volume's
+    heatmap is drawn on the model's input grid (`tensor`) as a three-plane montage through its peak."""
     cams = grad_cam(model, tensor, classes)
     out = []
     for cam, label, path in zip(cams, labels, paths):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        overlay(image, cam, label=label).save(path)
+        if cam.ndim == 3:
+            volume_montage(tensor[0].detach().cpu().numpy(), cam, label=label).save(path)
+        else:
+            overlay(image, cam, label=label).save(path)
         out.append(path)
     return out
