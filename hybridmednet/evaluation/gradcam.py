@@ -164,9 +164,9 @@ def volume_montage(
     ]
     montage = Image.new('RGB', (sum(p.width for p in panels), max(p.height for p in panels)))
     left = 0
-    for panel in panels:
-        montage.paste(panel, (left, 0))
-        left += panel.width
+    for picture in panels:
+        montage.paste(picture, (left, 0))
+        left += picture.width
     return montage
 
 
