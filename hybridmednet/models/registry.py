@@ -2,7 +2,8 @@
 
 A builder takes `(spec, pretrained, img_size, **options)` and returns a `FeaturePyramid` whose
 `forward(x)` gives a list of 4 NCHW feature maps (strides 4, 8, 16, 32) and whose
-`channels` / `reductions` attributes describe them.
+`channels` / `reductions` attributes describe them. A 3D backbone (`spatial_dims=3`) takes
+[B, C, D, H, W] volumes, gets the volume size (3 ints, or None) as `img_size` and gives NCDHW maps.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ class BackboneSpec:
     experimental: bool = False
     # what backbone_preprocessing returns where the weights bring their own preparation (not timm's config)
     preprocessing: dict[str, Any] | None = field(default=None, hash=False)
+    spatial_dims: int = 2  # 3: takes volumes [B, C, D, H, W] and gives NCDHW maps
 
-    def build(self, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> FeaturePyramid:
+    def build(self, pretrained: bool | str = False, img_size: Any = None, **options: Any) -> FeaturePyramid:
+        """`img_size`: the image side (default 224 px), or a volume's [D, H, W] for a 3D backbone (default None:
+        not fixed)."""
         module_name, _, func_name = self.builder.partition(':')
         builder: Callable[..., FeaturePyramid] = getattr(importlib.import_module(module_name), func_name)
+        if img_size is None and self.spatial_dims == 2:
+            img_size = 224
         return builder(self, pretrained=pretrained, img_size=img_size, **options)
 
 
@@ -60,7 +66,7 @@ def list_backbones(family: str | None = None) -> list[str]:
     return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
 
 
-def build_backbone(name: str, pretrained: bool | str = False, img_size: int = 224, **options: Any) -> FeaturePyramid:
+def build_backbone(name: str, pretrained: bool | str = False, img_size: Any = None, **options: Any) -> FeaturePyramid:
     return get_backbone_spec(name).build(pretrained=pretrained, img_size=img_size, **options)
 
 
@@ -149,5 +155,26 @@ register(
             'image_size': 1024,
             'intensity': 'minmax',
         },
+    )
+)
+# 3D backbones (models/backbones3d.py): volumes [B, C, D, H, W], 1 channel by default (CT, MRI).
+# MONAI's networks (the `3d` extra): ResNets in MedicalNet's layout (Chen et al., 2019), the Swin encoder of
+# SwinUNETR (Hatamizadeh et al., 2022; feature size 48, its self-supervised weights' width), and MedNeXt
+# (Roy et al., 2023), whose encoder sits at strides 2..16.
+_3D = 'hybridmednet.models.backbones3d'
+for _depth in (10, 18, 34, 50):
+    register(BackboneSpec(f'resnet3d_{_depth}', 'resnet3d', f'{_3D}:build_resnet3d', spatial_dims=3))
+register(BackboneSpec('swin3d_tiny', 'swin3d', f'{_3D}:build_swin3d', spatial_dims=3))
+for _size in ('s', 'b'):
+    register(BackboneSpec(f'mednext_{_size}', 'mednext', f'{_3D}:build_mednext', spatial_dims=3))
+# timm's 2D ConvNeXt-T in 3D, its weights inflated from 2D ones (I3D, Carreira & Zisserman, 2017).
+register(
+    BackboneSpec(
+        'convnext3d_tiny',
+        'convnext3d',
+        f'{_3D}:build_convnext3d',
+        'convnext_tiny.fb_in22k_ft_in1k',
+        (0, 1, 2, 3),
+        spatial_dims=3,
     )
 )
