@@ -91,9 +91,12 @@ def test_the_config_says_volumes_and_their_size():
         create_model('resnet3d_10', pretrained=False, drop_path_rate=0.1)
 
 
-def test_missing_monai_names_the_extra(monkeypatch):
+def test_missing_monai_or_einops_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'einops', None)
+    with pytest.raises(ConfigError, match=r"need einops: pip install 'hybridmednet\[3d\]'$"):
+        build_backbone('swin3d_tiny')
     monkeypatch.setitem(sys.modules, 'monai.networks.nets', None)
-    with pytest.raises(ConfigError, match=r"pip install 'hybridmednet\[3d\]'"):
+    with pytest.raises(ConfigError, match=r"need monai.networks.nets: pip install 'hybridmednet\[3d\]'$"):
         build_backbone('resnet3d_18')
 
 

@@ -2,8 +2,9 @@
 
 Cost is bounded: queries run on a grid of stride >= 16 (finer maps are pooled
 and their outputs upsampled) and keys and values are pooled to at most
-`pool_size` tokens per side per scale, so attention grows linearly with the
-number of pixels instead of quadratically, and runs through
+`pool_size`^2 tokens per scale (a `pool_size` x `pool_size` grid for images, a
+cube of about the same count for volumes: 4^3 for 7), so attention grows linearly
+with the number of pixels instead of quadratically, and runs through
 `scaled_dot_product_attention`.
 
 The same modules take NCHW maps (2D images) and NCDHW maps (3D volumes): the
@@ -77,13 +78,13 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
 class PyramidSelfAttention(nn.Module):
     """Multi-head attention at every scale, with keys/values from pooled context tokens.
 
-    Each scale is normalised, pooled to at most pool_size tokens per side and projected
+    Each scale is normalised, pooled to at most about pool_size^2 tokens and projected
     to a shared context width once. Queries keep each scale's own width, on a
     grid of stride at least `query_stride`: the stride-4 and stride-8 maps attend
     on pooled grids and their outputs are upsampled (context is smooth; the fine
     detail stays in the residual). Without cross-scale attention a scale reads its own
     context only; with it, the context of all four scales, so scales reinforce
-    each other at almost no extra cost (the context is 4 x 49 tokens).
+    each other at almost no extra cost (the context is 4 x 49 tokens; 4 x 64 for volumes).
     """
 
     def __init__(
@@ -113,8 +114,9 @@ class PyramidSelfAttention(nn.Module):
         normed = [norm(m) for norm, m in zip(self.norms, maps)]
         contexts = []
         n = maps[0].dim() - 2  # spatial dims
+        side = max(1, round(self.pool_size ** (2 / n)))  # about pool_size^2 tokens in 2D and 3D alike
         for i, y in enumerate(normed):
-            pooled = ADAPTIVE_AVG_POOL[n](y, [min(s, self.pool_size) for s in y.shape[2:]])
+            pooled = ADAPTIVE_AVG_POOL[n](y, [min(s, side) for s in y.shape[2:]])
             contexts.append(self.context[i](_tokens(pooled)) + self.scale_embed[i])
         shared = torch.cat(contexts, dim=1) if self.cross_scale else None
         out = []

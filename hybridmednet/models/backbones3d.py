@@ -23,12 +23,15 @@ from hybridmednet.models.attention import LayerNormNd
 from hybridmednet.models.backbones import FeaturePyramid, StateDict, check_fits, create_timm_model, read_state_dict
 
 
-def monai_nets() -> Any:
-    """monai.networks.nets, or the one-line error naming the extra."""
+def monai_nets(*needs: str) -> Any:
+    """monai.networks.nets, or the one-line error naming the extra; `needs`: MONAI's optional imports the network
+    uses (it would only fail at the first forward)."""
     try:
+        for module in needs:
+            importlib.import_module(module)
         return importlib.import_module('monai.networks.nets')
-    except ImportError:
-        raise ConfigError("3D backbones from MONAI need it installed: pip install 'hybridmednet[3d]'") from None
+    except ImportError as exc:
+        raise ConfigError(f"3D backbones need {exc.name or 'MONAI'}: pip install 'hybridmednet[3d]'") from None
 
 
 def check_volume_size(name: str, size: Sequence[int] | None, stride: int) -> None:
@@ -151,7 +154,7 @@ def build_swin3d(
     in_chans: int = 1,
 ) -> Swin3dPyramid:
     check_volume_size(spec.name, img_size, 32)
-    swin_unetr = monai_nets().swin_unetr
+    swin_unetr = monai_nets('einops').swin_unetr
     embed_dim = 48  # SwinUNETR's feature_size for its self-supervised weights
     encoder = swin_unetr.SwinTransformer(
         in_chans=in_chans,
