@@ -274,3 +274,11 @@ def test_inflated_convnext_loads_a_local_timm_file_and_refuses_another(convnext_
     save_file(timm.create_model('convnext_atto').state_dict(), str(tmp_path / 'atto.safetensors'))
     with pytest.raises(PretrainedWeightsError, match='does not fit'):
         build_backbone('convnext3d_tiny', pretrained=str(tmp_path / 'atto.safetensors'))
+
+
+def test_3d_backbones_build_on_the_meta_device_for_the_parameter_table():
+    from hybridmednet.models.summary import parameter_row
+
+    rows = {name: parameter_row(name) for name in BACKBONES_3D}
+    assert round(rows['resnet3d_18']['backbone_m'], 1) == 33.0 and round(rows['swin3d_tiny']['backbone_m'], 1) == 8.1
+    assert all(r['model_m'] > r['backbone_m'] > 1 for r in rows.values())

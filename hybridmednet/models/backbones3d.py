@@ -156,17 +156,20 @@ def build_swin3d(
     check_volume_size(spec.name, img_size, 32)
     swin_unetr = monai_nets('einops').swin_unetr
     embed_dim = 48  # SwinUNETR's feature_size for its self-supervised weights
-    encoder = swin_unetr.SwinTransformer(
-        in_chans=in_chans,
-        embed_dim=embed_dim,
-        window_size=(7, 7, 7),
-        patch_size=(2, 2, 2),
-        depths=(2, 2, 2, 2),
-        num_heads=(3, 6, 12, 24),
-        drop_path_rate=drop_path_rate,
-        spatial_dims=3,
-        downsample=swin_unetr.PatchMerging,
-    )
+    device = torch.get_default_device()
+    with torch.device('cpu'):  # MONAI reads its drop-path rates with .item(), which a meta tensor refuses
+        encoder = swin_unetr.SwinTransformer(
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            window_size=(7, 7, 7),
+            patch_size=(2, 2, 2),
+            depths=(2, 2, 2, 2),
+            num_heads=(3, 6, 12, 24),
+            drop_path_rate=drop_path_rate,
+            spatial_dims=3,
+            downsample=swin_unetr.PatchMerging,
+        )
+    encoder.to(device)
     load_local_3d(encoder, pretrained, spec.name, "SwinUNETR's self-supervised model_swinvit.pt", swin_unetr_state)
     return Swin3dPyramid(encoder, embed_dim)
 
@@ -271,9 +274,14 @@ class ConvNeXt3d(FeaturePyramid):
         super().__init__()
         self.in_chans, self.depths = in_chans, depths
         self.stem = nn.Sequential(nn.Conv3d(in_chans, dims[0], 4, stride=4), LayerNormNd(dims[0]))
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        total = sum(depths)
+        rates = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]  # timm's linspace, meta-safe
+        starts = [sum(depths[:i]) for i in range(len(depths))]
         self.stages = nn.Sequential(
-            *(ConvNeXtStage3d(dims[max(i - 1, 0)], dims[i], r.tolist()) for i, r in enumerate(rates))
+            *(
+                ConvNeXtStage3d(dims[max(i - 1, 0)], dims[i], rates[s : s + d])
+                for i, (s, d) in enumerate(zip(starts, depths))
+            )
         )
         self.channels = list(dims)
         self.reductions = [4, 8, 16, 32]
