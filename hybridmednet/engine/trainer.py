@@ -46,6 +46,7 @@ from hybridmednet.checkpoint import (
 from hybridmednet.config import Config
 from hybridmednet.data.datasets import ChestXrayDataset, build_datasets, compute_pos_weight, make_weighted_sampler
 from hybridmednet.data.transforms import build_transforms
+from hybridmednet.engine.feature_cache import FromMaps, Shapes, cache_features, check_config
 from hybridmednet.engine.losses import build_loss
 from hybridmednet.engine.runtime import (
     Dist,
@@ -106,6 +107,7 @@ class Trainer:
         if config.DATA['mean'] is None or config.DATA['std'] is None:  # saved with the model from here on
             expected = backbone_preprocessing(config.MODEL['backbone'])
             config.DATA['mean'], config.DATA['std'] = list(expected['mean']), list(expected['std'])
+        check_config(config)
         seed_everything(t['seed'] + self.dist.rank)
         self.datasets = datasets or self._build_datasets()
         if len(self.datasets['val']) == 0:  # found now, not after a whole epoch of training
@@ -120,7 +122,10 @@ class Trainer:
             config.validate()
         self.model = (model or self._build_model()).to(self.device)
         self._freeze()  # before DDP, which registers only the parameters that train
-        self.net = self.model
+        self.map_shapes: Shapes | None = None  # TRAIN.feature_cache: the data are the backbone's maps
+        if t['feature_cache']:
+            self._cache_features()
+        self.net = self.runner(self.model)
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == 'cuda' else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
@@ -160,6 +165,17 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         return HybridMedNet(self.config)
+
+    def _cache_features(self) -> None:
+        if not self.dist.is_main:  # rank 0 computes the maps, the others then read them
+            self.dist.barrier()
+        self.datasets, self.map_shapes = cache_features(self.config, self.model, self.datasets, self.device, self.log)
+        if self.dist.is_main:
+            self.dist.barrier()
+
+    def runner(self, model: nn.Module) -> nn.Module:
+        """What runs a batch: the model, or with the feature cache the model from attention on."""
+        return model if self.map_shapes is None else FromMaps(model, self.map_shapes)
 
     def _backbone(self, needs: str) -> FeaturePyramid:
         backbone = getattr(self.model, 'backbone', None)
@@ -433,6 +449,7 @@ class Trainer:
         """Logits (with `features`: the OOD model's features instead), targets and masks for a whole dataset,
         gathered from every rank in dataset order."""
         indices = list(range(self.dist.rank, len(dataset), self.dist.world))
+        model = self.runner(model)
         model.eval()
         parts: dict[str, list[torch.Tensor]] = {}
         for images, target, mask in self.loader(dataset, indices, False):
