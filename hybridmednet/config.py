@@ -40,6 +40,7 @@ NIH_FINDINGS = [
 
 SECTIONS = ('MODEL', 'TRAIN', 'DATA', 'LOSS', 'CHECKPOINT', 'LOGGING', 'EVAL')
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / 'configs'  # `--config quickstart`
+SAMPLE_DATA_DIRS = (None, '', 'sample')  # DATA.data_dir values meaning the built-in sample dataset
 
 
 class _Loader(yaml.SafeLoader):
@@ -114,9 +115,14 @@ class Config:
         'device': 'auto',  # auto | cpu | cuda | cuda:N
         'max_steps_per_epoch': None,  # cap for quick runs
         'layer_decay': 1.0,  # layer-wise learning-rate decay over the backbone's blocks, e.g. 0.75; 1.0 = off
+        'feature_cache': False,  # finetune linear, no augmentation: backbone maps computed once, then cached
     }
     DATA: dict[str, Any] = {
-        'dataset': 'nih',  # nih | chexpert | csv | folder
+        'dataset': 'nih',  # nih | chexpert | csv | folder | medmnist3d
+        'spatial_dims': 2,  # 2: images; 3: volumes (NIfTI, DICOM series, MedMNIST-3D .npz)
+        'volume_size': [64, 64, 64],  # 3D: the D, H, W every volume is fitted into (aspect kept, padded)
+        'spacing': None,  # 3D: resample to this voxel size (mm along D, H, W) before fitting; None: as stored
+        'intensity_window': None,  # 3D: [low, high] in the file's units (CT: HU) -> [0, 1]; None: percentiles
         'data_dir': None,  # None or 'sample': the built-in synthetic dataset
         'labels_file': None,
         'class_names': None,  # None -> the 14 NIH findings
@@ -136,8 +142,8 @@ class Config:
         'intensity': 'auto',  # auto (PNG sBIT, else the file's full range) | minmax | bits, e.g. 12
         'skip_bad_images': False,
         'cache_dir': None,  # memory-mapped image cache (hybridmednet cache)
-        'sample_size': 2000,  # built-in sample dataset: images
-        'sample_image_size': 256,
+        'sample_size': None,  # built-in sample dataset: images (None: 2000) or volumes (None: 400)
+        'sample_image_size': None,  # its side in pixels (None: 256) or voxels (None: 48)
     }
     LOSS: dict[str, Any] = {
         'type': 'bce',  # bce | focal | asymmetric
@@ -251,6 +257,7 @@ class Config:
                 section[key] = RULES[name][key](f'{name}[{key!r}]', section[key])
         get_backbone_spec(self.MODEL['backbone'])
         splits = [self.DATA[k] for k in ('train_split', 'val_split', 'test_split')]
+        self._check_dimensions()
         if abs(sum(splits) - 1.0) > 1e-6:
             raise ConfigError(f'DATA train/val/test splits must be non-negative and sum to 1, got {splits}')
         names = self.class_names
@@ -262,6 +269,44 @@ class Config:
         if isinstance(weights, list) and len(weights) != len(names):
             raise ConfigError(f"LOSS['pos_weight'] has {len(weights)} values for {len(names)} classes")
         return self
+
+    def _check_dimensions(self) -> None:
+        """Keys that only images or only volumes read are refused in the other mode, not ignored."""
+        data = self.DATA
+        if data['spatial_dims'] == 2:
+            if data['dataset'] == 'medmnist3d':
+                raise ConfigError(f"DATA['dataset'] = {data['dataset']!r} holds volumes: set DATA.spatial_dims=3")
+            for key in VOLUME_KEYS:
+                if data[key] != Config.DATA[key]:
+                    raise ConfigError(
+                        f"DATA['{key}'] = {data[key]!r} applies to volumes: set DATA.spatial_dims=3 or remove it"
+                    )
+            return
+        for key in IMAGE_KEYS:
+            if data[key] != Config.DATA[key]:
+                raise ConfigError(
+                    f"DATA['{key}'] = {data[key]!r} applies to 2D images, not to volumes (DATA.spatial_dims=3): "
+                    f'remove it (volumes: DATA.intensity_window, DATA.spacing)'
+                )
+        if data['data_dir'] in SAMPLE_DATA_DIRS:
+            if data['dataset'] == 'medmnist3d':
+                raise ConfigError(
+                    "DATA['dataset'] = 'medmnist3d' needs DATA.data_dir: the folder of the .npz file "
+                    '(or DATA.labels_file: the .npz file)'
+                )
+            return
+        if data['dataset'] not in VOLUME_DATASET_KINDS:
+            raise ConfigError(
+                f"DATA['dataset'] = {data['dataset']!r} reads 2D images; volumes (DATA.spatial_dims=3) come from "
+                f'DATA.dataset {" or ".join(VOLUME_DATASET_KINDS)}'
+            )
+        if data['dataset'] == 'medmnist3d':
+            for key in ('spacing', 'intensity_window'):
+                if data[key] is not None:
+                    raise ConfigError(
+                        f"DATA['{key}'] = {data[key]!r} does not apply to DATA.dataset=medmnist3d: its volumes are "
+                        f'published resampled to a cube and as 8-bit values; remove it'
+                    )
 
     @property
     def class_names(self) -> list[str]:
@@ -394,16 +439,38 @@ def device(key: str, value: Any) -> str:
     return value
 
 
-def triple(low: float, high: float, low_open: bool = False) -> Rule:
-    """Three numbers, one per colour channel."""
-    each = number(low, high, low_open=low_open)
+def triple(low: float, high: float, low_open: bool = False, each: str = 'channel') -> Rule:
+    """Three numbers, one per colour channel (or per axis)."""
+    rule = number(low, high, low_open=low_open)
 
     def check(key: str, value: Any) -> list[float]:
         if not isinstance(value, (list, tuple)) or len(value) != 3:
-            raise ConfigError(f'{key} must be three numbers (one per channel), got {value!r}')
-        return [each(key, v) for v in value]
+            raise ConfigError(f'{key} must be three numbers (one per {each}), got {value!r}')
+        return [rule(key, v) for v in value]
 
     return check
+
+
+def sizes(low: int, high: int) -> Rule:
+    """A volume's D, H, W: three integers in [low, high]."""
+    rule = integer(low, high)
+
+    def check(key: str, value: Any) -> list[int]:
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise ConfigError(f'{key} must be three integers (D, H, W), e.g. [64, 64, 64], got {value!r}')
+        return [rule(key, v) for v in value]
+
+    return check
+
+
+def window(key: str, value: Any) -> list[float]:
+    """[low, high], low < high: the values mapped to 0 and 1 (CT lung window: [-1000, 400] HU)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f'{key} must be [low, high], e.g. [-1000, 400] (HU), got {value!r}')
+    low, high = (number(-1e6, 1e6)(key, v) for v in value)
+    if low >= high:
+        raise ConfigError(f'{key} must be [low, high] with low < high, got {value!r}')
+    return [low, high]
 
 
 FRACTION = number(0.0, 1.0)
@@ -413,7 +480,10 @@ COUNT = integer(0)
 # Allowed words: the modules that act on these keys read them from here.
 LR_SCHEDULERS = ('cosine', 'step', 'plateau', 'none')
 LOSS_TYPES = ('bce', 'focal', 'asymmetric')
-DATASET_KINDS = ('nih', 'chexpert', 'csv', 'folder')
+DATASET_KINDS = ('nih', 'chexpert', 'csv', 'folder', 'medmnist3d')
+VOLUME_DATASET_KINDS = ('csv', 'medmnist3d')  # the kinds that read volumes (csv reads both)
+VOLUME_KEYS = ('volume_size', 'spacing', 'intensity_window')  # read with DATA.spatial_dims=3 only
+IMAGE_KEYS = ('use_albumentations', 'cache_dir', 'intensity')  # read with DATA.spatial_dims=2 only
 UNCERTAINTY_POLICIES = ('ones', 'zeros', 'ignore')
 THRESHOLD_METHODS = ('youden', 'f1', 'sensitivity')
 BOOTSTRAP_INTERVALS = ('percentile', 'bca')
@@ -461,9 +531,14 @@ RULES: dict[str, dict[str, Rule]] = {
         'device': device,
         'max_steps_per_epoch': _nullable(POSITIVE),
         'layer_decay': number(0.0, 1.0, low_open=True),
+        'feature_cache': boolean,
     },
     'DATA': {
         'dataset': choice(*DATASET_KINDS),
+        'spatial_dims': integer(2, 3),
+        'volume_size': sizes(8, 1024),
+        'spacing': _nullable(triple(0.0, 100.0, low_open=True, each='axis: D, H, W')),
+        'intensity_window': _nullable(window),
         'data_dir': _nullable(path),
         'labels_file': _nullable(path),
         'class_names': _nullable(string_list),
@@ -483,8 +558,8 @@ RULES: dict[str, dict[str, Rule]] = {
         'std': _nullable(triple(0.0, 10.0, low_open=True)),
         'skip_bad_images': boolean,
         'cache_dir': _nullable(path),
-        'sample_size': integer(10),
-        'sample_image_size': integer(16),
+        'sample_size': _nullable(integer(10)),
+        'sample_image_size': _nullable(integer(16)),
     },
     'LOSS': {
         'type': choice(*LOSS_TYPES),

@@ -1,8 +1,10 @@
-"""Datasets: NIH ChestX-ray14, CheXpert, a generic CSV and folder-per-class, one Dataset class.
+"""Datasets: NIH ChestX-ray14, CheXpert, a generic CSV, folder-per-class and MedMNIST-3D, one Dataset class.
 
 Each format has one `index_*` function turning the files as published into a
 `DataIndex` (records, labels, mask, class names, split per row). `ChestXrayDataset`
-then serves `(image [3, S, S], target [K], mask [K])` for any of them.
+then serves `(image [3, S, S], target [K], mask [K])` for any of them; `VolumeDataset`
+is the same class reading volumes (DATA.spatial_dims=3: the CSV layout with a NIfTI file or
+DICOM series folder per row, or MedMNIST-3D) and serves `(volume [1, D, H, W], target, mask)`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from hybridmednet.config import NIH_FINDINGS, Config
+from hybridmednet.config import NIH_FINDINGS, SAMPLE_DATA_DIRS, Config
 from hybridmednet.data.cache import ImageCache, open_cache
 from hybridmednet.data.io import IMAGE_SUFFIXES, read_image
 from hybridmednet.data.splits import SPLITS, official_split, patient_leaks, patient_split
 from hybridmednet.data.synthetic import cached_sample_dataset
+from hybridmednet.data.synthetic_volumes import cached_sample_volumes
 from hybridmednet.data.transforms import build_transforms
+from hybridmednet.data.volumes import read_medmnist, read_volume, require_3d
 from hybridmednet.errors import DataError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -335,30 +339,89 @@ def index_folder(config: Config, data_dir: Path) -> DataIndex:
     return DataIndex(records, labels, np.ones_like(labels), list(class_names), str(data_dir), data_dir)
 
 
+# -- MedMNIST-3D -----------------------------------------------------------------------
+def index_medmnist3d(config: Config, data_dir: Path) -> DataIndex:
+    """A MedMNIST-3D .npz (DATA.labels_file, else the one .npz in data_dir) with its published
+    train/val/test splits. Class numbers become one column per class; MedMNIST publishes no patient
+    IDs, so each volume is its own patient (the published splits are kept as they are)."""
+    if config.DATA['labels_file']:
+        npz = _labels_file(config, data_dir, ())
+    else:
+        found = sorted(data_dir.glob('*.npz'))
+        if len(found) != 1:
+            names = f' ({", ".join(f.name for f in found)})' if found else ''
+            raise DataError(
+                f'{data_dir}: expected one MedMNIST .npz file, found {len(found)}{names}; set DATA.labels_file'
+            )
+        npz = found[0]
+    arrays = read_medmnist(str(npz))
+    given = config.DATA['class_names']
+    multi_hot = arrays['train'][1].shape[1] > 1  # [N, K] 0/1 columns, else [N, 1] class numbers
+    if multi_hot:
+        k = arrays['train'][1].shape[1]
+    else:
+        k = len(given) if given else 1 + max(int(raw.max()) for _, raw in arrays.values())
+    parts = []
+    for split, (_, raw) in arrays.items():
+        valid = raw.shape[1] == k and np.isin(raw, (0, 1)).all() if multi_hot else ((raw >= 0) & (raw < k)).all()
+        if not valid:
+            raise DataError(
+                f'{npz}: {split}_labels hold values other than {"0/1" if multi_hot else f"0..{k - 1}"} '
+                f'({k} classes{", as DATA.class_names names" if given else ""})'
+            )
+        labels = raw.astype(np.float32) if multi_hot else np.eye(k, dtype=np.float32)[raw[:, 0]]
+        rows = np.arange(len(raw))
+        records = pd.DataFrame(
+            {'path': str(npz), 'row': rows, 'split': split, 'patient_id': [f'{split}-{r}' for r in rows]}
+        )
+        parts.append((records, labels))
+    class_names = list(given or [str(c) for c in range(k)])
+    if len(class_names) != k:
+        raise DataError(f'{npz}: the labels have {k} classes but DATA.class_names has {len(class_names)} names')
+    labels = np.concatenate([p[1] for p in parts])
+    return DataIndex(
+        pd.concat([p[0] for p in parts], ignore_index=True),
+        labels,
+        np.ones_like(labels),
+        class_names,
+        str(npz),
+        data_dir,
+    )
+
+
 INDEXERS: dict[str, Callable[[Config, Path], DataIndex]] = {
     'nih': index_nih,
     'chexpert': index_chexpert,
     'csv': index_csv,
     'folder': index_folder,
+    'medmnist3d': index_medmnist3d,
 }
 
 
 def is_sample(config: Config) -> bool:
-    return config.DATA['data_dir'] in (None, '', 'sample')
+    return config.DATA['data_dir'] in SAMPLE_DATA_DIRS
 
 
 # Keys only some kinds read, with the kinds that read them; set for another kind they are refused.
-KIND_KEYS = {'labels_file': ('nih', 'csv'), 'frontal_only': ('chexpert',), 'uncertainty': ('chexpert',)}
+KIND_KEYS = {
+    'labels_file': ('nih', 'csv', 'medmnist3d'),
+    'frontal_only': ('chexpert',),
+    'uncertainty': ('chexpert',),
+}
 
 
 def resolve_data_dir(config: Config) -> Path:
-    """DATA['data_dir'], or the built-in sample dataset (generated into a cache folder on first use)."""
+    """DATA['data_dir'], or the built-in sample dataset of images or volumes (DATA.spatial_dims),
+    generated into a cache folder on first use."""
     if not is_sample(config):
         path = Path(config.DATA['data_dir'])
         if not path.is_dir():
             raise DataError(f'DATA.data_dir {str(path)!r} is not a directory')
         return path
-    return cached_sample_dataset(config.DATA['sample_size'], config.DATA['sample_image_size'])
+    n, side = config.DATA['sample_size'], config.DATA['sample_image_size']
+    if config.DATA['spatial_dims'] == 3:
+        return cached_sample_volumes(n or 400, side or 48)
+    return cached_sample_dataset(n or 2000, side or 256)
 
 
 def _check_kind_keys(config: Config, dataset: str) -> None:
@@ -374,7 +437,8 @@ def _check_kind_keys(config: Config, dataset: str) -> None:
 def build_index(config: Config) -> DataIndex:
     """Index the configured dataset: labels, masks, patient-level splits, view filter applied."""
     data_dir = resolve_data_dir(config)
-    dataset = 'nih' if is_sample(config) else config.DATA['dataset']
+    sample_kind = 'csv' if config.DATA['spatial_dims'] == 3 else 'nih'  # the layouts the sample datasets use
+    dataset = sample_kind if is_sample(config) else config.DATA['dataset']
     _check_kind_keys(config, dataset)
     index = INDEXERS[dataset](config, data_dir)
     views = config.DATA['view_positions']
@@ -388,6 +452,8 @@ def build_index(config: Config) -> DataIndex:
 # -- the Dataset ---------------------------------------------------------------------
 class ChestXrayDataset(Dataset):
     """Items are (image FloatTensor[3, S, S], target FloatTensor[K], mask FloatTensor[K])."""
+
+    read_errors: tuple[type[Exception], ...] = (ImageReadError,)  # what skip_bad_images skips
 
     def __init__(
         self,
@@ -437,7 +503,7 @@ class ChestXrayDataset(Dataset):
             j %= len(self)
             try:
                 image = self.load_image(j)
-            except ImageReadError as exc:
+            except self.read_errors as exc:
                 if not self.skip_bad_images:
                     raise
                 self.bad_files.append(str(exc))
@@ -447,12 +513,43 @@ class ChestXrayDataset(Dataset):
         raise ImageReadError('every image in the dataset failed to read')
 
 
+class VolumeDataset(ChestXrayDataset):
+    """Items are (volume FloatTensor[1, D, H, W], target FloatTensor[K], mask FloatTensor[K]): the same
+    dataset with the volume reader. A series that does not form a volume (DataError) is skipped like an
+    unreadable file when DATA.skip_bad_images is set."""
+
+    read_errors = (ImageReadError, DataError)
+
+    def __init__(
+        self,
+        index: DataIndex,
+        transform: Callable[[np.ndarray], torch.Tensor],
+        skip_bad_images: bool = False,
+        spacing: list[float] | None = None,
+        window: list[float] | None = None,
+    ):
+        super().__init__(index, transform, None, skip_bad_images)
+        self.spacing = spacing
+        self.window = window
+
+    def load_image(self, i: int) -> np.ndarray:
+        """Float [D, H, W] in [0, 1]: a row of a MedMNIST .npz (uint8 / 255), else read_volume."""
+        path = self.records['path'].iat[i]
+        if 'row' in self.records:
+            images = read_medmnist(path)[self.records['split'].iat[i]][0]
+            return images[int(self.records['row'].iat[i])].astype(np.float32) / 255.0
+        return read_volume(path, spacing=self.spacing, window=self.window).array
+
+
 def build_datasets(config: Config, use_cache: bool = True) -> dict[str, ChestXrayDataset]:
     """{'train', 'val', 'test'} datasets for the configured data, with their transforms.
 
     `use_cache=False` reads every image from its file, as predict does: the cache's pixels are resampled
     once more and quantised, which is fine for training but would make evaluate's probabilities differ
-    from predict's on the same file."""
+    from predict's on the same file. Volumes (DATA.spatial_dims=3) are always read from their files."""
+    volumes = config.DATA['spatial_dims'] == 3
+    if volumes:
+        require_3d()
     index = build_index(config)
     leaks = patient_leaks(index.records['patient_id'], index.records['split'])
     if leaks:
@@ -461,8 +558,19 @@ def build_datasets(config: Config, use_cache: bool = True) -> dict[str, ChestXra
             f'{index.source}: {len(leaks)} patient(s) have images in more than one split, '
             f'e.g. patient {patient!r} in {" and ".join(where)}'
         )
-    cache = open_cache(config, index.data_dir) if use_cache else None
+    cache = open_cache(config, index.data_dir) if use_cache and not volumes else None
     index = _drop_missing(index, cache, config.DATA['skip_bad_images'])
+    if volumes:
+        return {
+            split: VolumeDataset(
+                index.subset((index.records['split'] == split).to_numpy()),
+                build_transforms(config, train=split == 'train'),
+                config.DATA['skip_bad_images'],
+                config.DATA['spacing'],
+                config.DATA['intensity_window'],
+            )
+            for split in SPLITS
+        }
     return {
         split: ChestXrayDataset(
             index.subset((index.records['split'] == split).to_numpy()),

@@ -9,6 +9,13 @@ off unless asked for: the heart is on the patient's left.
 
 Every path, the cache included, starts with `fit_square`: a non-square image (CheXpert's
 390 x 320) keeps its aspect ratio and is padded, so it is trained and scored in one geometry.
+
+Volumes (DATA.spatial_dims=3) take the same road in 3D: `fit_volume` into DATA.volume_size, one
+channel, values left in [0, 1] (no ImageNet statistics: 3D backbones start from scratch or from their
+own weights). Training augments with MONAI: a small random affine (rotation up to 0.1 rad, about 6
+degrees, about each axis; scale +-10 %; shift up to 10 % of each side) and intensity scale/shift. No
+flip along D (head/feet) or H (front/back): no anatomy is upside down or back to front. The left-right
+flip (W) is off unless DATA.horizontal_flip: it swaps the heart's, liver's and spleen's sides.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from hybridmednet.config import Config
+from hybridmednet.data.volumes import INSTALL_3D, resize_volume
 
 # Grey is copied to 3 channels and normalised with ImageNet statistics, as timm backbones expect.
 MEAN = (0.485, 0.456, 0.406)
@@ -29,7 +37,7 @@ STD = (0.229, 0.224, 0.225)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """float [H, W] -> FloatTensor [1, H, W] (shares memory)."""
+    """float [H, W] -> FloatTensor [1, H, W], [D, H, W] -> [1, D, H, W] (shares memory)."""
     return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
 
 
@@ -53,6 +61,17 @@ def fit_square(image: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torc
     return tensor.numpy() if is_array else tensor
 
 
+def fit_volume(volume: torch.Tensor, size: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """[C, D, H, W] -> [C, *size]: fit_square in 3D. Resized (anti-aliased) by one factor so the volume fits,
+    aspect ratio kept, the rest padded with 0, centred."""
+    shape = volume.shape[1:]
+    scale = min(s / n for s, n in zip(size, shape))
+    fitted = [min(s, max(1, round(n * scale))) for s, n in zip(size, shape)]
+    resized = resize_volume(volume, fitted)
+    pad = [(s - f) // 2 for s, f in zip(size, fitted)]
+    return F.pad(resized, [p for d in (2, 1, 0) for p in (pad[d], size[d] - fitted[d] - pad[d])])
+
+
 def square_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
     """(top, left, height, width) of an image inside its fit_square output: what to crop from a
     model-sized map (Grad-CAM) to lay it back over the original image."""
@@ -68,6 +87,8 @@ def normalization(config: Config) -> tuple[list[float], list[float]]:
 
 def build_transforms(config: Config, train: bool) -> Callable[[np.ndarray], torch.Tensor]:
     """The pipeline for one split; picklable, so DataLoader workers can use it."""
+    if config.DATA['spatial_dims'] == 3:
+        return VolumePipeline(config.DATA['volume_size'], train, config.DATA['horizontal_flip'])
     size = config.DATA['image_size']
     tail = [v2.Lambda(grey_to_rgb), v2.Normalize(*normalization(config))]
     if train and config.DATA['use_albumentations']:
@@ -118,3 +139,40 @@ class _AlbumentationsPipeline:
         self.pipeline.set_random_seed(int(torch.randint(2**31 - 1, ())))
         out = self.pipeline(image=fit_square(np.asarray(image, dtype=np.float32), self.letterbox))['image']
         return self.tail(to_tensor(np.clip(out, 0.0, 1.0)))
+
+
+class VolumePipeline:
+    """float [D, H, W] in [0, 1] -> FloatTensor [1, *size]; training adds MONAI's augmentation (module docstring)."""
+
+    def __init__(self, size: list[int], train: bool, flip: bool):
+        self.size = list(size)
+        self.augment = None
+        if train:
+            try:
+                from monai.transforms import Compose, RandAffine, RandFlip, RandScaleIntensity, RandShiftIntensity
+            except ImportError:
+                raise ImportError(f'DATA.spatial_dims=3 needs MONAI: {INSTALL_3D}') from None
+            self.augment = Compose(
+                [
+                    RandAffine(
+                        prob=0.8,
+                        rotate_range=(0.1, 0.1, 0.1),
+                        scale_range=(0.1, 0.1, 0.1),
+                        translate_range=[0.1 * s for s in self.size],
+                        mode='bilinear',
+                        padding_mode='zeros',
+                    ),
+                    RandScaleIntensity(factors=0.1, prob=0.5),
+                    RandShiftIntensity(offsets=0.05, prob=0.5),
+                    *([RandFlip(prob=0.5, spatial_axis=2)] if flip else []),  # W: left <-> right
+                ]
+            )
+
+    def __call__(self, volume: np.ndarray) -> torch.Tensor:
+        x = fit_volume(to_tensor(volume), self.size)
+        if self.augment is None:
+            return x
+        # MONAI keeps its own random stream: seed it from torch's, so that seeding torch per volume
+        # (ChestXrayDataset.set_epoch) makes the augmentation repeatable, as for 2D.
+        self.augment.set_random_state(int(torch.randint(2**31 - 1, ())))
+        return torch.Tensor.as_subclass(self.augment(x), torch.Tensor)  # MONAI's MetaTensor -> a plain tensor
