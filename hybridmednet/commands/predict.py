@@ -44,16 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        if args.visualize and Path(args.model_path).is_dir():
+        model, config, meta = load_any_model(args.model_path, map_location=args.device)
+        if args.visualize and not isinstance(model, HybridMedNet):
             raise DeployError(
                 f'{args.model_path} is an exported ONNX model, which has no Grad-CAM heatmaps; run --visualize '
                 f'with the checkpoint it was exported from'
             )
-        model, config, meta = load_any_model(args.model_path, map_location=args.device)
         op = OperatingPoint.of_model(meta)
-        files = list_images(args.image_path)
+        volumes = config.DATA['spatial_dims'] == 3
+        files = list_images(args.image_path, volumes)
         if not files:
-            raise DataError(f'no PNG, JPEG or DICOM files in {args.image_path}')
+            what = 'NIfTI files or DICOM series' if volumes else 'PNG, JPEG or DICOM files'
+            raise DataError(f'no {what} in {args.image_path}')
         out = Path(args.output_dir)
         image_path = Path(args.image_path)
         root = image_path if image_path.is_dir() else image_path.parent

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from hybridmednet.errors import ConfigError
+
 # (scale, shift x, shift y) in normalised coordinates: identity, 10% zoom-in, two 3% shifts
 TTA_VIEWS = ((1.0, 0.0, 0.0), (0.9, 0.0, 0.0), (1.0, 0.06, 0.06), (1.0, -0.06, -0.06))
 
@@ -27,9 +29,11 @@ def tta_view(x: torch.Tensor, scale: float, dx: float, dy: float) -> torch.Tenso
 
 @torch.no_grad()
 def batch_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Logits [B, K]; with TTA, the mean logit over `TTA_VIEWS`."""
+    """Logits [B, K]; with TTA, the mean logit over `TTA_VIEWS` (images only)."""
     if not tta:
         return model(x).float()
+    if x.dim() != 4:
+        raise ConfigError('EVAL.tta: test-time augmentation is defined for 2D images only; set EVAL.tta=false')
     return torch.stack([model(tta_view(x, *view)).float() for view in TTA_VIEWS]).mean(0)
 
 

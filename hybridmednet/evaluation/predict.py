@@ -20,6 +20,7 @@ from tqdm import tqdm
 from hybridmednet.config import Config
 from hybridmednet.data.io import IMAGE_SUFFIXES, is_dicom, read_image
 from hybridmednet.data.transforms import build_transforms
+from hybridmednet.data.volumes import is_nifti, read_volume
 from hybridmednet.errors import DataError, ImageReadError
 from hybridmednet.evaluation.gradcam import save_overlays
 from hybridmednet.evaluation.inference import batch_logits
@@ -29,20 +30,31 @@ from hybridmednet.evaluation.report import write_json
 from hybridmednet.models.hybrid import HybridMedNet
 
 
-def list_images(path: str | Path) -> list[Path]:
-    """One file, or every image under a folder (IMAGE_SUFFIXES; DICOM also without a suffix), sorted."""
+def list_images(path: str | Path, volumes: bool = False) -> list[Path]:
+    """One file, or every image under a folder (IMAGE_SUFFIXES; DICOM also without a suffix), sorted.
+
+    With `volumes`: NIfTI files and DICOM series, a series being a folder that holds DICOM files itself
+    (`path` too, when it is one)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DataError(f'{path}: no such file or folder')
+    if volumes:
+        folders = [path, *(p for p in path.rglob('*') if p.is_dir())]
+        series = [f for f in folders if any(_is_dicom_file(p) for p in f.iterdir())]
+        if path in series:
+            return [path]
+        return sorted([*series, *(p for p in path.rglob('*') if p.is_file() and is_nifti(p))])
     return sorted(
-        p
-        for p in path.rglob('*')
-        if p.is_file()
-        and not p.name.startswith('.')
-        and (p.suffix.lower() in IMAGE_SUFFIXES or (p.suffix == '' and is_dicom(p)))
+        p for p in path.rglob('*') if _is_dicom_file(p) or (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     )
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if not path.is_file() or path.name.startswith('.'):
+        return False
+    return path.suffix.lower() in ('.dcm', '.dicom') or (path.suffix == '' and is_dicom(path))
 
 
 @dataclass
@@ -63,7 +75,11 @@ class Predictions:
 def _heatmap_name(path: Path, root: Path, finding: str) -> str:
     """Unique per image even when two folders hold files of the same name."""
     rel = path.relative_to(root) if root in path.parents else Path(path.name)
-    return '__'.join(rel.with_suffix('').parts) + f'_{finding}.png'
+    if is_nifti(path):
+        stem = rel.name[: -len('.nii.gz')] if rel.name.lower().endswith('.gz') else rel.name[: -len('.nii')]
+    else:
+        stem = rel.name if path.is_dir() else rel.stem  # a series folder's name may hold dots (UIDs)
+    return '__'.join([*rel.parts[:-1], stem]) + f'_{finding}.png'
 
 
 def predict_files(
@@ -81,6 +97,13 @@ def predict_files(
     """Score `files` in batches; with `heatmap_dir`, one Grad-CAM overlay per positive finding; with `ood`
     (a HybridMedNet's stored OOD model), each image's out-of-distribution score and flag."""
     transform = build_transforms(config, train=False)
+    volumes = config.DATA['spatial_dims'] == 3
+
+    def read(path: Path) -> np.ndarray:  # as the datasets read their files
+        if volumes:
+            return read_volume(path, spacing=config.DATA['spacing'], window=config.DATA['intensity_window']).array
+        return read_image(path, intensity=config.DATA['intensity'])
+
     names = op.class_names
     images, errors = [], []
     with tqdm(total=len(files), desc='predicting', unit='image', disable=len(files) < 2) as bar:
@@ -88,9 +111,9 @@ def predict_files(
             loaded = []
             for path in files[start : start + batch_size]:
                 try:
-                    image = read_image(path, intensity=config.DATA['intensity'])
+                    image = read(path)
                     loaded.append((path, image, transform(image)))
-                except (ImageReadError, ValueError, RuntimeError) as exc:
+                except (ImageReadError, DataError, ValueError, RuntimeError) as exc:
                     errors.append({'path': str(path), 'error': str(exc)})
                     tqdm.write(f'skipped: {exc}', file=sys.stderr)  # the message names the file
             bar.update(len(files[start : start + batch_size]))
