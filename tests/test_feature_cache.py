@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hybridmednet.checkpoint import load_checkpoint
+from hybridmednet.checkpoint import load_checkpoint, weights_hash
 from hybridmednet.config import Config
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.transforms import MEAN, STD, build_transforms
@@ -123,7 +123,9 @@ def cache_for(config: Config, model: HybridMedNet):
     source = build_datasets(config)['train']
     source.transform = build_transforms(config, train=False)
     (root,) = (feature_cache.cache_root() / 'features').glob('resnet18-*')
-    return FeatureCache(root, feature_cache.cache_key(config, model, source)), source
+    return FeatureCache(
+        root, feature_cache.cache_key(config, weights_hash(model.backbone.state_dict()), source)
+    ), source
 
 
 def direct(model: HybridMedNet, image: torch.Tensor) -> np.ndarray:

@@ -38,7 +38,7 @@ from hybridmednet.config import Config
 from hybridmednet.data.datasets import ChestXrayDataset
 from hybridmednet.data.synthetic import cache_root
 from hybridmednet.data.transforms import build_transforms, normalization
-from hybridmednet.errors import ConfigError, DataError, TrainingError
+from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.models.hybrid import HybridMedNet
 
 FORMAT = 1
@@ -187,15 +187,13 @@ class FeatureCache:
                 maps = backbone(images.to(device))
                 flat = torch.cat([m.float().flatten(1) for m in maps], 1).cpu().numpy()
                 if out is None:
-                    shapes += [list(m.shape[1:]) for m in maps]
-                    if self.meta and self.meta['shapes'] != shapes:
-                        raise TrainingError(f'{self.root}: cached maps of shapes {self.meta["shapes"]}, not {shapes}')
+                    shapes += [list(m.shape[1:]) for m in maps]  # the key fixes them: kept rows have the same
                     shape = (len(kept) + len(new), flat.shape[1])
                     out = np.lib.format.open_memmap(maps_file, mode='w+', dtype=np.float32, shape=shape)
                     if kept:
                         old = np.load(self.maps_file, mmap_mode='r')
-                        for start in range(0, len(kept), 256):
-                            chunk = kept[start : start + 256]
+                        for start in range(0, len(kept), 32):
+                            chunk = kept[start : start + 32]
                             out[start : start + len(chunk)] = old[[self.index[k] for k in chunk]]
                         del old
                 out[row : row + len(flat)] = flat
@@ -235,13 +233,13 @@ def _file_key(path: str) -> tuple[str, int, int]:
     return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
 
 
-def cache_key(config: Config, model: HybridMedNet, dataset: ChestXrayDataset) -> dict[str, Any]:
-    """Everything an image's maps depend on besides the image file."""
+def cache_key(config: Config, weights: str, dataset: ChestXrayDataset) -> dict[str, Any]:
+    """Everything an image's maps depend on besides the image file; `weights`: the backbone's weights_hash."""
     image_cache = dataset._cache  # the pixels' source: the image cache (resampled, quantised) or the files
     mean, std = normalization(config)
     return {
         'backbone': config.MODEL['backbone'],
-        'weights': weights_hash(model.backbone.state_dict()),
+        'weights': weights,
         'image_size': config.DATA['image_size'],
         'mean': mean,
         'std': std,
@@ -266,6 +264,7 @@ def cache_features(
     cached = dict(datasets)
     sources: dict[str, ChestXrayDataset] = {}
     groups: dict[str, list[str]] = {}  # the splits by cache key
+    weights = weights_hash(model.backbone.state_dict())
     for split in ('train', 'val'):
         given = datasets[split]
         if not isinstance(given, ChestXrayDataset):
@@ -275,7 +274,7 @@ def cache_features(
         source = copy.copy(given)
         source.transform, source.epoch_seed = build_transforms(config, train=False), None
         sources[split] = source
-        groups.setdefault(json.dumps(cache_key(config, model, source), sort_keys=True), []).append(split)
+        groups.setdefault(json.dumps(cache_key(config, weights, source), sort_keys=True), []).append(split)
     for text, splits in groups.items():  # one write per cache folder: a second would unlink the first's files
         key = json.loads(text)
         cache = FeatureCache(
