@@ -107,6 +107,7 @@ class Config:
         'grad_clip_norm': 1.0,  # 0 disables clipping
         'mixed_precision': True,
         'ema_decay': 0.0,  # 0 disables the weight EMA
+        'precise_bn': False,  # recompute BatchNorm statistics on un-augmented training images after each epoch
         'early_stopping_patience': 10,
         'early_stopping_min_delta': 0.0,  # a val AUC gain below this is not an improvement
         'max_bad_steps': 10,  # consecutive NaN/Inf losses before aborting
@@ -258,6 +259,11 @@ class Config:
         get_backbone_spec(self.MODEL['backbone'])
         splits = [self.DATA[k] for k in ('train_split', 'val_split', 'test_split')]
         self._check_dimensions()
+        if self.TRAIN['precise_bn'] and self.TRAIN['ema_decay'] > 0:
+            raise ConfigError(
+                'TRAIN.precise_bn recomputes the BatchNorm statistics of the live weights, but with '
+                'TRAIN.ema_decay > 0 the EMA weights are validated and saved: use one of the two'
+            )
         if abs(sum(splits) - 1.0) > 1e-6:
             raise ConfigError(f'DATA train/val/test splits must be non-negative and sum to 1, got {splits}')
         names = self.class_names
@@ -311,6 +317,14 @@ class Config:
     @property
     def class_names(self) -> list[str]:
         return list(self.DATA['class_names'] or NIH_FINDINGS)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One model input [C, *spatial] as the data pipeline makes it: grey images copied to 3 channels,
+        volumes with 1 (export and pruning trace the model with it)."""
+        if self.DATA['spatial_dims'] == 3:
+            return (1, *self.DATA['volume_size'])
+        return (3, self.DATA['image_size'], self.DATA['image_size'])
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}({self.to_dict()!r})'
@@ -523,6 +537,7 @@ RULES: dict[str, dict[str, Rule]] = {
         'grad_clip_norm': number(0.0, 1e6),
         'mixed_precision': boolean,
         'ema_decay': number(0.0, 1.0, high_open=True),
+        'precise_bn': boolean,
         'early_stopping_patience': COUNT,
         'early_stopping_min_delta': number(0.0, 1.0),
         'max_bad_steps': POSITIVE,

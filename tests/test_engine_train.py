@@ -9,6 +9,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from hybridmednet.checkpoint import load_checkpoint
 from hybridmednet.config import Config
 from hybridmednet.engine.schedule import LRSchedule
 from hybridmednet.engine.trainer import train
-from hybridmednet.errors import TrainingError
+from hybridmednet.errors import ConfigError, TrainingError
 
 K = 3
 
@@ -238,3 +239,37 @@ def test_class_names_come_from_the_data_when_not_configured(tmp_path):
     config.DATA.update(dataset='csv', data_dir=str(data), class_names=None, image_size=8)
     result = train(config, model=TinyNet())
     assert load_checkpoint(result['last_checkpoint'])['class_names'] == ['a', 'b', 'c']
+
+
+class BatchNormNet(TinyNet):
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self.norm = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+def test_precise_bn_gives_the_training_images_own_statistics_under_the_final_weights(tmp_path):
+    data = tiny_datasets()
+    model = BatchNormNet()
+    train(tiny_config(tmp_path, epochs=1, precise_bn=True), model=model, datasets=data)
+    # every training image of the epoch (48, batches of 4), through the final conv: the plain mean of the batch
+    # means, which equal batches make the mean over all images
+    with torch.no_grad():
+        images = torch.stack([data['train'][i][0] for i in range(len(data['train']))])
+        outputs = model.conv(images)
+    np.testing.assert_allclose(model.norm.running_mean.numpy(), outputs.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-6)
+    assert model.norm.momentum == 0.1  # restored for the next epoch
+
+    plain = BatchNormNet()
+    train(tiny_config(tmp_path / 'plain', epochs=1), model=plain, datasets=tiny_datasets())
+    with torch.no_grad():
+        plain_outputs = plain.conv(images)
+    gap = (plain.norm.running_mean - plain_outputs.mean((0, 2, 3))).abs().max()
+    assert gap > 1e-3  # without it the running average lags: the test above would catch its absence
+
+
+def test_precise_bn_with_weight_ema_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match='TRAIN.precise_bn'):
+        tiny_config(tmp_path, precise_bn=True, ema_decay=0.99).validate()

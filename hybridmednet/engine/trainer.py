@@ -91,6 +91,9 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+PRECISE_BN_IMAGES = 1024  # as pycls' precise BN: enough for stable statistics, a fraction of a large epoch
+
+
 class Trainer:
     """Holds the pieces of one run; `fit()` is the loop. Build it through `train()`."""
 
@@ -432,6 +435,30 @@ class Trainer:
                         self.ema[key].copy_(value)
 
     # -- validation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def precise_bn(self, epoch: int) -> None:
+        """Recompute the running statistics of every BatchNorm that trains, as the plain average over up to
+        PRECISE_BN_IMAGES un-augmented training images under the weights the epoch ended with ('precise BN',
+        Wu & Johnson 2021). Running averages over a small-batch epoch lag the changing weights and mix in
+        augmented images: on the 3D quickstart they made the validation AUC jump between 0.45 and 0.88."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if not norms:
+            return
+        plain = copy.copy(self.datasets['train'])
+        if hasattr(plain, 'transform'):
+            plain.transform = build_transforms(self.config, train=False)
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        net = self.runner(self.model)
+        limit = max(self.batch_size, PRECISE_BN_IMAGES // self.dist.world)
+        for images, _, _ in self.loader(plain, self.epoch_indices(epoch)[:limit], True):
+            with self.autocast():
+                self.forward(net, images.to(self.device, non_blocking=True))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
     def eval_model(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The model to validate: the live one, or a copy holding `weights` (EMA, best)."""
         weights = weights if weights is not None else self.ema
@@ -535,6 +562,8 @@ class Trainer:
                         f'  continue with: hybridmednet train --resume {last_path}'
                     )
                     break
+                if t['precise_bn']:
+                    self.precise_bn(epoch)
                 val = self.score_validation(self.eval_model())
                 self.schedule.epoch_end(val['mean_auc'])
                 score = val['mean_auc'] if math.isfinite(val['mean_auc']) else -1.0
