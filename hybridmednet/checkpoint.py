@@ -88,8 +88,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = 'cpu') 
 
 # -- inference export -----------------------------------------------------------------------------
 def preprocessing(config: Config) -> dict[str, Any]:
-    """What a caller must do to an image before the model sees it (recorded beside the weights)."""
+    """What a caller must do to an image or volume before the model sees it (recorded beside the weights)."""
+    shape = list(config.input_shape)
+    if config.DATA['spatial_dims'] == 3:
+        return {
+            'input_shape': shape,
+            'volume_size': shape[1:],
+            'channels': 1,
+            'spacing': config.DATA['spacing'],
+            'intensity_window': config.DATA['intensity_window'],
+            'input': 'volume [D, H, W] in RAS order, windowed to [0, 1], fitted into volume_size (aspect kept, padded)',
+        }
     return {
+        'input_shape': shape,
         'image_size': config.DATA['image_size'],
         'channels': 3,
         'input': 'grey image in [0, 1], resized, copied to 3 channels, normalised',

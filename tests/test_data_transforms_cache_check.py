@@ -16,6 +16,7 @@ from hybridmednet.config import Config
 from hybridmednet.data import cache
 from hybridmednet.data.datasets import build_datasets, build_index
 from hybridmednet.data.transforms import MEAN, STD, build_transforms
+from hybridmednet.errors import ConfigError
 
 
 def test_eval_transform_is_deterministic_and_normalised():
@@ -50,13 +51,13 @@ def test_albumentations_pipeline_or_one_line_error(monkeypatch):
     try:
         import albumentations  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match=r"pip install 'hybridmednet\[albumentations\]'"):
+        with pytest.raises(ConfigError, match=r"pip install 'hybridmednet\[albumentations\]'"):
             build_transforms(config, train=True)
         return
     image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
     assert build_transforms(config, train=True)(image).shape == (3, 32, 32)
     monkeypatch.setitem(sys.modules, 'albumentations', None)
-    with pytest.raises(ImportError, match=r"pip install 'hybridmednet\[albumentations\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'hybridmednet\[albumentations\]'"):
         build_transforms(config, train=True)
 
 

@@ -274,3 +274,17 @@ def test_operating_point_round_trip_and_legacy_forms():
     assert OperatingPoint.from_meta(None, names).thresholds.tolist() == [0.5, 0.5]
     with pytest.raises(ValueError, match="lack the classes \\['c'\\]"):
         OperatingPoint.from_meta(op.to_meta(), ['a', 'c'])
+
+
+def test_top1_accuracy_only_for_one_label_per_image():
+    from hybridmednet.evaluation.evaluate import top1_accuracy
+
+    y = np.eye(3)[[0, 1, 2, 2]]
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.2, 0.6], [0.5, 0.1, 0.4]])
+    assert top1_accuracy(y, probs, np.ones_like(y)) == 0.5  # rows 0 and 2 right, rows 1 and 3 wrong
+    two_labels = y.copy()
+    two_labels[0, 1] = 1
+    assert top1_accuracy(two_labels, probs, np.ones_like(y)) is None  # multi-label data has no top-1 accuracy
+    masked = np.ones_like(y)
+    masked[1, 2] = 0
+    assert top1_accuracy(y, probs, masked) is None  # an unknown label: which one is the image's is unknown

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -132,13 +132,16 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, source: str) ->
 
 
 @torch.no_grad()
-def parity(model: Callable[[torch.Tensor], torch.Tensor], onnx_path: Path, image_size: int, seed: int = 0) -> float:
-    """Max |ONNX Runtime - PyTorch| over random images at each of PARITY_BATCHES; DeployError past ATOL + RTOL |x|."""
+def parity(
+    model: Callable[[torch.Tensor], torch.Tensor], onnx_path: Path, shape: Sequence[int], seed: int = 0
+) -> float:
+    """Max |ONNX Runtime - PyTorch| over random inputs of `shape` [C, *spatial] at each of PARITY_BATCHES;
+    DeployError past ATOL + RTOL |x|."""
     ort_session = session(onnx_path)
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch in PARITY_BATCHES:
-        x = torch.randn(batch, 3, image_size, image_size, generator=generator)
+        x = torch.randn(batch, *shape, generator=generator)
         expected = model(x).float().numpy()
         got = ort_session.run(None, {ort_session.get_inputs()[0].name: x.numpy()})[0]
         if got.shape != expected.shape:
@@ -159,18 +162,18 @@ def parity(model: Callable[[torch.Tensor], torch.Tensor], onnx_path: Path, image
 def export_onnx(model_path: str | Path, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Export a checkpoint to `output_dir` (default `<checkpoint>-onnx`); returns the written model.json."""
     model, config, meta = load_model(model_path)
-    size = config.DATA['image_size']
+    shape = config.input_shape
     out = Path(output_dir) if output_dir else default_output_dir(model_path)
     source_meta = {key: meta.get(key) for key in ('class_names', 'preprocessing', 'epoch')}
 
     def fill(directory: Path) -> dict[str, Any]:
         onnx_path = directory / MODEL_FILE
-        example = torch.randn(2, 3, size, size)  # batch 2: torch.export would fix a batch of 1
+        example = torch.randn(2, *shape)  # batch 2: torch.export would fix a batch of 1
         exporter = _export(model, example, onnx_path, str(model_path))
         record = {
             'format': FORMAT,
             'model_file': MODEL_FILE,
-            'input': {'name': INPUT, 'shape': ['batch', 3, size, size], 'dtype': 'float32'},
+            'input': {'name': INPUT, 'shape': ['batch', *shape], 'dtype': 'float32'},
             'output': {'name': OUTPUT, 'shape': ['batch', len(meta['class_names'])]},
             'exporter': exporter,
             'opset': OPSET,
@@ -179,7 +182,7 @@ def export_onnx(model_path: str | Path, output_dir: str | Path | None = None) ->
             'weights_hash': weights_hash(model.state_dict()),
             'parity': {
                 'batches': list(PARITY_BATCHES),
-                'max_abs_diff': parity(model, onnx_path, size),
+                'max_abs_diff': parity(model, onnx_path, shape),
                 'atol': ATOL,
                 'rtol': RTOL,
             },

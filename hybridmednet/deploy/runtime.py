@@ -52,21 +52,24 @@ class OnnxModel(nn.Module):
         if not self.path.is_file():
             raise DeployError(f'{self.path} is missing (named in {self.directory / META_FILE}); re-export the model')
         self.class_names: list[str] = list(self.meta['class_names'])
-        self.image_size = int(self.meta['preprocessing']['image_size'])
+        pre = self.meta['preprocessing']
+        # exports written before input_shape was recorded are all images [3, S, S]
+        self.input_shape = [int(n) for n in pre.get('input_shape') or [3, pre['image_size'], pre['image_size']]]
         self.session = session(self.path, threads)
         node = self.session.get_inputs()[0]
         self.input_name = node.name
-        if list(node.shape[1:]) != [3, self.image_size, self.image_size]:
+        if list(node.shape[1:]) != self.input_shape:
             raise DeployError(
-                f'{self.path} takes images of shape {node.shape[1:]}, but {META_FILE} says '
-                f'[3, {self.image_size}, {self.image_size}]; re-export the checkpoint with `hybridmednet export`'
+                f'{self.path} takes inputs of shape {node.shape[1:]}, but {META_FILE} says '
+                f'{self.input_shape}; re-export the checkpoint with `hybridmednet export`'
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
+        if list(x.shape[1:]) != self.input_shape:
+            key = 'volume_size' if len(self.input_shape) == 4 else 'image_size'
             raise DeployError(
-                f'{self.path} takes images [B, 3, {self.image_size}, {self.image_size}], got {list(x.shape)}; '
-                f'set DATA.image_size={self.image_size} or export the model again at the new size'
+                f'{self.path} takes inputs [B, {", ".join(map(str, self.input_shape))}], got {list(x.shape)}; '
+                f'set DATA.{key} to match or export the model again at the new size'
             )
         logits = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
         return torch.from_numpy(logits).to(x.device)

@@ -193,6 +193,14 @@ def localization_check(model: Any, data: ChestXrayDataset) -> dict[str, Any] | N
     return {**scores, 'boxes': str(boxes)} if scores['n_images'] else None
 
 
+def top1_accuracy(y: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> float | None:
+    """The share of images whose most probable class is their one label: the ACC that multi-class
+    benchmarks (MedMNIST) state beside AUC. None unless every image has exactly one label."""
+    if len(y) == 0 or not (mask == 1).all() or not (y.sum(1) == 1).all():
+        return None
+    return float((probs.argmax(1) == y.argmax(1)).mean())
+
+
 def threshold_source(op: OperatingPoint) -> str:
     """Where the thresholds of a stored operating point came from, in words for the report."""
     if not op.fitted:
@@ -323,7 +331,11 @@ def evaluate_model(
         },
         'settings': {**ev, 'bootstrap_samples': n_boot, 'confidence_level': level, 'seed': seed},
         'operating_point': {**op.to_meta(), 'source': source},
-        'metrics': {'mean_auc': stats['mean_auc'], 'per_finding': findings},
+        'metrics': {
+            'mean_auc': stats['mean_auc'],
+            'per_finding': findings,
+            'top1_accuracy': top1_accuracy(y, probs, mask),
+        },
         'calibration': {
             'n_bins': N_BINS,
             'ece': dict(zip(names, expected_calibration_error(y, probs, mask, N_BINS))),
@@ -396,6 +408,8 @@ def summary_table(results: dict) -> str:
         f'mean AUC {fmt_ci(results["metrics"]["mean_auc"])} over {results["data"]["n_images"]} images, '
         f'{results["data"]["n_patients"]} patients ({results["data"]["split"]} split)'
     )
+    if results['metrics'].get('top1_accuracy') is not None:
+        lines.append(f"one label per image: top-1 accuracy {fmt(results['metrics']['top1_accuracy'])} (MedMNIST's ACC)")
     if 'comparison' in results:
         d = results['comparison']['mean_auc_diff']
         lines.append(f'vs {results["comparison"]["other"]}: mean AUC difference {fmt_ci(d)}, p = {fmt(d["p_value"])}')

@@ -137,7 +137,13 @@ def evaluation_sections(results: dict) -> list[Section]:
             f'Model {results["model"]["path"]} ({results["model"]["backbone"]}), '
             f'evaluated on the {data["split"]} split '
             f'of {data["dataset"]}: {data["n_images"]} images from {data["n_patients"]} patients.',
-            f'Mean ROC AUC over findings: {fmt_ci(metrics["mean_auc"])} ({level}% CI).',
+            f'Mean ROC AUC over findings: {fmt_ci(metrics["mean_auc"])} ({level}% CI).'
+            + (
+                f' Every image has exactly one label: top-1 accuracy {fmt(metrics["top1_accuracy"])} (the '
+                f'ACC multi-class benchmarks such as MedMNIST state beside the mean AUC).'
+                if metrics.get('top1_accuracy') is not None
+                else ''
+            ),
             f'Intervals: {INTERVAL_NAMES[settings.get("interval", "percentile")]} bootstrap, '
             f'{settings["bootstrap_samples"]} resamples of {unit}'
             + (

@@ -28,6 +28,17 @@ ADAPTIVE_MAX_POOL: dict[int, Callable[..., torch.Tensor]] = {2: F.adaptive_max_p
 _INTERPOLATION = {2: 'bilinear', 3: 'trilinear'}
 
 
+def _pool_to(y: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """Adaptive average pooling to `size`. A volume whose sides divide evenly is pooled with fixed windows instead:
+    the same averages, and the ONNX exporters have no 3D adaptive pooling. Images keep adaptive pooling, so
+    2D checkpoints give the same outputs to the bit."""
+    n = y.dim() - 2
+    if n == 3 and all(s % t == 0 for s, t in zip(y.shape[2:], size)):
+        window = [s // t for s, t in zip(y.shape[2:], size)]
+        return _AVG_POOL[n](y, window, window)
+    return ADAPTIVE_AVG_POOL[n](y, size)
+
+
 class LayerNormNd(nn.LayerNorm):
     """LayerNorm over the channels of a channels-first map with any number of spatial dims: timm's
     LayerNorm2d for NCHW (same parameters, same arithmetic), and NCDHW too."""
@@ -116,7 +127,7 @@ class PyramidSelfAttention(nn.Module):
         n = maps[0].dim() - 2  # spatial dims
         side = max(1, round(self.pool_size ** (2 / n)))  # about pool_size^2 tokens in 2D and 3D alike
         for i, y in enumerate(normed):
-            pooled = ADAPTIVE_AVG_POOL[n](y, [min(s, side) for s in y.shape[2:]])
+            pooled = _pool_to(y, [min(s, side) for s in y.shape[2:]])
             contexts.append(self.context[i](_tokens(pooled)) + self.scale_embed[i])
         shared = torch.cat(contexts, dim=1) if self.cross_scale else None
         out = []

@@ -31,8 +31,7 @@ def _torch_pruning() -> ModuleType:
 
 
 def example_input(model: HybridMedNet, batch: int = 2) -> torch.Tensor:
-    size = model.config.DATA['image_size']
-    return torch.randn(batch, 3, size, size, device=next(model.parameters()).device)
+    return torch.randn(batch, *model.config.input_shape, device=next(model.parameters()).device)
 
 
 @contextmanager
