@@ -63,17 +63,19 @@ def test_a_directory_without_model_json(tmp_path, capsys, command):
 def test_an_onnx_file_of_another_size_than_model_json(exported, tmp_path, capsys):
     meta = json.loads((exported / 'model.json').read_text())
     meta['preprocessing']['image_size'] = 96  # as if model.onnx were swapped for another export
+    meta['preprocessing']['input_shape'] = [3, 96, 96]
     (exported / 'model.json').write_text(json.dumps(meta))
     try:
         line = one_error_line(capsys, ['predict', '--image_path', str(tmp_path), '--model_path', str(exported)])
     finally:
         meta['preprocessing']['image_size'] = 64
+        meta['preprocessing']['input_shape'] = [3, 64, 64]
         (exported / 'model.json').write_text(json.dumps(meta))
     assert str(exported / 'model.onnx') in line and '[3, 96, 96]' in line and 're-export' in line
 
 
 def test_images_of_another_size_than_the_export(exported):
-    with pytest.raises(DeployError, match=r'takes images \[B, 3, 64, 64\], got \[1, 3, 96, 96\].*image_size=64'):
+    with pytest.raises(DeployError, match=r'takes inputs \[B, 3, 64, 64\], got \[1, 3, 96, 96\].*image_size=64'):
         OnnxModel(exported)(torch.zeros(1, 3, 96, 96))
 
 

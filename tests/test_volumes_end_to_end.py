@@ -194,3 +194,11 @@ def test_medmnist_recipe_trains_on_a_published_layout_file_and_reports_auc_and_a
     labels = np.asarray(results['predictions']['labels'])
     assert results['metrics']['top1_accuracy'] == pytest.approx((probs.argmax(1) == labels.argmax(1)).mean())
     assert 'top-1 accuracy' in (out / 'report.md').read_text()
+
+
+def test_the_model_card_of_a_volume_model_describes_volumes(trained, tmp_path):
+    from hybridmednet.evaluation.card import write_card
+
+    text = write_card(trained['model'], output=tmp_path / 'card.md').read_text()
+    assert '3D volume (CT, MRI) classification' in text and 'frontal chest radiographs' not in text
+    assert 'out-of-distribution score' in text  # the model carries an OOD model

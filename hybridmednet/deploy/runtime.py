@@ -66,10 +66,14 @@ class OnnxModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if list(x.shape[1:]) != self.input_shape:
-            key = 'volume_size' if len(self.input_shape) == 4 else 'image_size'
+            setting = (
+                f'DATA.volume_size={self.input_shape[1:]}'
+                if len(self.input_shape) == 4
+                else f'DATA.image_size={self.input_shape[-1]}'
+            )
             raise DeployError(
                 f'{self.path} takes inputs [B, {", ".join(map(str, self.input_shape))}], got {list(x.shape)}; '
-                f'set DATA.{key} to match or export the model again at the new size'
+                f'set {setting} or export the model again at the new size'
             )
         logits = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
         return torch.from_numpy(logits).to(x.device)

@@ -30,10 +30,15 @@ from hybridmednet.models.summary import count_parameters
 CARD_SECTIONS_FROM_REPORT = ('Discrimination', 'At the chosen thresholds', 'Calibration')
 
 INTENDED_USE = (
-    'Research on multi-label chest X-ray classification: comparing architectures, studying errors, and '
+    'Research on multi-label {what} classification: comparing architectures, studying errors, and '
     'producing heatmaps for inspection. Not a medical device: it must not be used to diagnose, triage or '
     'treat patients, and its outputs need review by a qualified reader.'
 )
+INPUTS = {
+    2: 'Inputs are expected to be frontal chest radiographs; other images still receive scores, which mean nothing.',
+    3: 'Inputs are expected to be volumes like the training ones (modality, body region, orientation, intensity '
+    'window); other volumes still receive scores, which mean nothing.',
+}
 
 LIMITS = [
     'Metrics hold for the test split named above; performance on other hospitals, scanners, populations or '
@@ -43,7 +48,6 @@ LIMITS = [
     'Findings with few positive test cases have wide intervals; rare findings may not have been learned.',
     'Grad-CAM heatmaps show where the evidence for a score lies, coarsely; they are not segmentations and '
     'can highlight shortcuts (text markers, devices) rather than pathology.',
-    'Inputs are expected to be frontal chest radiographs; other images still receive scores, which mean nothing.',
 ]
 
 
@@ -97,7 +101,9 @@ def card_sections(
             )
         ],
     )
-    sections = [details, Section('Intended use', [INTENDED_USE])]
+    dims = config.DATA['spatial_dims']
+    what = 'chest X-ray' if dims == 2 else '3D volume (CT, MRI)'
+    sections = [details, Section('Intended use', [INTENDED_USE.format(what=what)])]
 
     if results:
         d = results['data']
@@ -156,7 +162,13 @@ def card_sections(
             [Table(['Finding', 'Threshold', 'Temperature'], rows)],
         )
     )
-    sections.append(Section('Limitations', [f'- {text}' for text in LIMITS]))
+    limits = [*LIMITS, INPUTS[dims]]
+    if meta.get('ood'):
+        limits.append(
+            'An out-of-distribution score (predict, evaluate, serve) flags inputs far from the training images; '
+            'it catches gross mismatches (photographs, noise, other modalities), not subtle shifts.'
+        )
+    sections.append(Section('Limitations', [f'- {text}' for text in limits]))
     sections.append(
         Section('Configuration', ['```yaml\n' + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip() + '\n```'])
     )
