@@ -20,8 +20,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,16 +45,7 @@ VERSION = 2
 # boxes in pixels of the image as stored, for these eight findings, Infiltration spelled 'Infiltrate'.
 BOX_FILE = 'BBox_List_2017.csv'
 BOX_COLUMNS = ['Image Index', 'Finding Label', 'Bbox [x', 'y', 'w', 'h]']
-BOX_FINDINGS = (
-    'Atelectasis',
-    'Cardiomegaly',
-    'Effusion',
-    'Infiltration',
-    'Mass',
-    'Nodule',
-    'Pneumonia',
-    'Pneumothorax',
-)
+BOX_FINDINGS = tuple(NIH_FINDINGS[:8])  # Atelectasis ... Pneumothorax: NIH's first eight
 NIH_BOX_SPELLING = {'Infiltration': 'Infiltrate'}
 
 # NIH ChestX-ray14 (Data_Entry_2017, 112,120 images): share of images with each finding.
@@ -407,11 +400,17 @@ def cached_sample_dataset(n: int = 2000, size: int = 256, seed: int = 0) -> Path
             log.info('writing the lesion boxes of the cached sample dataset %s', target)
             _write_boxes(_render_all(None, n, size, seed, None)[2], target / BOX_FILE)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info('generating the sample dataset (%d images, %d px) into %s', n, size, target)
+    return generate_once(target, lambda tmp: generate_sample_dataset(tmp, n, size, seed))
+
+
+def generate_once(target: Path, generate: Callable[[Path], Any]) -> Path:
+    """Fill a temporary folder beside `target` with `generate`, then rename it into place: a crash leaves no
+    half dataset, and when two processes race, the one that loses keeps the winner's (the same files)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + '.tmp', dir=target.parent))
     try:
-        generate_sample_dataset(tmp, n, size, seed)
+        generate(tmp)
         os.rename(tmp, target)
     except OSError:
         if not (target / 'sample_info.json').is_file():

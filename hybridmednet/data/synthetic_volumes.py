@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.ndimage import zoom
 
-from hybridmednet.data.synthetic import cache_root
+from hybridmednet.data.synthetic import cache_root, generate_once
 from hybridmednet.data.volumes import INSTALL_3D
 from hybridmednet.errors import DataError
 
@@ -165,15 +162,5 @@ def cached_sample_volumes(n: int = 400, size: int = 48, seed: int = 0) -> Path:
     target = cache_root() / f'sample3d-v{VERSION}-n{n}-s{size}-seed{seed}'
     if (target / 'sample_info.json').is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info('generating the 3D sample dataset (%d volumes, %d voxels a side) into %s', n, size, target)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + '.tmp', dir=target.parent))
-    try:
-        generate_sample_volumes(tmp, n, size, seed)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / 'sample_info.json').is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return generate_once(target, lambda tmp: generate_sample_volumes(tmp, n, size, seed))
