@@ -23,8 +23,9 @@ measure, finds the same: 0.37 against 0.35).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,28 +55,52 @@ def grad_cam(
     """
     if image.dim() not in (3, 4):
         raise ValueError(f'grad_cam takes one image [C, H, W] or volume [C, D, H, W], got shape {tuple(image.shape)}')
-    x = image.unsqueeze(0)
-    size = x.shape[2:]
-    mode = 'bilinear' if len(size) == 2 else 'trilinear'
+    logits, maps = forward_with_trunk(model, lambda x: model(x), image.unsqueeze(0))
+    return cams_of_row(logits, maps, 0, classes, image.shape[1:], scales)
+
+
+def forward_with_trunk(
+    model: torch.nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor
+) -> tuple[Any, list[torch.Tensor]]:
+    """`run(x)` with gradients on, and the trunk's maps it computed (with their graph): one pass that serves
+    both the scores and the heatmaps of a batch."""
     captured: list[list[torch.Tensor]] = []
     hook = trunk(model).register_forward_hook(lambda module, args, out: captured.append(list(out)))
     # An input that requires grad gives the maps a graph even when every weight is frozen.
     x = x.detach().requires_grad_(True)
     try:
         with torch.enable_grad():
-            logits = model(x)
+            out = run(x)
     finally:
         hook.remove()
-    maps = captured[0]
+    return out, captured[0]
+
+
+def cams_of_row(
+    logits: torch.Tensor,
+    maps: list[torch.Tensor],
+    row: int,
+    classes: Sequence[int],
+    size: Sequence[int],
+    scales: Sequence[int] | None = None,
+) -> np.ndarray:
+    """HiResCAM maps [len(classes), *size] of image `row` of a batch, from `forward_with_trunk`'s logits [B, K]
+    and trunk maps (the images of a batch do not mix in eval mode, so the other rows get no gradient)."""
+    mode = 'bilinear' if len(size) == 2 else 'trilinear'
     if scales is None:
         scales = [i for i, m in enumerate(maps) if min(m.shape[2:]) >= MIN_SIDE] or [0]
     chosen = [maps[i] for i in scales]
     cams = []
     for c in classes:
-        grads = torch.autograd.grad(logits[0, c], chosen, retain_graph=True)
+        grads = torch.autograd.grad(logits[row, c], chosen, retain_graph=True)
         per_scale = torch.cat(
             [
-                F.interpolate(F.relu((g * a).sum(1, keepdim=True)), size=size, mode=mode, align_corners=False)
+                F.interpolate(
+                    F.relu((g[row : row + 1] * a[row : row + 1]).sum(1, keepdim=True)),
+                    size=list(size),
+                    mode=mode,
+                    align_corners=False,
+                )
                 for a, g in zip(chosen, grads)
             ]
         )[:, 0]

@@ -22,7 +22,7 @@ import torch
 from hybridmednet.checkpoint import load_model, weights_hash
 from hybridmednet.config import Config
 from hybridmednet.data.transforms import build_transforms
-from hybridmednet.evaluation.gradcam import grad_cam
+from hybridmednet.evaluation.gradcam import cams_of_row, forward_with_trunk
 from hybridmednet.evaluation.inference import batch_logits
 from hybridmednet.evaluation.ood import pooled_features
 from hybridmednet.evaluation.operating_point import OperatingPoint
@@ -128,21 +128,30 @@ class ServedModel:
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         return self.transform(image)
 
-    @torch.no_grad()
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits [B, K], the OOD model's features [B, D] when there is one): the backbone runs once for both."""
+    def _forward(
+        self, x: torch.Tensor, heatmaps: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, list[torch.Tensor]] | None]:
+        """(logits [B, K], the OOD model's features [B, D] when there is one, what the heatmaps need when asked):
+        the backbone runs once for all three."""
         if self.torch_model is None:
-            return torch.as_tensor(np.asarray(self.model(x), dtype=np.float32)), None
-        if self.ood is None:
-            return batch_logits(self.torch_model, x, self.tta), None
-        maps = self.torch_model.forward_features(x)  # as ood.ood_features and batch_logits, from one pass
-        logits = batch_logits(self.torch_model, x, True) if self.tta else self.torch_model.forward_head(maps).float()
-        return logits, pooled_features(maps)
+            return torch.as_tensor(np.asarray(self.model(x), dtype=np.float32)), None, None
+        model = self.torch_model
+        if heatmaps:  # the same pass with gradients on, keeping the trunk's maps for HiResCAM
+            (maps, plain), trunk_maps = forward_with_trunk(model, lambda x: _maps_and_logits(model, x), x)
+            logits = batch_logits(model, x, True) if self.tta else plain.detach().float()
+            features = None if self.ood is None else pooled_features([m.detach() for m in maps])
+            return logits, features, (plain, trunk_maps)
+        with torch.no_grad():
+            if self.ood is None:
+                return batch_logits(model, x, self.tta), None, None
+            maps = model.forward_features(x)  # as ood.ood_features and batch_logits, from one pass
+            logits = batch_logits(model, x, True) if self.tta else model.forward_head(maps).float()
+            return logits, pooled_features(maps), None
 
     def score(self, requests: Sequence[Request]) -> list[Scored]:
-        """Probabilities, decisions and OOD scores for a batch; Grad-CAM per positive finding where asked."""
+        """Probabilities, decisions and OOD scores for a batch; HiResCAM per positive finding where asked."""
         x = torch.stack([r.image for r in requests]).to(self.device)
-        logits, features = self._forward(x)
+        logits, features, for_cams = self._forward(x, any(r.heatmaps for r in requests))
         probs = self.op.probabilities(logits.cpu().numpy().astype(np.float64))
         ood: list[float | None] = [None] * len(requests)
         if features is not None and self.ood is not None:
@@ -152,8 +161,13 @@ class ServedModel:
             positive = self.op.positives(p)
             classes = np.flatnonzero(positive).tolist()
             cams: dict[int, np.ndarray] = {}
-            if request.heatmaps and classes and self.torch_model is not None:
-                # the heatmaps need the trunk's gradients: one more pass, for this image only
-                cams = dict(zip(classes, grad_cam(self.torch_model, x[i], classes)))
+            if request.heatmaps and classes and for_cams is not None:
+                plain, trunk_maps = for_cams
+                cams = dict(zip(classes, cams_of_row(plain, trunk_maps, i, classes, x.shape[2:])))
             out.append(Scored(p, positive, ood[i], cams))
         return out
+
+
+def _maps_and_logits(model: HybridMedNet, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    maps = model.forward_features(x)
+    return maps, model.forward_head(maps)
