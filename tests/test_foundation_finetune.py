@@ -177,3 +177,21 @@ def test_dinov2_groups_are_timms():
     reference = timm.create_model('vit_small_patch14_reg4_dinov2', img_size=56, num_classes=3, **SMALL_VIT)
     theirs = {name: s for name, s in _timm_scales(reference, 0.75).items() if not name.startswith('head.')}
     assert ours == pytest.approx(theirs) and 'reg_token' in ours and ours['norm.weight'] == 0.75
+
+
+def test_training_prepares_images_as_the_encoders_weights_were_trained():
+    from hybridmednet.engine.trainer import prepare_for_backbone
+
+    medsam = Config(MODEL={'backbone': 'medsam_vit_b', 'pretrained': False}).validate()
+    changes = prepare_for_backbone(medsam)
+    assert (medsam.DATA['intensity'], medsam.DATA['image_size']) == ('minmax', 1024) and len(changes) == 2
+    assert medsam.DATA['mean'] == [0.0] * 3 and medsam.DATA['std'] == [1.0] * 3
+
+    rad_dino = Config(MODEL={'backbone': 'rad_dino', 'pretrained': False}, DATA={'image_size': 448}).validate()
+    assert prepare_for_backbone(rad_dino) == []  # a size the config gives is kept; RAD-DINO has no intensity mode
+    assert rad_dino.DATA['image_size'] == 448 and rad_dino.DATA['mean'] == [0.5307] * 3
+    default_size = Config(MODEL={'backbone': 'rad_dino', 'pretrained': False}).validate()
+    assert prepare_for_backbone(default_size) and default_size.DATA['image_size'] == 518
+
+    plain = Config(MODEL={'backbone': 'resnet18', 'pretrained': False}).validate()
+    assert prepare_for_backbone(plain) == [] and plain.DATA['image_size'] == 224 and plain.DATA['intensity'] == 'auto'

@@ -91,6 +91,30 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def prepare_for_backbone(config: Config) -> list[str]:
+    """Prepare images as the backbone's pretrained weights were trained, where the config leaves it open:
+    DATA.mean/std when None; DATA.intensity 'auto' -> the weights' own mode (MedSAM: per-image min-max);
+    DATA.image_size at its default -> the weights' own size (RAD-DINO 518 px, MedSAM 1024 px; any other size
+    the config gives is kept). Returns a line for the log per setting it chose, other than mean/std."""
+    expected = backbone_preprocessing(config.MODEL['backbone'])
+    data, changes = config.DATA, []
+    if data['mean'] is None or data['std'] is None:
+        data['mean'], data['std'] = list(expected['mean']), list(expected['std'])
+    if data['spatial_dims'] != 2:
+        return changes
+    name = config.MODEL['backbone']
+    if 'intensity' in expected and data['intensity'] == 'auto':
+        data['intensity'] = expected['intensity']
+        changes.append(f'{name}: DATA.intensity auto -> {expected["intensity"]}, as its weights were trained')
+    if 'image_size' in expected and data['image_size'] == Config.DATA['image_size'] != expected['image_size']:
+        data['image_size'] = expected['image_size']
+        changes.append(
+            f'{name}: DATA.image_size {Config.DATA["image_size"]} (the default) -> {expected["image_size"]}, the '
+            f'size its weights were trained at; set DATA.image_size to another value to use that instead'
+        )
+    return changes
+
+
 PRECISE_BN_IMAGES = 1024  # as pycls' precise BN: enough for stable statistics, a fraction of a large epoch
 
 
@@ -107,9 +131,8 @@ class Trainer:
     ):
         self.config, t = config, config.TRAIN
         self.dist, self.device = dist_info, device
-        if config.DATA['mean'] is None or config.DATA['std'] is None:  # saved with the model from here on
-            expected = backbone_preprocessing(config.MODEL['backbone'])
-            config.DATA['mean'], config.DATA['std'] = list(expected['mean']), list(expected['std'])
+        for change in prepare_for_backbone(config):  # saved with the model from here on
+            self.log(change)
         check_config(config)
         seed_everything(t['seed'] + self.dist.rank)
         self.datasets = datasets or self._build_datasets()
