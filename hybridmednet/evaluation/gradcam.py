@@ -55,7 +55,7 @@ def grad_cam(
     """
     if image.dim() not in (3, 4):
         raise ValueError(f'grad_cam takes one image [C, H, W] or volume [C, D, H, W], got shape {tuple(image.shape)}')
-    logits, maps = forward_with_trunk(model, lambda x: model(x), image.unsqueeze(0))
+    logits, maps = forward_with_trunk(model, model, image.unsqueeze(0))
     return cams_of_row(logits, maps, 0, classes, image.shape[1:], scales)
 
 

@@ -189,19 +189,28 @@ def localization_scores(
     }
 
 
-def localization_table(scores: dict) -> str:
-    """The scores as a Markdown table: per finding, pointing game and IoBB accuracy, class-blind beside."""
+def localization_rows(scores: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the scores: per finding and for all, pointing game and IoBB accuracy, the class-blind
+    map's in brackets; the report's table and `localization_table` both show these."""
     thresholds = list(next(iter(scores['findings'].values()))['iobb']) if scores['findings'] else []
-    head = ['finding', 'images', 'boxes', 'pointing game (blind)', *[f'IoBB>{t} (blind)' for t in thresholds]]
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for name, row in [*scores['findings'].items(), *([('**all**', scores['all'])] if scores['all'] else [])]:
+    head = ['Finding', 'Images', 'Boxes', 'Pointing game', *[f'IoBB > {t}' for t in thresholds]]
+    rows = []
+    for name, row in [*scores['findings'].items(), *([('All', scores['all'])] if scores['all'] else [])]:
         blind = row['class_blind']
-        cells = [
-            name,
-            str(row['n_images']),
-            str(row['n_boxes']),
-            f'{row["pointing_game"]:.2f} ({blind["pointing_game"]:.2f})',
-            *[f'{row["iobb"][t]:.2f} ({blind["iobb"][t]:.2f})' for t in thresholds],
-        ]
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+        rows.append(
+            [
+                name,
+                str(row['n_images']),
+                str(row['n_boxes']),
+                f'{row["pointing_game"]:.2f} ({blind["pointing_game"]:.2f})',
+                *[f'{row["iobb"][t]:.2f} ({blind["iobb"][t]:.2f})' for t in thresholds],
+            ]
+        )
+    return head, rows
+
+
+def localization_table(scores: dict) -> str:
+    """The scores as a Markdown table (benchmarks/bench_localization.py prints it)."""
+    head, rows = localization_rows(scores)
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    return '\n'.join(lines + ['| ' + ' | '.join(cells) + ' |' for cells in rows])

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from hybridmednet.evaluation.localization import localization_rows
 from hybridmednet.evaluation.metrics import FEW_POSITIVES
 
 RATES = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1')
@@ -257,17 +258,7 @@ def evaluation_sections(results: dict) -> list[Section]:
 
     if results.get('localization'):
         loc = results['localization']
-        thresholds = list(loc['all']['iobb'])
-        rows = [
-            [
-                name,
-                str(row['n_images']),
-                str(row['n_boxes']),
-                f'{fmt(row["pointing_game"], 2)} ({fmt(row["class_blind"]["pointing_game"], 2)})',
-                *(f'{fmt(row["iobb"][t], 2)} ({fmt(row["class_blind"]["iobb"][t], 2)})' for t in thresholds),
-            ]
-            for name, row in [*loc['findings'].items(), ('All', loc['all'])]
-        ]
+        head, rows = localization_rows(loc)
         sections.append(
             Section(
                 'Localisation of the heatmaps',
@@ -279,12 +270,7 @@ def evaluation_sections(results: dict) -> list[Section]:
                     f"the same for the class-blind map (the mean of all findings' maps); a heatmap that does not "
                     f'beat it shows where something is abnormal, not which finding.'
                 ],
-                [
-                    Table(
-                        ['Finding', 'Images', 'Boxes', 'Pointing game', *(f'IoBB > {t}' for t in thresholds)],
-                        rows,
-                    )
-                ],
+                [Table(head, rows)],
             )
         )
 
