@@ -201,4 +201,5 @@ def test_the_model_card_of_a_volume_model_describes_volumes(trained, tmp_path):
 
     text = write_card(trained['model'], output=tmp_path / 'card.md').read_text()
     assert '3D volume (CT, MRI) classification' in text and 'frontal chest radiographs' not in text
+    assert '32 x 32 x 32, 1 channel(s): volume [D, H, W] in RAS order' in text and 'ImageNet' not in text
     assert 'out-of-distribution score' in text  # the model carries an OOD model

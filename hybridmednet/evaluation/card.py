@@ -51,6 +51,13 @@ LIMITS = [
 ]
 
 
+def input_description(config, pre: dict[str, Any]) -> str:
+    """What the model takes, from its stored preprocessing: the grid, how a file becomes it, its normalisation."""
+    grid = ' x '.join(map(str, config.input_shape[1:]))
+    norm = f'; mean {pre["mean"]}, std {pre["std"]}' if pre.get('mean') is not None else ''
+    return f'{grid}, {config.input_shape[0]} channel(s): {pre["input"]}{norm}'
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -83,10 +90,7 @@ def card_sections(
                         + (', hierarchical head' if m['hierarchical'] else ''),
                     ],
                     ['Parameters', f'{n_params / 1e6:.1f}M'],
-                    [
-                        'Input',
-                        f'{config.DATA["image_size"]} px grey image, copied to 3 channels, ImageNet normalisation',
-                    ],
+                    ['Input', input_description(config, meta['preprocessing'])],
                     ['Outputs', f'{len(names)} independent probabilities: {", ".join(names)}'],
                     [
                         'Training',
