@@ -11,7 +11,7 @@ from timm.layers import LayerNorm2d
 from hybridmednet import Config, HybridMedNet, create_model
 from hybridmednet.errors import ConfigError, PretrainedWeightsError
 from hybridmednet.models.attention import CBAM, LayerNormNd, PyramidAttention
-from hybridmednet.models.backbones3d import ConvNeXt3d
+from hybridmednet.models.backbones3d import ConvNeXt3d, SwinInflated3d
 from hybridmednet.models.registry import build_backbone, get_backbone_spec, list_backbones
 
 pytest.importorskip('monai')
@@ -25,6 +25,7 @@ BACKBONES_3D = [
     'mednext_s',
     'mednext_b',
     'convnext3d_tiny',
+    'swin3d_inflated_tiny',
 ]
 MODES = [(False, False), (True, False), (True, True)]  # CBAM; self-attention; plus cross-scale
 VOLUME = [32, 32, 64]  # not a cube, so a swapped axis shows
@@ -274,6 +275,56 @@ def test_inflated_convnext_loads_a_local_timm_file_and_refuses_another(convnext_
     save_file(timm.create_model('convnext_atto').state_dict(), str(tmp_path / 'atto.safetensors'))
     with pytest.raises(PretrainedWeightsError, match='does not fit'):
         build_backbone('convnext3d_tiny', pretrained=str(tmp_path / 'atto.safetensors'))
+
+
+def tiny_swin_2d():
+    """A small timm 2D Swin (window 4 at 128 px: every stage's grid a multiple of the window, shifted windows in
+    stages 1-3), every weight moved off its init."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=128, window_size=4, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_inflated_swin_reproduces_2d_features_on_identical_slices():
+    """As for ConvNeXt: a volume of identical slices (depth 32: 8 token slices, shifted windows along depth too)
+    gives the 2D Swin's features on every slice of every stage; the relative-position biases and the patch
+    merging's 8 neighbours must map onto the 2D ones exactly for this to hold."""
+    swin_2d = tiny_swin_2d()
+    model = SwinInflated3d(1, 24, (2, 2, 2, 2), (2, 4, 8, 16), window=4).eval()
+    model.load_2d_state(swin_2d.state_dict())
+    image = torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        expected = swin_2d.forward_intermediates(image.expand(-1, 3, -1, -1), indices=4, intermediates_only=True)
+        volume = image.unsqueeze(2).expand(-1, -1, 32, -1, -1)
+        maps = model(volume)
+    for got, want in zip(maps, expected):
+        assert got.shape[2] == got.shape[3] // 4
+        torch.testing.assert_close(got, want.unsqueeze(2).expand_as(got), atol=1e-4, rtol=1e-4)
+    changed = volume.clone()
+    changed[:, :, 13] += 1  # token slice 3 of 0..7; its window (slices 0-3, then 2-5 shifted) moves
+    with torch.no_grad():
+        moved = (model(changed)[0] - maps[0]).abs().amax(dim=(0, 1, 3, 4))
+    assert moved[3] > 0 and moved[0] > 0 and moved[5] > 0 and moved[7] == 0
+
+
+def test_inflated_swin_loads_a_local_timm_file_and_refuses_another(tmp_path):
+    torch.manual_seed(0)
+    swin_2d = timm.create_model('swin_tiny_patch4_window7_224')
+    save_file(swin_2d.state_dict(), str(tmp_path / 'swin_tiny.safetensors'))
+    loaded = build_backbone('swin3d_inflated_tiny', pretrained=str(tmp_path / 'swin_tiny.safetensors'))
+    table = loaded.state_dict()['layers.2.layer.blocks.1.attn.relative_position_bias_table']
+    assert table.shape == (13**3, 12)
+    table_2d = swin_2d.state_dict()['layers.2.blocks.1.attn.relative_position_bias_table']
+    torch.testing.assert_close(table[: 13**2], table_2d)
+    assert loaded.state_dict()['patch_embed.proj.weight'].shape == (96, 1, 4, 4, 4)
+    save_file(tiny_swin_2d().state_dict(), str(tmp_path / 'tiny.safetensors'))
+    with pytest.raises(PretrainedWeightsError, match='does not fit'):
+        build_backbone('swin3d_inflated_tiny', pretrained=str(tmp_path / 'tiny.safetensors'))
 
 
 def test_3d_backbones_build_on_the_meta_device_for_the_parameter_table():

@@ -9,6 +9,8 @@ the same safe reader and checked as strictly as 2D ones.
 from __future__ import annotations
 
 import importlib
+import itertools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -229,6 +231,12 @@ def build_mednext(
     return pyramid
 
 
+def inflate_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """A 2D k x k kernel [O, I, k, k] -> 3D [O, I, k, k, k]: repeated along depth and divided by k (I3D), so a
+    volume of identical slices gives the 2D response on every slice."""
+    return weight.unsqueeze(2).repeat(1, 1, weight.shape[-1], 1, 1) / weight.shape[-1]
+
+
 class ConvNeXtBlock3d(nn.Module):
     """timm's ConvNeXt block in 3D, same parameter names. The depthwise 7^3 convolution pads depth by repeating
     the edge slices (height and width by zeros, as in 2D), so a volume of identical slices stays one, and inflated
@@ -304,9 +312,7 @@ class ConvNeXt3d(FeaturePyramid):
                 continue
             if key == 'stem.0.weight':
                 value = adapt_input_conv(self.in_chans, value)
-            if value.dim() == 4:
-                value = value.unsqueeze(2).repeat(1, 1, value.shape[-1], 1, 1) / value.shape[-1]
-            inflated[key] = value
+            inflated[key] = inflate_kernel(value) if value.dim() == 4 else value
         check_fits(self.state_dict(), inflated, f'{source} do not fit {type(self).__name__}')
         self.load_state_dict(inflated)
 
@@ -328,6 +334,114 @@ def build_convnext3d(
     """`pretrained`: True inflates timm's ImageNet weights (hub or cache), a path a local timm weights file."""
     check_volume_size(spec.name, img_size, 32)
     model = ConvNeXt3d(in_chans, drop_path_rate=drop_path_rate)
+    if pretrained:
+        model_2d = create_timm_model(spec.timm_name, pretrained)  # architecture and keys checked as for 2D
+        model.load_2d_state(model_2d.state_dict(), f'the weights of {spec.timm_name}')
+    return model
+
+
+class SwinStage3d(nn.Module):
+    """One timm Swin stage in 3D: patch merging first (timm's order), then MONAI's 3D window-attention blocks."""
+
+    def __init__(self, swin: Any, in_dim: int, dim: int, depth: int, heads: int, window: int, drop_paths: list[float]):
+        super().__init__()
+        self.downsample = swin.PatchMergingV2(in_dim, spatial_dims=3) if in_dim != dim else None
+        self.layer = swin.BasicLayer(dim, depth, heads, (window,) * 3, drop_paths, qkv_bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x.movedim(1, -1)).movedim(-1, 1)
+        return self.layer(x)
+
+
+class SwinInflated3d(FeaturePyramid):
+    """timm's Swin-T in 3D on MONAI's 3D Swin blocks (Video Swin's shifted 3D windows): the 4 stage outputs,
+    strides 4..32. `load_2d_state` inflates a timm 2D Swin's weights onto it so that a volume of identical slices
+    gives the 2D model's features on every slice: kernels as in I3D, each relative-position bias copied to every
+    depth offset (duplicated keys leave a softmax average unchanged), and each patch-merging weight shared by the
+    two depth neighbours of its 2D position. Volumes whose token grid a window does not divide are zero-padded
+    as in MONAI's SwinUNETR."""
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: tuple[int, ...] = (3, 6, 12, 24),
+        window: int = 7,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        swin = monai_nets('einops').swin_unetr
+        self.in_chans, self.depths = in_chans, depths
+        self.patch_embed = swin.PatchEmbed(4, in_chans, embed_dim, nn.LayerNorm, spatial_dims=3)
+        dims = [embed_dim * 2**i for i in range(len(depths))]
+        total = sum(depths)
+        rates = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]
+        starts = [sum(depths[:i]) for i in range(len(depths))]
+        self.layers = nn.Sequential(
+            *(
+                SwinStage3d(swin, dims[max(i - 1, 0)], dims[i], d, h, window, rates[s : s + d])
+                for i, (s, d, h) in enumerate(zip(starts, depths, num_heads))
+            )
+        )
+        self.channels = dims
+        self.reductions = [4, 8, 16, 32]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(x)
+        maps = []
+        for stage in self.layers:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+    def load_2d_state(self, state: StateDict, source: str = 'the 2D weights') -> None:
+        """Inflate a timm 2D Swin's state dict (its classifier and final norm left out); the relative-position
+        indices are the 3D model's own. Strict: `source` names the weights in the error."""
+        # PatchMergingV2 concatenates the 8 neighbours (d, h, w) in product order; timm's 2D merging the 4
+        # neighbours w-major: 3D slot (d, h, w) takes 2D slot 2w + h, each 2D slot twice (d = 0, 1).
+        slots = [2 * w + h for _, h, w in itertools.product(range(2), range(2), range(2))]
+        own = self.state_dict()
+        inflated = {k: v for k, v in own.items() if k.endswith('relative_position_index')}
+        for key, value in state.items():
+            if key.startswith(('head.', 'norm.')) or key.endswith(('relative_position_index', 'attn_mask')):
+                continue
+            key = re.sub(r'^layers\.(\d+)\.blocks\.', r'layers.\1.layer.blocks.', key)
+            key = key.replace('.mlp.fc1.', '.mlp.linear1.').replace('.mlp.fc2.', '.mlp.linear2.')
+            if key == 'patch_embed.proj.weight':
+                value = inflate_kernel(adapt_input_conv(self.in_chans, value))
+            elif key.endswith('relative_position_bias_table'):
+                value = value.repeat(round(value.shape[0] ** 0.5), 1)  # (2W-1)^2 rows -> every depth offset
+            elif key.endswith('downsample.norm.weight') or key.endswith('downsample.norm.bias'):
+                value = value.view(4, -1)[slots].flatten()
+            elif key.endswith('downsample.reduction.weight'):
+                value = value.view(value.shape[0], 4, -1)[:, slots].flatten(1) / 2
+            inflated[key] = value
+        check_fits(own, inflated, f'{source} do not fit {type(self).__name__}')
+        self.load_state_dict(inflated)
+
+    def layer_groups(self) -> list[list[str]]:
+        units = [['patch_embed']]
+        for i, depth in enumerate(self.depths):
+            units += [[f'layers.{i}.layer.blocks.{j}'] for j in range(depth)]
+            units[-depth].append(f'layers.{i}.downsample')  # with the stage's first block, as in timm
+        return named_groups(self, units)
+
+
+def build_swin3d_inflated(
+    spec: Any,
+    pretrained: bool | str = False,
+    img_size: Sequence[int] | None = None,
+    drop_path_rate: float = 0.0,
+    in_chans: int = 1,
+) -> SwinInflated3d:
+    """`pretrained`: True inflates timm's ImageNet weights (hub or cache), a path a local timm weights file."""
+    check_volume_size(spec.name, img_size, 32)
+    device = torch.get_default_device()
+    with torch.device('cpu'):  # the relative-position indices are computed at construction
+        model = SwinInflated3d(in_chans, drop_path_rate=drop_path_rate)
+    model.to(device)
     if pretrained:
         model_2d = create_timm_model(spec.timm_name, pretrained)  # architecture and keys checked as for 2D
         model.load_2d_state(model_2d.state_dict(), f'the weights of {spec.timm_name}')

@@ -167,13 +167,23 @@ for _depth in (10, 18, 34, 50):
 register(BackboneSpec('swin3d_tiny', 'swin3d', f'{_3D}:build_swin3d', spatial_dims=3))
 for _size in ('s', 'b'):
     register(BackboneSpec(f'mednext_{_size}', 'mednext', f'{_3D}:build_mednext', spatial_dims=3))
-# timm's 2D ConvNeXt-T in 3D, its weights inflated from 2D ones (I3D, Carreira & Zisserman, 2017).
+# timm's 2D ConvNeXt-T and Swin-T in 3D, their weights inflated from 2D ones (I3D, Carreira & Zisserman, 2017).
 register(
     BackboneSpec(
         'convnext3d_tiny',
         'convnext3d',
         f'{_3D}:build_convnext3d',
         'convnext_tiny.fb_in22k_ft_in1k',
+        (0, 1, 2, 3),
+        spatial_dims=3,
+    )
+)
+register(
+    BackboneSpec(
+        'swin3d_inflated_tiny',
+        'swin3d_inflated',
+        f'{_3D}:build_swin3d_inflated',
+        'swin_tiny_patch4_window7_224.ms_in22k_ft_in1k',
         (0, 1, 2, 3),
         spatial_dims=3,
     )
