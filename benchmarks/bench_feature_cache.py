@@ -9,6 +9,7 @@ in machine load hits both and the dropout masks are each run's own. An epoch is 
 
     python benchmarks/bench_feature_cache.py                         # 96 train / 32 val images, 3 epochs
     python benchmarks/bench_feature_cache.py --train 256 --epochs 4
+    python benchmarks/bench_feature_cache.py --attention cbam        # the lightest head: CBAM only
 """
 
 from __future__ import annotations
@@ -44,9 +45,16 @@ def write_dataset(folder: Path, n_train: int, n_val: int, size: int) -> None:
     (folder / 'labels.csv').write_text('image,labels,patient_id,split\n' + '\n'.join(rows) + '\n')
 
 
-def make_config(data: Path, out: Path, cached: bool, batch_size: int) -> Config:
+def make_config(data: Path, out: Path, cached: bool, batch_size: int, cbam_only: bool) -> Config:
     return Config(
-        MODEL={'backbone': 'dinov2_small', 'pretrained': False, 'num_classes': 2, 'finetune': 'linear'},
+        MODEL={
+            'backbone': 'dinov2_small',
+            'pretrained': False,
+            'num_classes': 2,
+            'finetune': 'linear',
+            'use_modern_attention': not cbam_only,
+            'use_cross_scale_attention': not cbam_only,
+        },
         TRAIN={
             'batch_size': batch_size,
             'learning_rate': 1e-3,
@@ -71,8 +79,8 @@ def make_config(data: Path, out: Path, cached: bool, batch_size: int) -> Config:
     ).validate()
 
 
-def trainer(data: Path, out: Path, cached: bool, batch_size: int) -> Trainer:
-    config = make_config(data, out, cached, batch_size)
+def trainer(data: Path, out: Path, cached: bool, batch_size: int, cbam_only: bool) -> Trainer:
+    config = make_config(data, out, cached, batch_size, cbam_only)
     datasets = build_datasets(config)
     datasets['train'].transform = build_transforms(config, train=False)  # the cache's run is unaugmented too
     return Trainer(config, Dist(), torch.device('cpu'), datasets=datasets)
@@ -93,6 +101,13 @@ def main() -> None:
     parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument(
+        '--attention',
+        choices=['hybrid', 'cbam'],
+        default='hybrid',
+        help='hybrid: the default attention (CBAM, pooled self-attention, cross-scale); cbam: CBAM only, the '
+        'lightest head a probe can train',
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as train() sets it on a CPU
@@ -101,15 +116,17 @@ def main() -> None:
         os.environ['HYBRIDMEDNET_CACHE'] = str(root / 'cache')
         (root / 'data').mkdir()
         write_dataset(root / 'data', args.train, args.val, 256)
-        plain = trainer(root / 'data', root / 'plain', False, args.batch_size)
+        cbam_only = args.attention == 'cbam'
+        plain = trainer(root / 'data', root / 'plain', False, args.batch_size, cbam_only)
         streams = {'plain': rng_state()}
         start = time.perf_counter()
-        cached = trainer(root / 'data', root / 'cached', True, args.batch_size)  # computes the maps
+        cached = trainer(root / 'data', root / 'cached', True, args.batch_size, cbam_only)  # computes the maps
         build = time.perf_counter() - start
         streams['cached'] = rng_state()
         runs = {'plain': plain, 'cached': cached}
         print(
-            f'dinov2_small, 224 px, random weights, finetune linear, batch {args.batch_size}, '
+            f'dinov2_small, 224 px, random weights, finetune linear, attention {args.attention}, '
+            f'batch {args.batch_size}, '
             f'{args.train} train / {args.val} val images, {args.threads} threads'
         )
         print(f'cache build (backbone over {args.train + args.val} images, once): {build:.2f} s')
