@@ -141,5 +141,16 @@ def test_evaluate_reports_ood_flags_and_heatmap_localisation(data, tmp_path):
     assert (tmp_path / 'eval' / 'reliability_raw.png').is_file()
 
     (work / 'BBox_List_2017.csv').unlink()  # no box file: no localisation, and the report says nothing about it
-    results = evaluate_model(model_path, out_dir=tmp_path / 'eval2', eval_options={'bootstrap_samples': 10})
+    seen = []
+
+    def counting_loader(path, map_location='cpu'):
+        loaded = load_model(path, map_location=map_location)
+        loaded[0].backbone.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+        return loaded
+
+    results = evaluate_model(
+        model_path, out_dir=tmp_path / 'eval2', eval_options={'bootstrap_samples': 10}, loader=counting_loader
+    )
     assert 'localization' not in results and 'Localisation' not in (tmp_path / 'eval2' / 'report.md').read_text()
+    np.testing.assert_allclose(results['predictions']['ood_score'], ood.score(test), rtol=1e-6)
+    assert sum(seen) == len(datasets['val']) + len(test)  # logits and OOD features from one pass per image

@@ -20,7 +20,7 @@ from hybridmednet.data.transforms import build_transforms
 from hybridmednet.engine.trainer import train
 from hybridmednet.errors import CheckpointError, DataError
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
-from hybridmednet.evaluation.inference import dataset_logits
+from hybridmednet.evaluation.inference import dataset_outputs
 from hybridmednet.evaluation.ood import OodModel, dataset_features, fit_ood, ood_features
 from hybridmednet.models.hybrid import create_model
 
@@ -126,6 +126,9 @@ def test_a_trained_model_flags_photographs_and_noise_but_not_held_out_x_rays(tmp
     # About 1 % by construction; measured 3 of 145 (2.1 %; one image is 0.7 %). A threshold taken from the
     # training images' own distances, which the fit shrinks, flags 39 % here.
     assert ood.flag(dataset_features(model, test)).mean() <= 0.03
+    # evaluate's one pass gives the logits and the same features
+    logits, features = dataset_outputs(model, test, ood=True)
+    np.testing.assert_allclose(features, dataset_features(model, test), rtol=1e-6, atol=1e-6)
 
     photos = []
     for photo in load_sample_images().images:  # two photographs, whole and in quarters
@@ -139,7 +142,6 @@ def test_a_trained_model_flags_photographs_and_noise_but_not_held_out_x_rays(tmp
         assert ood.flag(ood_features(model, x)).all()
 
     # the calibration fitted with it: the test split's probabilities are closer to the observed rates
-    logits = dataset_logits(model, test)
     cal = Calibration.from_meta(meta['calibration'], meta['class_names'])
     before = expected_calibration_error(test.labels, apply_temperature(logits), test.mask)
     after = expected_calibration_error(test.labels, cal.probabilities(logits), test.mask)

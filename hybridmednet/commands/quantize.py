@@ -16,13 +16,13 @@ from hybridmednet.deploy.export import default_output_dir, write_directory, writ
 from hybridmednet.deploy.quantize import calibration_batches, quantize_int8
 from hybridmednet.deploy.runtime import OnnxModel, load_exported
 from hybridmednet.errors import DataError
-from hybridmednet.evaluation.inference import dataset_logits
+from hybridmednet.evaluation.inference import dataset_outputs
 from hybridmednet.evaluation.metrics import roc_auc
 
 
 def mean_auc(model: OnnxModel, dataset: ChestXrayDataset, batch_size: int) -> float:
     """Mean ROC AUC over the findings that have both classes in `dataset` (NaN when none has)."""
-    probs = expit(dataset_logits(model, dataset, batch_size, desc='scoring'))
+    probs = expit(dataset_outputs(model, dataset, batch_size, desc='scoring')[0])
     aucs = roc_auc(dataset.labels, probs, dataset.mask)
     return float(np.mean(aucs[np.isfinite(aucs)])) if np.isfinite(aucs).any() else math.nan
 

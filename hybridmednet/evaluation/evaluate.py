@@ -24,9 +24,9 @@ from hybridmednet.data.synthetic import BOX_FILE
 from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.evaluation import metrics
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
-from hybridmednet.evaluation.inference import dataset_logits
+from hybridmednet.evaluation.inference import dataset_outputs
 from hybridmednet.evaluation.localization import localization_scores
-from hybridmednet.evaluation.ood import OodModel, dataset_features
+from hybridmednet.evaluation.ood import OodModel
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.plots import plot_pr_curves, plot_reliability, plot_roc_curves
 from hybridmednet.evaluation.report import RATES, fmt, fmt_ci, report_paths, write_report
@@ -162,15 +162,18 @@ def compare_with(
     return {'other': str(other_path), 'other_model': other['model']['path'], 'n_images': int(len(mine)), **out}
 
 
-def ood_check(
-    model: Any, meta: dict[str, Any], data: ChestXrayDataset, batch_size: int, device: str, num_workers: int
-) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+def has_ood(model: Any, meta: dict[str, Any]) -> bool:
+    """Whether the model carries an OOD model and gives the features it scores (an export has no feature maps)."""
+    return bool(meta.get('ood')) and isinstance(model, HybridMedNet)
+
+
+def ood_check(meta: dict[str, Any], features: np.ndarray | None) -> tuple[dict[str, Any] | None, np.ndarray | None]:
     """The split's out-of-distribution scores against the model's stored OOD model: a summary and the
-    per-image scores ((None, None) when the model carries none or is an export, which has no feature maps)."""
-    if not meta.get('ood') or not isinstance(model, HybridMedNet):
+    per-image scores ((None, None) without features: see `has_ood`)."""
+    if features is None:
         return None, None
     ood = OodModel.from_state(meta['ood'])
-    scores = ood.score(dataset_features(model, data, batch_size, device, num_workers))
+    scores = ood.score(features)
     flagged = scores > ood.threshold
     summary = {
         'threshold': ood.threshold,
@@ -259,17 +262,20 @@ def evaluate_model(
     hashes = {s: split_hash(d.records, root) for s, d in datasets.items()}
     batch_size = batch_size or config.TRAIN['batch_size']
 
-    def run(ds, desc: str) -> np.ndarray:
-        logits = dataset_logits(model, ds, batch_size, device, ev['tta'], config.DATA['num_workers'], desc)
+    ood = has_ood(model, meta)
+
+    def run(ds, desc: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits, and the OOD features (from the same pass) when the model has an OOD model."""
+        outputs = dataset_outputs(model, ds, batch_size, device, ev['tta'], config.DATA['num_workers'], desc, ood)
         if getattr(ds, 'bad_files', None):  # DATA.skip_bad_images served a neighbour in their place
             raise DataError(
                 f'{len(ds.bad_files)} image(s) of the {desc} split could not be read, e.g. '
                 f"{ds.bad_files[0]}; an evaluation needs each image's own prediction: fix or "
                 f'remove them (hybridmednet check-data lists them)'
             )
-        return logits
+        return outputs
 
-    val_logits = run(val, 'validation') if len(val) else None
+    val_logits, val_features = run(val, 'validation') if len(val) else (None, None)
     if val_logits is not None:
         op = OperatingPoint.fit(
             val_logits,
@@ -300,7 +306,7 @@ def evaluate_model(
             stacklevel=2,
         )
     # the validation images are scored once
-    logits = val_logits if split == 'val' and val_logits is not None else run(data, split)
+    logits, features = (val_logits, val_features) if split == 'val' and val_logits is not None else run(data, split)
     probs = op.probabilities(logits)
     y, mask, records = data.labels.astype(np.float64), data.mask.astype(np.float64), data.records
     has_patients = 'patient_id' in records and records['patient_id'].notna().all()
@@ -346,9 +352,9 @@ def evaluate_model(
         'subgroups': subgroup_tables(records, y, probs, mask, names, n_boot, level, seed, ev['interval']),
         'figures': {},
     }
-    ood, ood_scores = ood_check(model, meta, data, batch_size, device, config.DATA['num_workers'])
-    if ood is not None:
-        results['ood'] = ood
+    ood_summary, ood_scores = ood_check(meta, features)
+    if ood_summary is not None:
+        results['ood'] = ood_summary
     localization = localization_check(model, data)
     if localization is not None:
         results['localization'] = localization

@@ -15,8 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hybridmednet.errors import ConfigError
+from hybridmednet.evaluation.ood import pooled_features
+from hybridmednet.models.hybrid import HybridMedNet
 
-# (scale, shift x, shift y) in normalised coordinates: identity, 10% zoom-in, two 3% shifts
+# (scale, shift x, shift y) in normalised coordinates: identity (the image itself), 10% zoom-in, two 3% shifts
 TTA_VIEWS = ((1.0, 0.0, 0.0), (0.9, 0.0, 0.0), (1.0, 0.06, 0.06), (1.0, -0.06, -0.06))
 
 
@@ -28,16 +30,32 @@ def tta_view(x: torch.Tensor, scale: float, dx: float, dy: float) -> torch.Tenso
 
 
 @torch.no_grad()
+def batch_outputs(
+    model: torch.nn.Module, x: torch.Tensor, tta: bool = False, ood: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [B, K] and, with `ood` (a HybridMedNet), its out-of-distribution features [B, D]
+    (`ood.pooled_features`) from the same forward pass. With TTA the logits are the mean over `TTA_VIEWS`,
+    whose first view is the image itself (images only); the features are the image's."""
+    if tta and x.dim() != 4:
+        raise ConfigError('EVAL.tta: test-time augmentation is defined for 2D images only; set EVAL.tta=false')
+    features = None
+    if ood:
+        hybrid = cast(HybridMedNet, model)
+        maps = hybrid.forward_features(x)
+        logits, features = hybrid.forward_head(maps).float(), pooled_features(maps)
+    else:
+        logits = model(x).float()
+    if tta:
+        logits = torch.stack([logits, *(model(tta_view(x, *view)).float() for view in TTA_VIEWS[1:])]).mean(0)
+    return logits, features
+
+
 def batch_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """Logits [B, K]; with TTA, the mean logit over `TTA_VIEWS` (images only)."""
-    if not tta:
-        return model(x).float()
-    if x.dim() != 4:
-        raise ConfigError('EVAL.tta: test-time augmentation is defined for 2D images only; set EVAL.tta=false')
-    return torch.stack([model(tta_view(x, *view)).float() for view in TTA_VIEWS]).mean(0)
+    return batch_outputs(model, x, tta)[0]
 
 
-def dataset_logits(
+def dataset_outputs(
     model: torch.nn.Module,
     dataset: Dataset,
     batch_size: int = 32,
@@ -45,15 +63,20 @@ def dataset_logits(
     tta: bool = False,
     num_workers: int = 0,
     desc: str = 'predicting',
-) -> np.ndarray:
-    """Logits [N, K] for every item of a dataset of (image, target, mask), in dataset order."""
+    ood: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`batch_outputs` for every item of a dataset of (image, target, mask), in dataset order: logits [N, K]
+    and, with `ood`, the features [N, D] (None without)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     model.eval()
-    out = [
-        batch_logits(model, batch[0].to(device), tta).cpu()
-        for batch in tqdm(loader, desc=desc, unit='batch', leave=False)
-    ]
-    if out:
-        return torch.cat(out).numpy().astype(np.float64)
+    logits, features = [], []
+    for batch in tqdm(loader, desc=desc, unit='batch', leave=False):
+        out, feats = batch_outputs(model, batch[0].to(device), tta, ood)
+        logits.append(out.cpu())
+        if feats is not None:
+            features.append(feats.cpu())
+    found = torch.cat(features).numpy().astype(np.float64) if features else None
+    if logits:
+        return torch.cat(logits).numpy().astype(np.float64), found
     class_names = cast(list[str], model.class_names)  # HybridMedNet's; torch types module attributes loosely
-    return np.zeros((0, len(class_names)))
+    return np.zeros((0, len(class_names))), found

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,11 +23,10 @@ from hybridmednet.data.transforms import build_transforms
 from hybridmednet.data.volumes import is_nifti, read_volume
 from hybridmednet.errors import DataError, ImageReadError
 from hybridmednet.evaluation.gradcam import save_overlays
-from hybridmednet.evaluation.inference import batch_logits
-from hybridmednet.evaluation.ood import OodModel, ood_features
+from hybridmednet.evaluation.inference import batch_outputs
+from hybridmednet.evaluation.ood import OodModel
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.report import write_json
-from hybridmednet.models.hybrid import HybridMedNet
 
 
 def list_images(path: str | Path, volumes: bool = False) -> list[Path]:
@@ -120,8 +119,9 @@ def predict_files(
             if not loaded:
                 continue
             x = torch.stack([t for _, _, t in loaded]).to(device)
-            probs = op.probabilities(batch_logits(model, x, tta).cpu().numpy())
-            scores = ood.score(ood_features(cast(HybridMedNet, model), x)) if ood is not None else [None] * len(loaded)
+            logits, features = batch_outputs(model, x, tta, ood is not None)
+            probs = op.probabilities(logits.cpu().numpy())
+            scores = ood.score(features) if ood is not None and features is not None else [None] * len(loaded)
             for (path, image, tensor), p, score in zip(loaded, probs, scores):
                 positive = np.flatnonzero(op.positives(p))
                 pred = Prediction(

@@ -23,7 +23,7 @@ from hybridmednet.checkpoint import load_model, weights_hash
 from hybridmednet.config import Config
 from hybridmednet.data.transforms import build_transforms
 from hybridmednet.evaluation.gradcam import cams_of_row, forward_with_trunk
-from hybridmednet.evaluation.inference import batch_logits
+from hybridmednet.evaluation.inference import batch_logits, batch_outputs
 from hybridmednet.evaluation.ood import pooled_features
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
@@ -141,12 +141,7 @@ class ServedModel:
             logits = batch_logits(model, x, True) if self.tta else plain.detach().float()
             features = None if self.ood is None else pooled_features([m.detach() for m in maps])
             return logits, features, (plain, trunk_maps)
-        with torch.no_grad():
-            if self.ood is None:
-                return batch_logits(model, x, self.tta), None, None
-            maps = model.forward_features(x)  # as ood.ood_features and batch_logits, from one pass
-            logits = batch_logits(model, x, True) if self.tta else model.forward_head(maps).float()
-            return logits, pooled_features(maps), None
+        return (*batch_outputs(model, x, self.tta, self.ood is not None), None)
 
     def score(self, requests: Sequence[Request]) -> list[Scored]:
         """Probabilities, decisions and OOD scores for a batch; HiResCAM per positive finding where asked."""
