@@ -63,7 +63,9 @@ def test_package_holds_the_hub_layout_and_every_model_entry(package):
     ]  # no pickle anywhere
     config = json.loads((folder / 'config.json').read_text())
     assert config['class_names'] == NAMES and config['epoch'] == 3
-    assert (folder / 'README.md').read_text().startswith('---\nlibrary_name: hybridmednet\n')
+    card = (folder / 'README.md').read_text()
+    assert card.startswith('---\nlibrary_name: hybridmednet\n')
+    assert '# Model card: best_model-hf (from best_model.pth)' in card  # the package, not model.safetensors
     _, _, original = load_model(package['checkpoint'])
     _, _, packaged = load_model(folder)
     assert packaged['thresholds'] == original['thresholds'] and packaged['calibration'] == original['calibration']

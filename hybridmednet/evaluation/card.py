@@ -180,9 +180,13 @@ def card_sections(
 
 
 def write_card(
-    model_path: str | Path, results_path: str | Path | None = None, output: str | Path | None = None
+    model_path: str | Path,
+    results_path: str | Path | None = None,
+    output: str | Path | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write the model card (Markdown) and return its path (default: beside the model, <name>_card.md)."""
+    """Write the model card (Markdown) and return its path (default: beside the model, <name>_card.md);
+    `name`: what the title calls the model (default: the model file's name)."""
     model, config, meta = load_model(model_path)
     results_path = Path(results_path) if results_path else default_output_dir(model_path) / 'results.json'
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
@@ -199,6 +203,8 @@ def write_card(
     output = Path(output) if output else Path(model_path).with_name(f'{Path(model_path).stem}_card.md')
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(
-        to_markdown(f'Model card: {Path(model_path).name}', card_sections(model_path, config, meta, n_params, results))
+        to_markdown(
+            f'Model card: {name or Path(model_path).name}', card_sections(model_path, config, meta, n_params, results)
+        )
     )
     return output
