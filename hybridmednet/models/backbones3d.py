@@ -324,22 +324,6 @@ class ConvNeXt3d(FeaturePyramid):
         return named_groups(self, units)
 
 
-def build_convnext3d(
-    spec: Any,
-    pretrained: bool | str = False,
-    img_size: Sequence[int] | None = None,
-    drop_path_rate: float = 0.0,
-    in_chans: int = 1,
-) -> ConvNeXt3d:
-    """`pretrained`: True inflates timm's ImageNet weights (hub or cache), a path a local timm weights file."""
-    check_volume_size(spec.name, img_size, 32)
-    model = ConvNeXt3d(in_chans, drop_path_rate=drop_path_rate)
-    if pretrained:
-        model_2d = create_timm_model(spec.timm_name, pretrained)  # architecture and keys checked as for 2D
-        model.load_2d_state(model_2d.state_dict(), f'the weights of {spec.timm_name}')
-    return model
-
-
 class SwinStage3d(nn.Module):
     """One timm Swin stage in 3D: patch merging first (timm's order), then MONAI's 3D window-attention blocks."""
 
@@ -429,19 +413,23 @@ class SwinInflated3d(FeaturePyramid):
         return named_groups(self, units)
 
 
-def build_swin3d_inflated(
+INFLATED: dict[str, type[ConvNeXt3d] | type[SwinInflated3d]] = {
+    'convnext3d': ConvNeXt3d,
+    'swin3d_inflated': SwinInflated3d,
+}
+
+
+def build_inflated(
     spec: Any,
     pretrained: bool | str = False,
     img_size: Sequence[int] | None = None,
     drop_path_rate: float = 0.0,
     in_chans: int = 1,
-) -> SwinInflated3d:
-    """`pretrained`: True inflates timm's ImageNet weights (hub or cache), a path a local timm weights file."""
+) -> ConvNeXt3d | SwinInflated3d:
+    """The 3D model of the spec's family (`INFLATED`); `pretrained`: True inflates timm's ImageNet weights
+    (hub or cache), a path a local timm weights file."""
     check_volume_size(spec.name, img_size, 32)
-    device = torch.get_default_device()
-    with torch.device('cpu'):  # the relative-position indices are computed at construction
-        model = SwinInflated3d(in_chans, drop_path_rate=drop_path_rate)
-    model.to(device)
+    model = INFLATED[spec.family](in_chans, drop_path_rate=drop_path_rate)
     if pretrained:
         model_2d = create_timm_model(spec.timm_name, pretrained)  # architecture and keys checked as for 2D
         model.load_2d_state(model_2d.state_dict(), f'the weights of {spec.timm_name}')

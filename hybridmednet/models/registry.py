@@ -172,7 +172,7 @@ register(
     BackboneSpec(
         'convnext3d_tiny',
         'convnext3d',
-        f'{_3D}:build_convnext3d',
+        f'{_3D}:build_inflated',
         'convnext_tiny.fb_in22k_ft_in1k',
         (0, 1, 2, 3),
         spatial_dims=3,
@@ -182,7 +182,7 @@ register(
     BackboneSpec(
         'swin3d_inflated_tiny',
         'swin3d_inflated',
-        f'{_3D}:build_swin3d_inflated',
+        f'{_3D}:build_inflated',
         'swin_tiny_patch4_window7_224.ms_in22k_ft_in1k',
         (0, 1, 2, 3),
         spatial_dims=3,
