@@ -277,33 +277,35 @@ def test_inflated_convnext_loads_a_local_timm_file_and_refuses_another(convnext_
         build_backbone('convnext3d_tiny', pretrained=str(tmp_path / 'atto.safetensors'))
 
 
-def tiny_swin_2d():
-    """A small timm 2D Swin (window 4 at 128 px: every stage's grid a multiple of the window, shifted windows in
-    stages 1-3), every weight moved off its init."""
+def tiny_swin_2d(size: int = 128):
+    """A small timm 2D Swin, window 4, every weight moved off its init. At 128 px every stage's grid is a
+    multiple of the window; at 64 px timm cuts the last stage's window to its 2 x 2 grid."""
     from timm.models.swin_transformer import SwinTransformer
 
     torch.manual_seed(0)
-    model = SwinTransformer(img_size=128, window_size=4, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
+    model = SwinTransformer(img_size=size, window_size=4, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
 
 
-def test_inflated_swin_reproduces_2d_features_on_identical_slices():
+@pytest.mark.parametrize('size', [128, 64])
+def test_inflated_swin_reproduces_2d_features_on_identical_slices(size):
     """As for ConvNeXt: a volume of identical slices (depth 32: 8 token slices, shifted windows along depth too)
     gives the 2D Swin's features on every slice of every stage; the relative-position biases and the patch
-    merging's 8 neighbours must map onto the 2D ones exactly for this to hold."""
-    swin_2d = tiny_swin_2d()
-    model = SwinInflated3d(1, 24, (2, 2, 2, 2), (2, 4, 8, 16), window=4).eval()
+    merging's 8 neighbours must map onto the 2D ones exactly for this to hold. At 64 px the deeper stages'
+    windows are cut to their grids (MONAI would read wrong biases for a window it cuts in-plane itself)."""
+    swin_2d = tiny_swin_2d(size)
+    model = SwinInflated3d(1, 24, (2, 2, 2, 2), (2, 4, 8, 16), window=4, volume_size=[32, size, size]).eval()
     model.load_2d_state(swin_2d.state_dict())
-    image = torch.rand(2, 1, 128, 128)
+    image = torch.rand(2, 1, size, size)
     with torch.no_grad():
         expected = swin_2d.forward_intermediates(image.expand(-1, 3, -1, -1), indices=4, intermediates_only=True)
         volume = image.unsqueeze(2).expand(-1, -1, 32, -1, -1)
         maps = model(volume)
     for got, want in zip(maps, expected):
-        assert got.shape[2] == got.shape[3] // 4
+        assert got.shape[2] * size == got.shape[3] * 32  # depth kept, to scale
         torch.testing.assert_close(got, want.unsqueeze(2).expand_as(got), atol=1e-4, rtol=1e-4)
     changed = volume.clone()
     changed[:, :, 13] += 1  # token slice 3 of 0..7; its window (slices 0-3, then 2-5 shifted) moves
@@ -312,15 +314,27 @@ def test_inflated_swin_reproduces_2d_features_on_identical_slices():
     assert moved[3] > 0 and moved[0] > 0 and moved[5] > 0 and moved[7] == 0
 
 
+def test_inflated_swin_refuses_a_volume_that_would_cut_its_windows_in_plane():
+    model = SwinInflated3d(1, 24, (2, 2, 2, 2), (2, 4, 8, 16), window=4)  # built for no size: windows 4 x 4 x 4
+    with pytest.raises(ValueError, match=r'\(1, 2, 2\) token grid is smaller in-plane.*DATA.volume_size'):
+        model(torch.rand(1, 1, 32, 64, 64))
+
+
 def test_inflated_swin_loads_a_local_timm_file_and_refuses_another(tmp_path):
     torch.manual_seed(0)
     swin_2d = timm.create_model('swin_tiny_patch4_window7_224')
     save_file(swin_2d.state_dict(), str(tmp_path / 'swin_tiny.safetensors'))
-    loaded = build_backbone('swin3d_inflated_tiny', pretrained=str(tmp_path / 'swin_tiny.safetensors'))
-    table = loaded.state_dict()['layers.2.layer.blocks.1.attn.relative_position_bias_table']
-    assert table.shape == (13**3, 12)
-    table_2d = swin_2d.state_dict()['layers.2.blocks.1.attn.relative_position_bias_table']
-    torch.testing.assert_close(table[: 13**2], table_2d)
+    file = str(tmp_path / 'swin_tiny.safetensors')
+    loaded = build_backbone('swin3d_inflated_tiny', pretrained=file, img_size=[64, 64, 64])
+    tables = [f'layers.{i}.blocks.1.attn.relative_position_bias_table' for i in (1, 2)]
+    # 64^3: stage 2's 8^3 grid keeps 7^3 windows, each 2D bias at every depth offset
+    table_2d = swin_2d.state_dict()[tables[0]].view(13, 13, 6)
+    table = loaded.state_dict()[tables[0].replace('.blocks.', '.layer.blocks.')].view(13, 13, 13, 6)
+    assert torch.equal(table, table_2d.expand(13, -1, -1, -1))
+    # stage 3's 4^3 grid gets 4^3 windows: the 2D biases of offsets -3..3, the central 7 x 7 of 13 x 13
+    table_2d = swin_2d.state_dict()[tables[1]].view(13, 13, 12)
+    table = loaded.state_dict()[tables[1].replace('.blocks.', '.layer.blocks.')].view(7, 7, 7, 12)
+    assert torch.equal(table, table_2d[3:10, 3:10].expand(7, -1, -1, -1))
     assert loaded.state_dict()['patch_embed.proj.weight'].shape == (96, 1, 4, 4, 4)
     save_file(tiny_swin_2d().state_dict(), str(tmp_path / 'tiny.safetensors'))
     with pytest.raises(PretrainedWeightsError, match='does not fit'):

@@ -524,6 +524,13 @@ def test_command_refuses_a_bad_model_in_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
 
 
+def test_command_refuses_an_allocator_setting_that_is_not_a_number(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('MALLOC_MMAP_THRESHOLD_', '8M')
+    assert serve_command.main(['--model_path', str(tmp_path / 'm.pth')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '$MALLOC_MMAP_THRESHOLD_ must be a whole number' in err[0] and "'8M'" in err[0]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

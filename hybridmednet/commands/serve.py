@@ -28,7 +28,7 @@ def _tame_malloc() -> None:
     with two arenas alone. A fixed threshold keeps the big blocks (a batch's activations, a DICOM's pixels)
     out of the heap; but fixing it also freezes the trim threshold at 128 KiB, and at a 1 MiB mmap threshold
     every batch-1 activation was a fresh mmap: a DICOM with heatmaps took 340-380 ms instead of 290 (convnext_tiny).
-    8 MiB / 64 MiB (measured, convnext_tiny, 8 clients): RSS +3.6 % over 1,000 requests, flat after the
+    8 MiB / 64 MiB (measured, convnext_tiny, 8 clients): RSS +2.6-3.6 % over 1,000 requests, flat after the
     first 250, at the speed of glibc's defaults."""
     for name, (_, value) in MALLOC_SETTINGS.items():
         os.environ.setdefault(name, str(value))
@@ -37,7 +37,10 @@ def _tame_malloc() -> None:
     except OSError:  # not glibc: nothing to tune
         return
     for name, (parameter, _) in MALLOC_SETTINGS.items():
-        libc.mallopt(parameter, int(os.environ[name]))
+        setting = os.environ[name]
+        if not setting.isdigit():
+            raise ServeError(f'${name} must be a whole number of bytes (or arenas), got {setting!r}')
+        libc.mallopt(parameter, int(setting))
 
 
 def _positive(kind: type[int] | type[float], what: str):

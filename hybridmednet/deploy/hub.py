@@ -57,7 +57,7 @@ def save_pretrained(
     def fill(folder: Path) -> Path:
         weights = export_weights(folder / PACKAGE_WEIGHTS, model.state_dict(), config, kept, folder / PACKAGE_CONFIG)
         write_model_entries(weights, {k: meta[k] for k in MODEL_ENTRIES if meta.get(k) is not None})
-        name = f'{out.name} (from {Path(model_path).name})'
+        name = f'{out.resolve().name} (from {Path(model_path).name})'
         card = write_card(weights, results if results.is_file() else None, folder / 'README.md', name)
         card.write_text(FRONT_MATTER + card.read_text())
         return out

@@ -325,17 +325,41 @@ class ConvNeXt3d(FeaturePyramid):
 
 
 class SwinStage3d(nn.Module):
-    """One timm Swin stage in 3D: patch merging first (timm's order), then MONAI's 3D window-attention blocks."""
+    """One timm Swin stage in 3D: patch merging first (timm's order), then MONAI's 3D window-attention blocks
+    with windows `window` [D, H, W]."""
 
-    def __init__(self, swin: Any, in_dim: int, dim: int, depth: int, heads: int, window: int, drop_paths: list[float]):
+    def __init__(
+        self, swin: Any, in_dim: int, dim: int, depth: int, heads: int, window: tuple[int, ...], drop_paths: list[float]
+    ):
         super().__init__()
+        self.window = window
         self.downsample = swin.PatchMergingV2(in_dim, spatial_dims=3) if in_dim != dim else None
-        self.layer = swin.BasicLayer(dim, depth, heads, (window,) * 3, drop_paths, qkv_bias=True)
+        self.layer = swin.BasicLayer(dim, depth, heads, window, drop_paths, qkv_bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x.movedim(1, -1)).movedim(-1, 1)
+        # MONAI shrinks a window to a smaller grid, but then reads its relative-position biases for the first
+        # tokens of the full window: right when only depth shrinks (the index runs depth-major), wrong otherwise.
+        grid = tuple(x.shape[2:])
+        if any(g < w for g, w in zip(grid[1:], self.window[1:])):
+            raise ValueError(
+                f'swin3d_inflated: a {grid} token grid is smaller in-plane than its {self.window} windows; build '
+                'the model for the volume size it is given (DATA.volume_size)'
+            )
         return self.layer(x)
+
+
+def swin_windows(window: int, stages: int, volume_size: Sequence[int] | None) -> list[tuple[int, ...]]:
+    """Each stage's window [D, H, W]: `window` on every side, cut to the stage's token grid where the volume is
+    smaller (the patch embedding and each merging round up, as MONAI's padding does)."""
+    if volume_size is None:
+        return [(window,) * 3] * stages
+    grid, windows = [-(-s // 4) for s in volume_size], []
+    for _ in range(stages):
+        windows.append(tuple(min(window, g) for g in grid))
+        grid = [-(-g // 2) for g in grid]
+    return windows
 
 
 class SwinInflated3d(FeaturePyramid):
@@ -343,8 +367,9 @@ class SwinInflated3d(FeaturePyramid):
     strides 4..32. `load_2d_state` inflates a timm 2D Swin's weights onto it so that a volume of identical slices
     gives the 2D model's features on every slice: kernels as in I3D, each relative-position bias copied to every
     depth offset (duplicated keys leave a softmax average unchanged), and each patch-merging weight shared by the
-    two depth neighbours of its 2D position. Volumes whose token grid a window does not divide are zero-padded
-    as in MONAI's SwinUNETR."""
+    two depth neighbours of its 2D position. Windows are cut to the token grid where `volume_size` is smaller
+    (their biases the central ones of the 2D table); volumes whose token grid a window does not divide are
+    zero-padded as in MONAI's SwinUNETR."""
 
     def __init__(
         self,
@@ -354,6 +379,7 @@ class SwinInflated3d(FeaturePyramid):
         num_heads: tuple[int, ...] = (3, 6, 12, 24),
         window: int = 7,
         drop_path_rate: float = 0.0,
+        volume_size: Sequence[int] | None = None,
     ):
         super().__init__()
         swin = monai_nets('einops').swin_unetr
@@ -363,10 +389,11 @@ class SwinInflated3d(FeaturePyramid):
         total = sum(depths)
         rates = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]
         starts = [sum(depths[:i]) for i in range(len(depths))]
+        self.windows = swin_windows(window, len(depths), volume_size)
         self.layers = nn.Sequential(
             *(
-                SwinStage3d(swin, dims[max(i - 1, 0)], dims[i], d, h, window, rates[s : s + d])
-                for i, (s, d, h) in enumerate(zip(starts, depths, num_heads))
+                SwinStage3d(swin, dims[max(i - 1, 0)], dims[i], d, h, w, rates[s : s + d])
+                for i, (s, d, h, w) in enumerate(zip(starts, depths, num_heads, self.windows))
             )
         )
         self.channels = dims
@@ -396,7 +423,7 @@ class SwinInflated3d(FeaturePyramid):
             if key == 'patch_embed.proj.weight':
                 value = inflate_kernel(adapt_input_conv(self.in_chans, value))
             elif key.endswith('relative_position_bias_table'):
-                value = value.repeat(round(value.shape[0] ** 0.5), 1)  # (2W-1)^2 rows -> every depth offset
+                value = self._inflate_biases(key, value, source)
             elif key.endswith('downsample.norm.weight') or key.endswith('downsample.norm.bias'):
                 value = value.view(4, -1)[slots].flatten()
             elif key.endswith('downsample.reduction.weight'):
@@ -404,6 +431,20 @@ class SwinInflated3d(FeaturePyramid):
             inflated[key] = value
         check_fits(own, inflated, f'{source} do not fit {type(self).__name__}')
         self.load_state_dict(inflated)
+
+    def _inflate_biases(self, key: str, table: torch.Tensor, source: str) -> torch.Tensor:
+        """A 2D table [(2W-1)^2, heads] -> the 3D window's [(2d-1)(2h-1)(2w-1), heads]: the central (2h-1) x
+        (2w-1) offsets, the same for every depth offset (MONAI's index runs depth, then height, then width)."""
+        d, h, w = self.windows[int(key.split('.')[1])]
+        side = round(table.shape[0] ** 0.5)  # 2W - 1
+        half = (side + 1) // 2  # W
+        if h > half or w > half:
+            raise PretrainedWeightsError(
+                f'{source}: {key} holds the biases of a {half}x{half} window, smaller than the {h}x{w} windows '
+                'of the 3D model'
+            )
+        grid = table.view(side, side, -1)[half - h : half + h - 1, half - w : half + w - 1]
+        return grid.reshape(-1, table.shape[1]).repeat(2 * d - 1, 1)
 
     def layer_groups(self) -> list[list[str]]:
         units = [['patch_embed']]
@@ -413,9 +454,10 @@ class SwinInflated3d(FeaturePyramid):
         return named_groups(self, units)
 
 
-INFLATED: dict[str, type[ConvNeXt3d] | type[SwinInflated3d]] = {
-    'convnext3d': ConvNeXt3d,
-    'swin3d_inflated': SwinInflated3d,
+# family -> the 3D model, from (in_chans, drop_path_rate, volume_size)
+INFLATED: dict[str, Callable[[int, float, Sequence[int] | None], ConvNeXt3d | SwinInflated3d]] = {
+    'convnext3d': lambda chans, rate, size: ConvNeXt3d(chans, drop_path_rate=rate),
+    'swin3d_inflated': lambda chans, rate, size: SwinInflated3d(chans, drop_path_rate=rate, volume_size=size),
 }
 
 
@@ -429,7 +471,7 @@ def build_inflated(
     """The 3D model of the spec's family (`INFLATED`); `pretrained`: True inflates timm's ImageNet weights
     (hub or cache), a path a local timm weights file."""
     check_volume_size(spec.name, img_size, 32)
-    model = INFLATED[spec.family](in_chans, drop_path_rate=drop_path_rate)
+    model = INFLATED[spec.family](in_chans, drop_path_rate, img_size)
     if pretrained:
         model_2d = create_timm_model(spec.timm_name, pretrained)  # architecture and keys checked as for 2D
         model.load_2d_state(model_2d.state_dict(), f'the weights of {spec.timm_name}')
