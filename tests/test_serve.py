@@ -38,7 +38,7 @@ from hybridmednet.evaluation.operating_point import OperatingPoint  # noqa: E402
 from hybridmednet.models.hybrid import HybridMedNet  # noqa: E402
 from hybridmednet.serve import ServeError, uploads  # noqa: E402
 from hybridmednet.serve.app import Settings, app_from_environment, create_app, settings_environment  # noqa: E402
-from hybridmednet.serve.inference import ServedModel  # noqa: E402
+from hybridmednet.serve.inference import Request, ServedModel  # noqa: E402
 
 SIZE = 32
 POSITIVE = ('Effusion', 'Nodule')  # threshold 0: always positive; every other finding has threshold 1: never
@@ -175,6 +175,21 @@ def test_heatmaps_are_grad_cam_overlays_of_the_positive_findings(client, model_p
         assert got.format == 'PNG' and got.size == want.size
         difference = np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float))
         assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 4  # exact but for rounding
+
+
+def test_tta_scores_the_same_with_and_without_heatmaps(model_path):
+    """With thresholds fitted on TTA outputs the server scores with TTA; the heatmap path reuses its own plain
+    pass as TTA's first view and must give the same numbers as the plain path and as batch_logits."""
+    served = ServedModel.load(model_path)
+    served.tta = True
+    x = served.preprocess(xray(3))
+    with_maps, without = (served.score([Request(x, heatmaps)])[0].probabilities for heatmaps in (True, False))
+    model, _, _ = load_model(model_path)
+    want = served.op.probabilities(batch_logits(model, x[None], tta=True).numpy().astype(np.float64))[0]
+    plain = served.op.probabilities(batch_logits(model, x[None]).numpy().astype(np.float64))[0]
+    np.testing.assert_allclose(with_maps, want, atol=1e-6)
+    np.testing.assert_allclose(without, want, atol=1e-6)
+    assert np.abs(plain - want).max() > 1e-4  # TTA moves them: the checks above do tell TTA from plain
 
 
 def test_preview_is_the_image_as_read(client, tmp_path):

@@ -45,9 +45,14 @@ def batch_outputs(
         logits, features = hybrid.forward_head(maps).float(), pooled_features(maps)
     else:
         logits = model(x).float()
-    if tta:
-        logits = torch.stack([logits, *(model(tta_view(x, *view)).float() for view in TTA_VIEWS[1:])]).mean(0)
-    return logits, features
+    return (tta_mean(model, x, logits) if tta else logits), features
+
+
+@torch.no_grad()
+def tta_mean(model: torch.nn.Module, x: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """The TTA logits of images `x` whose own logits `plain` are already computed: the mean over `TTA_VIEWS`."""
+    views = (model(tta_view(x, *view)).float() for view in TTA_VIEWS[1:])
+    return torch.stack([plain.detach().float(), *views]).mean(0)
 
 
 def batch_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:

@@ -23,7 +23,7 @@ from hybridmednet.checkpoint import load_model, weights_hash
 from hybridmednet.config import Config
 from hybridmednet.data.transforms import build_transforms
 from hybridmednet.evaluation.gradcam import cams_of_row, forward_with_trunk
-from hybridmednet.evaluation.inference import batch_logits, batch_outputs
+from hybridmednet.evaluation.inference import batch_outputs, tta_mean
 from hybridmednet.evaluation.ood import pooled_features
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
@@ -138,7 +138,7 @@ class ServedModel:
         model = self.torch_model
         if heatmaps:  # the same pass with gradients on, keeping the trunk's maps for HiResCAM
             (maps, plain), trunk_maps = forward_with_trunk(model, lambda x: _maps_and_logits(model, x), x)
-            logits = batch_logits(model, x, True) if self.tta else plain.detach().float()
+            logits = tta_mean(model, x, plain) if self.tta else plain.detach().float()
             features = None if self.ood is None else pooled_features([m.detach() for m in maps])
             return logits, features, (plain, trunk_maps)
         return (*batch_outputs(model, x, self.tta, self.ood is not None), None)
