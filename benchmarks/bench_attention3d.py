@@ -25,9 +25,9 @@ from hybridmednet.models.registry import build_backbone
 
 
 class BareClassifier(nn.Module):
-    def __init__(self, backbone: str, num_classes: int):
+    def __init__(self, backbone: str, num_classes: int, size: int):
         super().__init__()
-        self.backbone = build_backbone(backbone)
+        self.backbone = build_backbone(backbone, img_size=[size] * 3)  # the volume size, as create_model passes it
         self.fc = nn.Linear(self.backbone.channels[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ def main() -> None:
     for size in args.sizes:
         torch.manual_seed(0)
         models = {
-            'bare': BareClassifier(args.backbone, 14).train(),
+            'bare': BareClassifier(args.backbone, 14, size).train(),
             'hybrid': create_model(
                 args.backbone,
                 num_classes=14,
