@@ -17,8 +17,8 @@ from hybridmednet.data.io import read_image
 from hybridmednet.data.synthetic import generate_sample_dataset
 from hybridmednet.data.transforms import build_transforms
 from hybridmednet.evaluation.evaluate import evaluate_model
-from hybridmednet.evaluation.inference import batch_logits
-from hybridmednet.evaluation.ood import dataset_features, fit_ood
+from hybridmednet.evaluation.inference import batch_logits, dataset_outputs
+from hybridmednet.evaluation.ood import fit_ood
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.evaluation.report import evaluation_sections, to_markdown
 
@@ -121,7 +121,7 @@ def test_evaluate_reports_ood_flags_and_heatmap_localisation(data, tmp_path):
     model_path = make_checkpoint(tmp_path / 'm.pth', work, 0)
     model, config, _ = load_model(model_path)
     datasets = build_datasets(config, use_cache=False)
-    train, test = (dataset_features(model, datasets[s]) for s in ('train', 'test'))
+    train, test = (dataset_outputs(model, datasets[s], ood=True)[1] for s in ('train', 'test'))
     ood = fit_ood(train, train[:40])
     # the threshold sits between the test images' distances: the flags must be the images above it
     ood.threshold = float(np.median(ood.score(test)))

@@ -40,12 +40,17 @@ def batch_outputs(
         raise ConfigError('EVAL.tta: test-time augmentation is defined for 2D images only; set EVAL.tta=false')
     features = None
     if ood:
-        hybrid = cast(HybridMedNet, model)
-        maps = hybrid.forward_features(x)
-        logits, features = hybrid.forward_head(maps).float(), pooled_features(maps)
+        maps, logits = maps_and_logits(cast(HybridMedNet, model), x)
+        logits, features = logits.float(), pooled_features(maps)
     else:
         logits = model(x).float()
     return (tta_mean(model, x, logits) if tta else logits), features
+
+
+def maps_and_logits(model: HybridMedNet, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The attention maps (where the OOD features come from) and the logits computed from them: one pass."""
+    maps = model.forward_features(x)
+    return maps, model.forward_head(maps)
 
 
 @torch.no_grad()

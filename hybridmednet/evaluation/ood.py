@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
-from torch.utils.data import DataLoader, Dataset
 
 from hybridmednet.errors import CheckpointError, DataError
 from hybridmednet.models.hybrid import HybridMedNet
@@ -39,23 +38,10 @@ def ood_features(model: HybridMedNet, x: torch.Tensor) -> torch.Tensor:
 
 
 def pooled_features(maps: list[torch.Tensor]) -> torch.Tensor:
-    """`ood_features` from attention maps already computed (a server's one forward pass); 2D or 3D maps."""
+    """`ood_features` from attention maps already computed (the one forward pass of inference.batch_outputs and of
+    a server); 2D or 3D maps."""
     pooled = [torch.cat([m.flatten(2).mean(2), m.flatten(2).amax(2)], 1) for m in maps]
     return torch.cat(pooled, 1).float()
-
-
-def dataset_features(
-    model: HybridMedNet,
-    dataset: Dataset,
-    batch_size: int = 32,
-    device: str | torch.device = 'cpu',
-    num_workers: int = 0,
-) -> np.ndarray:
-    """`ood_features` [N, D] for every item of a dataset of (image, target, mask), in dataset order."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    model.eval()
-    out = [ood_features(model, batch[0].to(device)).cpu() for batch in loader]
-    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 2 * sum(model.backbone.channels)))
 
 
 def _matrix(features: np.ndarray | torch.Tensor, what: str) -> np.ndarray:

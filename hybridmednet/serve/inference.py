@@ -23,7 +23,7 @@ from hybridmednet.checkpoint import load_model, weights_hash
 from hybridmednet.config import Config
 from hybridmednet.data.transforms import build_transforms
 from hybridmednet.evaluation.gradcam import cams_of_row, forward_with_trunk
-from hybridmednet.evaluation.inference import batch_outputs, tta_mean
+from hybridmednet.evaluation.inference import batch_outputs, maps_and_logits, tta_mean
 from hybridmednet.evaluation.ood import pooled_features
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
@@ -137,7 +137,7 @@ class ServedModel:
             return torch.as_tensor(np.asarray(self.model(x), dtype=np.float32)), None, None
         model = self.torch_model
         if heatmaps:  # the same pass with gradients on, keeping the trunk's maps for HiResCAM
-            (maps, plain), trunk_maps = forward_with_trunk(model, lambda x: _maps_and_logits(model, x), x)
+            (maps, plain), trunk_maps = forward_with_trunk(model, lambda x: maps_and_logits(model, x), x)
             logits = tta_mean(model, x, plain) if self.tta else plain.detach().float()
             features = None if self.ood is None else pooled_features([m.detach() for m in maps])
             return logits, features, (plain, trunk_maps)
@@ -161,8 +161,3 @@ class ServedModel:
                 cams = dict(zip(classes, cams_of_row(plain, trunk_maps, i, classes, x.shape[2:])))
             out.append(Scored(p, positive, ood[i], cams))
         return out
-
-
-def _maps_and_logits(model: HybridMedNet, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    maps = model.forward_features(x)
-    return maps, model.forward_head(maps)
