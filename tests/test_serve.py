@@ -245,6 +245,7 @@ def test_model_facts(client, model_path):
     assert body['model']['weights_hash'] == weights_hash(model.state_dict())
     assert body['card']['epoch'] == 3 and body['card']['best_validation_auc'] == 0.71
     assert body['card']['image_size'] == SIZE and 'Not a medical device' in body['card']['intended_use']
+    assert 'multi-label chest X-ray classification' in body['card']['intended_use']  # the template filled in
     assert body['heatmaps_available'] is True and body['ood'] is None
     assert body['limits']['max_upload_mb'] == 1
 

@@ -29,7 +29,7 @@ from hybridmednet.models.summary import count_parameters
 
 CARD_SECTIONS_FROM_REPORT = ('Discrimination', 'At the chosen thresholds', 'Calibration')
 
-INTENDED_USE = (
+_INTENDED_USE = (
     'Research on multi-label {what} classification: comparing architectures, studying errors, and '
     'producing heatmaps for inspection. Not a medical device: it must not be used to diagnose, triage or '
     'treat patients, and its outputs need review by a qualified reader.'
@@ -49,6 +49,11 @@ LIMITS = [
     'Grad-CAM heatmaps show where the evidence for a score lies, coarsely; they are not segmentations and '
     'can highlight shortcuts (text markers, devices) rather than pathology.',
 ]
+
+
+def intended_use(spatial_dims: int = 2) -> str:
+    """The card's intended-use paragraph, for images (2) or volumes (3)."""
+    return _INTENDED_USE.format(what='chest X-ray' if spatial_dims == 2 else '3D volume (CT, MRI)')
 
 
 def input_description(config, pre: dict[str, Any]) -> str:
@@ -106,8 +111,7 @@ def card_sections(
         ],
     )
     dims = config.DATA['spatial_dims']
-    what = 'chest X-ray' if dims == 2 else '3D volume (CT, MRI)'
-    sections = [details, Section('Intended use', [INTENDED_USE.format(what=what)])]
+    sections = [details, Section('Intended use', [intended_use(dims)])]
 
     if results:
         d = results['data']

@@ -37,7 +37,7 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import ClientDisconnect
 
-from hybridmednet.evaluation.card import INTENDED_USE
+from hybridmednet.evaluation.card import intended_use
 from hybridmednet.evaluation.gradcam import overlay
 from hybridmednet.serve import schemas
 from hybridmednet.serve.batching import MicroBatcher
@@ -206,7 +206,7 @@ def create_app(settings: Settings, model: ServedModel | None = None) -> FastAPI:
     app = FastAPI(
         title='HybridMedNet',
         summary='Chest X-ray findings with calibrated thresholds, out-of-distribution check and Grad-CAM heatmaps',
-        description=INTENDED_USE,
+        description=intended_use(),  # the server reads 2D images
         version=_version(),
         lifespan=lifespan,
         docs_url=None,  # the interactive pages load their scripts from a CDN; the schema is at /openapi.json
@@ -465,7 +465,7 @@ def _model_response(served: ServedModel, settings: Settings) -> schemas.ModelRes
             'image_size': served.image_size,
             'epoch': meta.get('epoch'),
             'best_validation_auc': meta.get('best_auc'),
-            'intended_use': INTENDED_USE,
+            'intended_use': intended_use(served.config.DATA['spatial_dims']),
         },
         limits={
             'formats': ['png', 'jpeg', 'dicom'],
