@@ -150,7 +150,7 @@ def main() -> None:
     p.add_argument('--seconds', type=float, default=20, help='length of each throughput phase')
     p.add_argument('--rounds', type=int, default=3, help='rounds of in-process / 1 client / N clients')
     p.add_argument('--clients', type=int, default=8)
-    p.add_argument('--max-batch', type=int, default=8)
+    p.add_argument('--max-batch', type=int, help="(default: the server's own, 4 on the CPU)")
     p.add_argument('--batch-wait-ms', type=float, default=5)
     p.add_argument('--memory-requests', type=int, default=1000)
     p.add_argument('--dicom-requests', type=int, default=20)
@@ -188,7 +188,8 @@ def main() -> None:
     )
     port = free_port()
     command = [sys.executable, '-m', 'hybridmednet.cli', 'serve', '--model_path', str(model_path), '--port', str(port)]
-    command += ['--max-batch', str(args.max_batch), '--batch-wait-ms', str(args.batch_wait_ms)]
+    command += ['--batch-wait-ms', str(args.batch_wait_ms)]
+    command += ['--max-batch', str(args.max_batch)] if args.max_batch else []
     env = {**os.environ, 'OMP_NUM_THREADS': str(torch.get_num_threads())}
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f'http://127.0.0.1:{port}'
@@ -201,6 +202,8 @@ def main() -> None:
                 time.sleep(0.1)
         else:
             raise RuntimeError('the server did not become ready in 120 s')
+        limits = httpx.get(f'{url}/v1/model').json()['limits']
+        print(f'server: --max-batch {limits["max_batch"]} --batch-wait-ms {args.batch_wait_ms:g}', flush=True)
         in_process(served, images, 5, 5)  # warm-up
         drive(url, images, 1, 5, 5)
         # In-process, 1 client and N clients alternate, round after round, so that all three see the same

@@ -150,3 +150,13 @@ def test_the_server_answers_while_a_batch_is_scored(tmp_path):
         release.set()
         thread.join(LONG)
     assert answers[0].status_code == 200 and len(answers[0].json()['findings']) == 14
+
+
+def test_the_default_batch_is_smaller_on_the_cpu_and_an_explicit_one_is_kept(tmp_path):
+    """On a CPU batches above 4 are slower per image (docs/benchmarks.md); a GPU keeps 8; --max-batch wins."""
+    assert Settings('m.pth').max_batch == 4
+    assert Settings('m.pth', device='cuda:1').max_batch == 8
+    assert Settings('m.pth', max_batch=2).max_batch == 2
+    path = write_model(tmp_path / 'm.pth')
+    with TestClient(create_app(Settings(str(path)), ServedModel.load(path))) as c:
+        assert c.get('/v1/model').json()['limits']['max_batch'] == 4

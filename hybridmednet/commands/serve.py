@@ -10,6 +10,7 @@ import warnings
 
 from hybridmednet.commands import add_model, parser, run
 from hybridmednet.serve import ServeError
+from hybridmednet.serve.batching import CPU_MAX_BATCH, GPU_MAX_BATCH
 
 TOKEN_ENV = 'HYBRIDMEDNET_TOKEN'
 # glibc's mallopt parameters, and the values the server runs with (also set in the environment for --workers)
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         'a checkpoint through PyTorch, or an exported ONNX folder through ONNX Runtime. Open http://HOST:PORT/.',
     )
     add_model(p)
-    batch_help = 'most images in one forward pass (default 8)'
+    batch_help = (
+        f'most images in one forward pass (default {CPU_MAX_BATCH} on the CPU, where larger batches are slower '
+        f'per image; {GPU_MAX_BATCH} on a GPU)'
+    )
     for action in p._actions:  # the shared --batch_size means the same here, with the server's default
         if action.dest == 'batch_size':
             action.help = batch_help
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             token=args.token or None,
             max_upload_mb=args.max_upload_mb,
-            max_batch=args.batch_size or 8,
+            max_batch=args.batch_size or 0,
             batch_wait_ms=args.batch_wait_ms,
         )
         if settings.token is None and not _is_loopback(args.host):

@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect
 from hybridmednet.evaluation.card import intended_use
 from hybridmednet.evaluation.gradcam import overlay
 from hybridmednet.serve import schemas
-from hybridmednet.serve.batching import MicroBatcher
+from hybridmednet.serve.batching import MicroBatcher, default_max_batch
 from hybridmednet.serve.inference import Request as ScoreRequest
 from hybridmednet.serve.inference import Scored, ServedModel
 from hybridmednet.serve.uploads import (
@@ -104,8 +104,12 @@ class Settings:
     device: str = 'cpu'
     token: str | None = None
     max_upload_mb: float = 50.0
-    max_batch: int = 8
+    max_batch: int = 0  # 0: default_max_batch(device)
     batch_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch == 0:
+            object.__setattr__(self, 'max_batch', default_max_batch(self.device))
 
     @property
     def max_upload_bytes(self) -> int:

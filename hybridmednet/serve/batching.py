@@ -18,6 +18,17 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar('T')
+# On a CPU one forward pass already keeps every core busy, and larger batches are slower per image:
+# convnext_tiny at 224 px on 2 cores costs 58, 53, 54, 57 and 59 ms per image at batch 1, 2, 4, 6 and 8
+# (docs/benchmarks.md, "Serving"). A GPU gains from larger ones.
+CPU_MAX_BATCH, GPU_MAX_BATCH = 4, 8
+
+
+def default_max_batch(device: str) -> int:
+    """The most images per forward pass when `--max-batch` is not given."""
+    return CPU_MAX_BATCH if device == 'cpu' else GPU_MAX_BATCH
+
+
 R = TypeVar('R')
 
 
