@@ -1,6 +1,8 @@
-"""read_image: exact values for every format, and errors that name the file."""
+"""read_image: exact values for every format, and errors that name the file; each test runs on the file and on
+its bytes in memory (decode_image, what the server does with an upload)."""
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,16 @@ from PIL.PngImagePlugin import PngInfo
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
 
-from hybridmednet.data.io import ImageReadError, read_image, stores_more_than_8_bits
+from hybridmednet.data import io
+from hybridmednet.data.io import ImageReadError, stores_more_than_8_bits
+
+
+@pytest.fixture(params=['file', 'memory'])
+def read_image(request):
+    """io.read_image, or io.decode_image on the file's bytes named by its path (so messages name the file)."""
+    if request.param == 'file':
+        return io.read_image
+    return lambda path, **kwargs: io.decode_image(Path(path).read_bytes(), str(path), **kwargs)
 
 
 def write_dicom(path, pixels, syntax=ExplicitVRLittleEndian, pixel_data=None, **attrs):
@@ -30,7 +41,7 @@ def write_dicom(path, pixels, syntax=ExplicitVRLittleEndian, pixel_data=None, **
     return path
 
 
-def test_png_8bit_exact(tmp_path):
+def test_png_8bit_exact(tmp_path, read_image):
     pixels = np.array([[0, 255], [128, 64]], dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / 'a.png')
     image = read_image(tmp_path / 'a.png')
@@ -38,7 +49,7 @@ def test_png_8bit_exact(tmp_path):
     np.testing.assert_allclose(image, pixels / 255.0, atol=1e-7)
 
 
-def test_png_16bit_keeps_precision(tmp_path):
+def test_png_16bit_keeps_precision(tmp_path, read_image):
     pixels = np.array([[0, 65535], [32768, 1]], dtype=np.uint16)
     Image.fromarray(pixels).save(tmp_path / 'a.png')
     np.testing.assert_allclose(read_image(tmp_path / 'a.png'), pixels / 65535.0, atol=1e-7)
@@ -56,28 +67,28 @@ def write_png16(path, pixels, significant_bits=None):
 RAMP_12BIT = np.arange(0, 4096, 65, dtype=np.uint16).reshape(8, 8)  # 0 .. 4095
 
 
-def test_png_sbit_12_bits_stored_as_is_reads_full_range(tmp_path):
+def test_png_sbit_12_bits_stored_as_is_reads_full_range(tmp_path, read_image):
     path = write_png16(tmp_path / 'a.png', RAMP_12BIT, significant_bits=12)
     image = read_image(path)
     assert image.max() == pytest.approx(1.0)
     np.testing.assert_allclose(image, RAMP_12BIT / 4095.0, atol=1e-7)
 
 
-def test_png_sbit_with_samples_scaled_as_the_standard_says(tmp_path):
+def test_png_sbit_with_samples_scaled_as_the_standard_says(tmp_path, read_image):
     scaled = RAMP_12BIT * 16  # 12-bit samples shifted up to 16 bits: the full range already
     np.testing.assert_allclose(
         read_image(write_png16(tmp_path / 'a.png', scaled, significant_bits=12)), scaled / 65535.0, atol=1e-7
     )
 
 
-def test_png_12_bits_without_sbit_needs_the_bit_depth(tmp_path):
+def test_png_12_bits_without_sbit_needs_the_bit_depth(tmp_path, read_image):
     path = write_png16(tmp_path / 'a.png', RAMP_12BIT)
     np.testing.assert_allclose(read_image(path), RAMP_12BIT / 65535.0, atol=1e-7)  # auto: 16-bit range
     np.testing.assert_allclose(read_image(path, intensity=12), RAMP_12BIT / 4095.0, atol=1e-7)
     np.testing.assert_allclose(read_image(path, intensity=10), np.minimum(RAMP_12BIT / 1023.0, 1.0), atol=1e-7)
 
 
-def test_minmax_intensity_stretches_each_image(tmp_path):
+def test_minmax_intensity_stretches_each_image(tmp_path, read_image):
     path = write_png16(tmp_path / 'a.png', np.array([[1000, 2000], [3000, 1500]]), significant_bits=12)
     np.testing.assert_allclose(read_image(path, intensity='minmax'), [[0.0, 0.5], [1.0, 0.25]], atol=1e-7)
     Image.fromarray(np.array([[50, 100], [150, 75]], np.uint8)).save(tmp_path / 'b.png')
@@ -106,42 +117,42 @@ def test_more_than_8_bits_told_from_the_header(tmp_path):
 
 
 @pytest.mark.parametrize('intensity', ['bogus', 'AUTO', 0, 17, 12.0, True, None])
-def test_unknown_intensity_names_the_accepted_values(tmp_path, intensity):
+def test_unknown_intensity_names_the_accepted_values(tmp_path, intensity, read_image):
     Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / 'a.png')
     with pytest.raises(ValueError, match=r"intensity must be 'auto', 'minmax' or a bit depth from 1 to 16"):
         read_image(tmp_path / 'a.png', intensity=intensity)
 
 
 @pytest.mark.parametrize('mode', ['RGB', 'RGBA'])
-def test_colour_png_becomes_luminance(tmp_path, mode):
+def test_colour_png_becomes_luminance(tmp_path, mode, read_image):
     grey = np.array([[10, 200], [90, 255]], dtype=np.uint8)
     channels = [grey] * 3 + ([np.zeros_like(grey)] if mode == 'RGBA' else [])
     Image.fromarray(np.stack(channels, -1), mode).save(tmp_path / 'a.png')
     np.testing.assert_allclose(read_image(tmp_path / 'a.png'), grey / 255.0, atol=1 / 255)
 
 
-def test_jpeg(tmp_path):
+def test_jpeg(tmp_path, read_image):
     Image.fromarray(np.full((16, 16), 100, np.uint8)).save(tmp_path / 'a.jpg', quality=95)
     image = read_image(tmp_path / 'a.jpg')
     assert image.shape == (16, 16) and abs(image.mean() - 100 / 255) < 2 / 255
 
 
-def test_dicom_without_window_is_min_max_scaled(tmp_path):
+def test_dicom_without_window_is_min_max_scaled(tmp_path, read_image):
     path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 100, 200]]))
     np.testing.assert_allclose(read_image(path), [[0.0, 0.5, 1.0]])
 
 
-def test_dicom_monochrome1_is_inverted(tmp_path):
+def test_dicom_monochrome1_is_inverted(tmp_path, read_image):
     path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 100, 200]]), PhotometricInterpretation='MONOCHROME1')
     np.testing.assert_allclose(read_image(path), [[1.0, 0.5, 0.0]])
 
 
-def test_dicom_window_centre_width(tmp_path):
+def test_dicom_window_centre_width(tmp_path, read_image):
     path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 50, 100, 150, 200]]), WindowCenter=100.5, WindowWidth=101)
     np.testing.assert_allclose(read_image(path), [[0.0, 0.0, 0.5, 1.0, 1.0]], atol=1e-6)
 
 
-def test_dicom_rescale_then_window_in_physical_units(tmp_path):
+def test_dicom_rescale_then_window_in_physical_units(tmp_path, read_image):
     # stored 0, 512, 1024 -> -1024, 0, 1024 after slope 2 / intercept -1024; window [-1024, 1024]
     path = write_dicom(
         tmp_path / 'a.dcm',
@@ -154,7 +165,7 @@ def test_dicom_rescale_then_window_in_physical_units(tmp_path):
     np.testing.assert_allclose(read_image(path), [[0.0, 0.5, 1.0]], atol=1e-6)
 
 
-def test_dicom_voi_lut_sequence(tmp_path):
+def test_dicom_voi_lut_sequence(tmp_path, read_image):
     lut = Dataset()
     lut.LUTDescriptor = [4, 0, 8]  # 4 entries, first stored value 0, 8-bit output
     lut.LUTData = np.array([0, 51, 102, 255], np.uint16).tobytes()
@@ -172,7 +183,7 @@ def with_padding(value, pixels=BODY):
 
 @pytest.mark.parametrize('padding', [0, 4095, 65535])
 @pytest.mark.parametrize('photometric', ['MONOCHROME2', 'MONOCHROME1'])
-def test_dicom_padding_is_left_out_of_min_max_and_black(tmp_path, padding, photometric):
+def test_dicom_padding_is_left_out_of_min_max_and_black(tmp_path, padding, photometric, read_image):
     path = write_dicom(
         tmp_path / 'a.dcm', with_padding(padding), PixelPaddingValue=padding, PhotometricInterpretation=photometric
     )
@@ -180,14 +191,14 @@ def test_dicom_padding_is_left_out_of_min_max_and_black(tmp_path, padding, photo
     np.testing.assert_allclose(read_image(path), with_padding(0.0, body if photometric == 'MONOCHROME2' else 1 - body))
 
 
-def test_dicom_padding_range_limit(tmp_path):
+def test_dicom_padding_range_limit(tmp_path, read_image):
     pixels = with_padding(40, BODY)
     pixels[0, :3] = [0, 10, 50]  # PixelPaddingValue 50 .. PixelPaddingRangeLimit 0, either order
     path = write_dicom(tmp_path / 'a.dcm', pixels, PixelPaddingValue=50, PixelPaddingRangeLimit=0)
     np.testing.assert_allclose(read_image(path), with_padding(0.0, np.array([[0.0, 0.5, 1.0, 0.75]])))
 
 
-def test_dicom_padding_is_black_through_a_window_too(tmp_path):
+def test_dicom_padding_is_black_through_a_window_too(tmp_path, read_image):
     path = write_dicom(
         tmp_path / 'a.dcm', with_padding(4095), PixelPaddingValue=4095, WindowCenter=200.5, WindowWidth=201
     )
@@ -214,12 +225,12 @@ def lut_item(descriptor, entries):
         ({'VOILUTSequence': [], 'WindowCenter': 150.5, 'WindowWidth': 101}, [0.0, 0.0, 1.0]),  # the window
     ],
 )
-def test_dicom_empty_window_or_lut_falls_back_to_the_next(tmp_path, attrs, expected):
+def test_dicom_empty_window_or_lut_falls_back_to_the_next(tmp_path, attrs, expected, read_image):
     path = write_dicom(tmp_path / 'a.dcm', np.array([[0, 100, 200]]), **attrs)
     np.testing.assert_allclose(read_image(path), [expected], atol=1e-6)
 
 
-def test_dicom_8_bit_voi_lut_with_more_than_256_entries(tmp_path):
+def test_dicom_8_bit_voi_lut_with_more_than_256_entries(tmp_path, read_image):
     table = np.arange(4096) * 255 // 4095  # 12-bit input, 8-bit output
     pixels = np.arange(0, 4096, 64).reshape(8, 8)
     path = write_dicom(tmp_path / 'a.dcm', pixels, VOILUTSequence=[lut_item([4096, 0, 8], table)])
@@ -228,18 +239,18 @@ def test_dicom_8_bit_voi_lut_with_more_than_256_entries(tmp_path):
     np.testing.assert_allclose(image, table[pixels] / 255.0, atol=1e-6)
 
 
-def test_dicom_found_by_marker_without_suffix(tmp_path):
+def test_dicom_found_by_marker_without_suffix(tmp_path, read_image):
     path = write_dicom(tmp_path / 'IM0001', np.array([[0, 10]]))
     np.testing.assert_allclose(read_image(path), [[0.0, 1.0]])
 
 
-def test_dicom_multiframe_refused(tmp_path):
+def test_dicom_multiframe_refused(tmp_path, read_image):
     path = write_dicom(tmp_path / 'a.dcm', np.zeros((2, 2, 2)), NumberOfFrames=2)
     with pytest.raises(ImageReadError, match=r'a\.dcm: multi-frame'):
         read_image(path)
 
 
-def test_compressed_dicom_without_decoders_names_the_extra(tmp_path):
+def test_compressed_dicom_without_decoders_names_the_extra(tmp_path, read_image):
     if importlib.util.find_spec('pylibjpeg') is not None:
         pytest.skip('pylibjpeg is installed')
     from pydicom.encaps import encapsulate
@@ -254,7 +265,7 @@ def test_compressed_dicom_without_decoders_names_the_extra(tmp_path):
         read_image(path)
 
 
-def test_bad_files_name_the_file(tmp_path):
+def test_bad_files_name_the_file(tmp_path, read_image):
     Image.fromarray(np.zeros((64, 64), np.uint8) + 7).save(tmp_path / 'full.png')
     data = (tmp_path / 'full.png').read_bytes()
     (tmp_path / 'truncated.png').write_bytes(data[: len(data) // 2])
@@ -264,7 +275,11 @@ def test_bad_files_name_the_file(tmp_path):
         ('truncated.png', 'cannot read'),
         ('empty.png', 'empty'),
         ('text.png', 'not a recognised'),
-        ('missing.png', 'not found'),
     ]:
         with pytest.raises(ImageReadError, match=f'{name}: .*{why}'):
             read_image(tmp_path / name)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ImageReadError, match='missing.png: file not found'):
+        io.read_image(tmp_path / 'missing.png')

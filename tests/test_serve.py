@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -391,7 +392,7 @@ def test_413_decompression_bomb_refused_before_decoding(client, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError('the bomb was decoded')
 
-    monkeypatch.setattr(uploads, 'read_image', no_decoding)
+    monkeypatch.setattr(uploads, 'decode_image', no_decoding)
     # A PNG whose header declares 100,000 x 100,000 grey pixels, followed by a few bytes of data.
     header = uploads.PNG_SIGNATURE + _chunk(
         b'IHDR', np.array([100_000, 100_000], '>u4').tobytes() + b'\x08\x00\x00\x00\x00'
@@ -463,15 +464,20 @@ def test_bad_inputs_leave_the_server_answering(client, tmp_path):
 
 
 # -- patient data ---------------------------------------------------------------------------------
-def test_dicom_identifiers_never_leave_and_uploads_are_deleted(client, tmp_path, monkeypatch, caplog, capfd):
+def test_dicom_identifiers_never_leave_and_uploads_never_touch_the_disk(client, tmp_path, monkeypatch, caplog, capfd):
     seen = []
-    real = uploads.read_image
+    real = uploads.decode_image
 
-    def recording(path, **kwargs):
-        seen.append(path)
-        return real(path, **kwargs)
+    def recording(data, name, **kwargs):
+        seen.append(name)
+        return real(data, name, **kwargs)
 
-    monkeypatch.setattr(uploads, 'read_image', recording)
+    def no_files(*args, **kwargs):
+        raise AssertionError(f'an upload was written to disk: {args}')
+
+    monkeypatch.setattr(uploads, 'decode_image', recording)
+    for maker in ('mkstemp', 'mkdtemp', 'NamedTemporaryFile', 'TemporaryFile'):  # TemporaryDirectory uses mkdtemp
+        monkeypatch.setattr(tempfile, maker, no_files)
     good = dicom_bytes(tmp_path, xray(0), **IDENTIFIERS)
     frames = dicom_bytes(tmp_path, np.stack([xray(0), xray(1)]), name='f.dcm', NumberOfFrames=2, **IDENTIFIERS)
     with caplog.at_level(logging.DEBUG):
@@ -481,7 +487,7 @@ def test_dicom_identifiers_never_leave_and_uploads_are_deleted(client, tmp_path,
     written = ' '.join(a.text for a in answers) + caplog.text + ''.join(capfd.readouterr())
     for value in IDENTIFIERS.values():
         assert value not in written and value.replace('^', ' ') not in written
-    assert len(seen) == 2 and not any(p.exists() or p.parent.exists() for p in seen)
+    assert seen == ['the uploaded DICOM'] * 2
 
 
 # -- the ONNX Runtime path (hybridmednet.deploy) ----------------------------------------------------

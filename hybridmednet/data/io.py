@@ -1,4 +1,5 @@
-"""One image reader for every format: PNG/JPEG (8/16-bit, grey/RGB/RGBA) and DICOM.
+"""One image reader for every format: PNG/JPEG (8/16-bit, grey/RGB/RGBA) and DICOM, from a file or from
+its bytes in memory (an upload).
 
 Everything downstream (transforms, cache, predict) sees the same thing: a float32
 [H, W] array in [0, 1], rows and columns as stored in the file (never transposed).
@@ -6,10 +7,12 @@ Everything downstream (transforms, cache, predict) sees the same thing: a float3
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -31,23 +34,46 @@ def read_image(path: str | Path, *, intensity: str | int = 'auto') -> np.ndarray
     'minmax' stretches each image's own range; an int n divides by 2**n - 1 and clips (12-bit
     data in 16-bit files). DICOM files carry their own mapping (window, VOI LUT) and ignore it.
     """
-    if not (intensity in INTENSITY_MODES or (type(intensity) is int and 1 <= intensity <= 16)):
-        raise ValueError(
-            f'intensity must be {", ".join(map(repr, INTENSITY_MODES))} or a bit depth '
-            f'from 1 to 16 (an int), got {intensity!r}'
-        )
+    _check_intensity(intensity)
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f'{path}: file not found')
     if path.stat().st_size == 0:
         raise ImageReadError(f'{path}: file is empty')
+    return _decode(path, str(path), is_dicom(path), intensity)
+
+
+def decode_image(data: bytes, name: str, *, intensity: str | int = 'auto') -> np.ndarray:
+    """`read_image` for a file held in memory (an upload, which is then never written to disk); `name`
+    stands for the file in error messages. DICOM is told by its 'DICM' marker, as there is no suffix."""
+    _check_intensity(intensity)
+    if not data:
+        raise ImageReadError(f'{name}: file is empty')
+    return _decode(data, name, data[128:132] == b'DICM', intensity)
+
+
+def _check_intensity(intensity: str | int) -> None:
+    if not (intensity in INTENSITY_MODES or (type(intensity) is int and 1 <= intensity <= 16)):
+        raise ValueError(
+            f'intensity must be {", ".join(map(repr, INTENSITY_MODES))} or a bit depth '
+            f'from 1 to 16 (an int), got {intensity!r}'
+        )
+
+
+def _decode(source: Path | bytes, name: str, dicom: bool, intensity: str | int) -> np.ndarray:
+    """A file (Path) or its bytes -> float32 [H, W] in [0, 1]; every failure an ImageReadError naming `name`."""
     try:
-        image = _read_dicom(path) if is_dicom(path) else _read_pil(path, intensity)
+        image = _read_dicom(source, name) if dicom else _read_pil(source, name, intensity)
     except ImageReadError:
         raise
     except Exception as exc:  # truncated or corrupt data surfaces as many exception types
-        raise ImageReadError(f'{path}: cannot read image ({type(exc).__name__}: {exc})') from exc
+        raise ImageReadError(f'{name}: cannot read image ({type(exc).__name__}: {exc})') from exc
     return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _binary(source: Path | bytes) -> Path | BinaryIO:
+    """What Pillow and pydicom open: the path itself, or the bytes as an in-memory file."""
+    return source if isinstance(source, Path) else io.BytesIO(source)
 
 
 def is_dicom(path: Path) -> bool:
@@ -70,9 +96,9 @@ def stores_more_than_8_bits(path: str | Path) -> bool:
         return False
 
 
-def _read_pil(path: Path, intensity: str | int) -> np.ndarray:
+def _read_pil(source: Path | bytes, name: str, intensity: str | int) -> np.ndarray:
     try:
-        with Image.open(path) as opened:
+        with Image.open(_binary(source)) as opened:
             opened.load()  # decode now: a truncated file fails here, not later in a worker
             img: Image.Image = opened
             if img.mode in SIXTEEN_BIT_MODES:
@@ -84,9 +110,9 @@ def _read_pil(path: Path, intensity: str | int) -> np.ndarray:
                 if img.mode != 'L':
                     img = img.convert('L')  # RGB/RGBA/P/LA/1 -> luminance, alpha dropped
             arr = np.asarray(img, dtype=np.float32)
-            significant = _png_significant_bits(path) if opened.format == 'PNG' else None  # convert() clears format
+            significant = _png_significant_bits(source) if opened.format == 'PNG' else None  # convert() clears format
     except UnidentifiedImageError:
-        raise ImageReadError(f'{path}: not a recognised image file') from None
+        raise ImageReadError(f'{name}: not a recognised image file') from None
     if intensity == 'minmax':
         return _minmax(arr)
     if isinstance(intensity, int):  # a bit depth (read_image checked the modes and the range)
@@ -100,12 +126,12 @@ def _read_pil(path: Path, intensity: str | int) -> np.ndarray:
     return np.clip(arr / full, 0.0, 1.0)
 
 
-def _png_significant_bits(path: Path) -> int | None:
+def _png_significant_bits(source: Path | bytes) -> int | None:
     """The bits the PNG sBIT chunk marks significant (grey, or the most of R, G, B); None without one.
 
     Pillow reads the chunk but does not expose it, so the chunks before the image data are walked here.
     """
-    with open(path, 'rb') as f:
+    with open(source, 'rb') if isinstance(source, Path) else io.BytesIO(source) as f:
         if f.read(8) != PNG_SIGNATURE:
             return None
         while len(head := f.read(8)) == 8:
@@ -119,28 +145,28 @@ def _png_significant_bits(path: Path) -> int | None:
     return None
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(source: Path | bytes, name: str) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(_binary(source))
     except Exception as exc:
-        raise ImageReadError(f'{path}: not a readable DICOM file ({exc})') from None
+        raise ImageReadError(f'{name}: not a readable DICOM file ({exc})') from None
     if 'PixelData' not in ds:
-        raise ImageReadError(f'{path}: DICOM file has no pixel data')
+        raise ImageReadError(f'{name}: DICOM file has no pixel data')
     frames = int(ds.get('NumberOfFrames', 1) or 1)
     if frames > 1:
-        raise ImageReadError(f'{path}: multi-frame DICOM ({frames} frames) is not supported; export a single frame')
+        raise ImageReadError(f'{name}: multi-frame DICOM ({frames} frames) is not supported; export a single frame')
     try:
         arr = ds.pixel_array
     except Exception as exc:
         syntax = ds.file_meta.get('TransferSyntaxUID')
         if syntax is not None and syntax.is_compressed:
             raise ImageReadError(
-                f"{path}: compressed DICOM ({syntax.name}) needs the decoders: pip install 'hybridmednet[dicom]'"
+                f"{name}: compressed DICOM ({syntax.name}) needs the decoders: pip install 'hybridmednet[dicom]'"
             ) from None
-        raise ImageReadError(f'{path}: cannot decode DICOM pixel data ({exc})') from None
+        raise ImageReadError(f'{name}: cannot decode DICOM pixel data ({exc})') from None
     padding = _padding(arr, ds)
     if arr.ndim == 3:  # colour DICOM (rare for X-rays): luminance
         arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])

@@ -4,10 +4,9 @@ Requests are received and decoded on worker threads (at most `max_batch` at once
 large DICOMs cannot exhaust memory), scored on the one inference thread of `MicroBatcher`, and
 answered with overlays encoded on worker threads again: the event loop only moves bytes.
 
-Patient data: uploads stay in memory but for a private temporary file that `read_upload` deletes
-before the answer; answers and logs carry the image's size and format, never a file name or a
-DICOM header value; predictions are marked `Cache-Control: no-store`. No CORS headers are sent, so
-browsers let only the server's own page call the API.
+Patient data: uploads stay in memory and are never written to disk; answers and logs carry the image's size
+and format, never a file name or a DICOM header value; predictions are marked `Cache-Control: no-store`. No
+CORS headers are sent, so browsers let only the server's own page call the API.
 """
 
 from __future__ import annotations

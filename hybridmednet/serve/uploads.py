@@ -1,6 +1,6 @@
 """What an upload must pass before the model sees it: a size limit, a known format, a pixel count
-read from the header, then the one image reader (`data.io.read_image`) on a private temporary file
-that is deleted before the response.
+read from the header, then the one image reader (`data.io.decode_image`) on the bytes in memory:
+nothing of an upload is written to disk.
 
 The format is told from the bytes, never from the file name or the client's content type. A PNG can
 declare 100,000 x 100,000 pixels in 60 bytes: the declared size is checked before anything is
@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import io
 import struct
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from hybridmednet.data.io import PNG_SIGNATURE, read_image
+from hybridmednet.data.io import PNG_SIGNATURE, decode_image
 from hybridmednet.errors import ImageReadError
 from hybridmednet.serve import ServeError
 
 ACCEPTED = 'PNG, JPEG or DICOM'
-SUFFIXES = {'png': '.png', 'jpeg': '.jpg', 'dicom': '.dcm'}
 MAX_PIXELS = 50_000_000  # more than any radiograph (a 4,300 x 3,500 detector is 15 M); decoded as float32
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
 FIELD = 'file'
@@ -162,11 +159,8 @@ def read_upload(data: bytes, intensity: str | int = 'auto') -> Upload:
             f'the {kind.upper()} header declares {size[0]:,} x {size[1]:,} pixels, more than the '
             f'{MAX_PIXELS:,} this server decodes; refused before decoding',
         )
-    with tempfile.TemporaryDirectory(prefix='hybridmednet-upload-') as folder:  # mode 0700, removed on exit
-        path = Path(folder) / f'upload{SUFFIXES[kind]}'
-        path.write_bytes(data)
-        try:
-            image = read_image(path, intensity=intensity)
-        except ImageReadError as exc:
-            raise UploadError(422, str(exc).replace(str(path), f'the uploaded {kind.upper()}')) from None
+    try:
+        image = decode_image(data, f'the uploaded {kind.upper()}', intensity=intensity)
+    except ImageReadError as exc:
+        raise UploadError(422, str(exc)) from None
     return Upload(kind, image)
