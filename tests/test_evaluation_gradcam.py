@@ -88,6 +88,23 @@ def test_heatmap_shape_for_every_family(backbone, size):
     assert not any(p.grad is not None for p in model.parameters())  # no gradients left behind
 
 
+def test_heatmaps_computed_side_by_side_equal_those_computed_one_after_the_other():
+    """With 2 torch threads the classes' backward passes run on two threads at once (cams_of_row)."""
+    torch.manual_seed(0)
+    model = create_model('resnet18', num_classes=4, image_size=64).eval()
+    x = torch.randn(3, 64, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_by_one = grad_cam(model, x, [3, 0, 2, 1])
+        torch.set_num_threads(2)
+        side_by_side = grad_cam(model, x, [3, 0, 2, 1])
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(side_by_side, one_by_one, atol=1e-5)
+    assert min(np.abs(one_by_one[i] - one_by_one[j]).max() for i in range(4) for j in range(i)) > 0.05  # in order
+
+
 def test_overlay_keeps_the_image_size_and_shrinks_huge_ones():
     image = np.random.default_rng(0).random((300, 200)).astype(np.float32)
     cam = np.zeros((7, 7))
