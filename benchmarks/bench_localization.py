@@ -46,10 +46,12 @@ def pyramid_cam(
     method: str,
     levels: Sequence[int] | None = None,
     combine: str = 'unit',
+    contrast: bool = False,
 ) -> np.ndarray:
     """A CAM on one set of maps: 'attended' (forward_features), 'pyramid' (backbone(x), before attention)
     or 'trunk' (grad_cam's maps); 'gradcam', 'hirescam' or 'gradcam++'; levels normalised each to its
-    maximum and averaged ('unit') or summed as they are, per input pixel ('evidence')."""
+    maximum and averaged ('unit') or summed as they are, per input pixel ('evidence'); with `contrast`, of the
+    class's logit minus the mean logit (what sets this finding apart from the others)."""
     x = image[None].detach().requires_grad_(True)
     size = x.shape[-2:]
     with torch.enable_grad():
@@ -72,7 +74,8 @@ def pyramid_cam(
         out = []
         for c in classes:
             per_level = []
-            for a, g in zip(chosen, torch.autograd.grad(logits[0, c], chosen, retain_graph=True)):
+            target = logits[0, c] - logits[0].mean() if contrast else logits[0, c]
+            for a, g in zip(chosen, torch.autograd.grad(target, chosen, retain_graph=True)):
                 if method == 'gradcam':
                     cam = (g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)
                 elif method == 'hirescam':
@@ -136,6 +139,9 @@ METHODS: dict[str, Cam] = {
     'HiResCAM, trunk, all 4 levels': partial(pyramid_cam, where='trunk', method='hirescam', levels=[0, 1, 2, 3]),
     'HiResCAM, trunk, levels weighted by evidence': partial(
         pyramid_cam, where='trunk', method='hirescam', combine='evidence'
+    ),
+    'HiResCAM, trunk, contrastive (logit minus the mean logit)': partial(
+        pyramid_cam, where='trunk', method='hirescam', contrast=True
     ),
     'Grad-CAM, trunk': partial(pyramid_cam, where='trunk', method='gradcam'),
     'Grad-CAM++, trunk': partial(pyramid_cam, where='trunk', method='gradcam++'),
