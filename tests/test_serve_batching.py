@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from test_serve import png_bytes, post, write_model, xray  # noqa: E402
 
 from hybridmednet.serve.app import Settings, create_app  # noqa: E402
-from hybridmednet.serve.batching import MicroBatcher  # noqa: E402
+from hybridmednet.serve.batching import MicroBatcher, default_max_batch  # noqa: E402
 from hybridmednet.serve.inference import ServedModel  # noqa: E402
 
 LONG = 30  # seconds: a bound that only a wrong implementation reaches
@@ -152,11 +152,11 @@ def test_the_server_answers_while_a_batch_is_scored(tmp_path):
     assert answers[0].status_code == 200 and len(answers[0].json()['findings']) == 14
 
 
-def test_the_default_batch_is_smaller_on_the_cpu_and_an_explicit_one_is_kept(tmp_path):
-    """On a CPU batches above 4 are slower per image (docs/benchmarks.md); a GPU keeps 8; --max-batch wins."""
-    assert Settings('m.pth').max_batch == 4
-    assert Settings('m.pth', device='cuda:1').max_batch == 8
-    assert Settings('m.pth', max_batch=2).max_batch == 2
-    path = write_model(tmp_path / 'm.pth')
-    with TestClient(create_app(Settings(str(path)), ServedModel.load(path))) as c:
-        assert c.get('/v1/model').json()['limits']['max_batch'] == 4
+def test_the_default_batch_fits_the_cpu_caches_and_an_explicit_one_is_kept(tmp_path):
+    """On a CPU a batch above about 4 x 224 x 224 pixels is slower per image (docs/benchmarks.md); a GPU gets 8."""
+    assert [default_max_batch('cpu', size) for size in (64, 224, 256, 320, 512)] == [49, 4, 3, 1, 1]
+    assert default_max_batch('cuda:1', 512) == 8
+    path = write_model(tmp_path / 'm.pth', size=224)
+    for settings, expected in [(Settings(str(path)), 4), (Settings(str(path), max_batch=2), 2)]:
+        with TestClient(create_app(settings, ServedModel.load(path))) as c:
+            assert c.get('/v1/model').json()['limits']['max_batch'] == expected

@@ -10,7 +10,7 @@ import warnings
 
 from hybridmednet.commands import add_model, parser, run
 from hybridmednet.serve import ServeError
-from hybridmednet.serve.batching import CPU_MAX_BATCH, GPU_MAX_BATCH
+from hybridmednet.serve.batching import GPU_MAX_BATCH
 
 TOKEN_ENV = 'HYBRIDMEDNET_TOKEN'
 # glibc's mallopt parameters, and the values the server runs with (also set in the environment for --workers)
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_model(p)
     batch_help = (
-        f'most images in one forward pass (default {CPU_MAX_BATCH} on the CPU, where larger batches are slower '
-        f'per image; {GPU_MAX_BATCH} on a GPU)'
+        'most images in one forward pass (default: on the CPU 4 at 224 px and 1 from 320 px, as larger batches are '
+        f'slower per image there; {GPU_MAX_BATCH} on a GPU)'
     )
     for action in p._actions:  # the shared --batch_size means the same here, with the server's default
         if action.dest == 'batch_size':

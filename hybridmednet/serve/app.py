@@ -1,7 +1,7 @@
 """The FastAPI application: endpoints, bearer token, Prometheus metrics, the web page.
 
-Requests are received and decoded on worker threads (at most `max_batch` at once, so a burst of
-large DICOMs cannot exhaust memory), scored on the one inference thread of `MicroBatcher`, and
+Requests are received and decoded on worker threads (at most max(DECODERS, `max_batch`) at once, so a burst
+of large DICOMs cannot exhaust memory), scored on the one inference thread of `MicroBatcher`, and
 answered with overlays encoded on worker threads again: the event loop only moves bytes.
 
 Patient data: uploads stay in memory and are never written to disk; answers and logs carry the image's size
@@ -61,6 +61,7 @@ STATIC = Path(__file__).parent / 'static'  # the web page: plain HTML, CSS and J
 SETTINGS_ENV = 'HYBRIDMEDNET_SERVE_SETTINGS'  # how `serve --workers N` hands the settings to each worker
 HEATMAP_SIDE = 512  # overlays: the heatmap itself is model-sized (224 px); 512 keeps encoding fast
 PREVIEW_SIDE = 1024
+DECODERS = 4  # uploads decoded at once, at least: a burst of large DICOMs cannot take all the memory
 PATHS = ('/', '/v1/predict', '/v1/model', '/healthz', '/readyz', '/metrics')  # metric labels; others: 'other'
 SECURITY_HEADERS = {
     'X-Content-Type-Options': 'nosniff',
@@ -105,12 +106,8 @@ class Settings:
     device: str = 'cpu'
     token: str | None = None
     max_upload_mb: float = 50.0
-    max_batch: int = 0  # 0: default_max_batch(device)
+    max_batch: int = 0  # 0: default_max_batch(device, the model's image size)
     batch_wait_ms: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.max_batch == 0:
-            object.__setattr__(self, 'max_batch', default_max_batch(self.device))
 
     @property
     def max_upload_bytes(self) -> int:
@@ -192,9 +189,10 @@ class _State:
 
     def start(self, served: ServedModel) -> None:
         s = self.settings
-        self.batcher = MicroBatcher(served.score, s.max_batch, s.batch_wait_ms / 1000, self.metrics.batch_size.observe)
+        batch = s.max_batch or default_max_batch(s.device, served.image_size)
+        self.batcher = MicroBatcher(served.score, batch, s.batch_wait_ms / 1000, self.metrics.batch_size.observe)
         self.batcher.start()
-        self.model_info = _model_response(served, s)
+        self.model_info = _model_response(served, s, batch)
         self.metrics.load_seconds.set(served.load_seconds)
         self.metrics.ready.set(1)
         self.served = served  # last: ready from here on
@@ -233,7 +231,7 @@ def create_app(settings: Settings, model: ServedModel | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.decoders = anyio.CapacityLimiter(max(2, settings.max_batch))
+        state.decoders = anyio.CapacityLimiter(max(DECODERS, settings.max_batch))
         if model is not None:
             state.start(model)
         else:
@@ -466,7 +464,7 @@ def _model_info(served: ServedModel) -> schemas.ModelInfo:
     )
 
 
-def _model_response(served: ServedModel, settings: Settings) -> schemas.ModelResponse:
+def _model_response(served: ServedModel, settings: Settings, max_batch: int) -> schemas.ModelResponse:
     op, m, meta = served.op, served.config.MODEL, served.meta
     temperatures = op.temperatures if op.temperatures is not None else [None] * len(served.class_names)
     ood = served.ood
@@ -496,7 +494,7 @@ def _model_response(served: ServedModel, settings: Settings) -> schemas.ModelRes
             'formats': ['png', 'jpeg', 'dicom'],
             'max_upload_mb': settings.max_upload_mb,
             'max_pixels': MAX_PIXELS,
-            'max_batch': settings.max_batch,
+            'max_batch': max_batch,
             'batch_wait_ms': settings.batch_wait_ms,
         },
         notes=[*served.notes, *([served.ood_note] if served.ood_note else [])],

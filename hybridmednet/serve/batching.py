@@ -18,18 +18,21 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar('T')
-# On a CPU one forward pass already keeps every core busy, and larger batches are slower per image:
-# convnext_tiny at 224 px on 2 cores costs 58, 53, 54, 57 and 59 ms per image at batch 1, 2, 4, 6 and 8
-# (docs/benchmarks.md, "Serving"). A GPU gains from larger ones.
-CPU_MAX_BATCH, GPU_MAX_BATCH = 4, 8
-
-
-def default_max_batch(device: str) -> int:
-    """The most images per forward pass when `--max-batch` is not given."""
-    return CPU_MAX_BATCH if device == 'cpu' else GPU_MAX_BATCH
-
-
 R = TypeVar('R')
+
+# On a CPU one forward pass already keeps every core busy, and a batch that outgrows the caches costs more
+# per image: convnext_tiny on 2 cores, ms per image at batch 1, 2, 4, 6, 8: 58, 53, 54, 57, 59 at 224 px;
+# at batch 1, 2, 4: 121, 128, 136 at 320 px and 302, 331, 359 at 512 px (docs/benchmarks.md, "Serving").
+# Batches of up to about 4 x 224 x 224 input pixels pay. A GPU gains from larger ones.
+CPU_BATCH_PIXELS = 4 * 224 * 224
+GPU_MAX_BATCH = 8
+
+
+def default_max_batch(device: str, image_size: int) -> int:
+    """The most images per forward pass when `--max-batch` is not given: on the CPU 4 at 224 px, 1 from 320 px."""
+    if device != 'cpu':
+        return GPU_MAX_BATCH
+    return max(1, CPU_BATCH_PIXELS // image_size**2)
 
 
 @dataclass
