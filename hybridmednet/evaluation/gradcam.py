@@ -140,10 +140,7 @@ def overlay(
     cam = np.asarray(cam, dtype=np.float32)
     top, left, ch, cw = square_box(image.shape[0], image.shape[1], cam.shape[-1])
     cam = cam[top : top + ch, left : left + cw]
-    if max(image.shape) > max_side:
-        scale = max_side / max(image.shape)
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        image = np.asarray(Image.fromarray(image.astype(np.float32), mode='F').resize(size, Image.Resampling.BILINEAR))
+    image = shrink(image, max_side)
     h, w = image.shape
     cam = (
         F.interpolate(
@@ -153,6 +150,15 @@ def overlay(
         .numpy()
     )
     return _blend(image, cam, alpha, label)
+
+
+def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+    """The grey image [H, W] at most `max_side` pixels on its longer side (bilinear), else as it is."""
+    if max(image.shape) <= max_side:
+        return image
+    scale = max_side / max(image.shape)
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return np.asarray(Image.fromarray(image.astype(np.float32), mode='F').resize(size, Image.Resampling.BILINEAR))
 
 
 def _blend(image: np.ndarray, cam: np.ndarray, alpha: float, label: str | None) -> Image.Image:

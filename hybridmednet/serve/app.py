@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hybridmednet.evaluation.card import intended_use
-from hybridmednet.evaluation.gradcam import overlay
+from hybridmednet.evaluation.gradcam import overlay, shrink
 from hybridmednet.serve import schemas
 from hybridmednet.serve.batching import MicroBatcher, default_max_batch
 from hybridmednet.serve.inference import Request as ScoreRequest
@@ -386,15 +386,6 @@ def _preview(image: np.ndarray) -> str:
     return _png(picture)
 
 
-def _fit(image: np.ndarray, side: int) -> np.ndarray:
-    """The image at most `side` pixels on its longer side, as `overlay` shrinks it: shrunk once, not per heatmap."""
-    if max(image.shape) <= side:
-        return image
-    scale = side / max(image.shape)
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return np.asarray(Image.fromarray(image.astype(np.float32), mode='F').resize(size, Image.Resampling.BILINEAR))
-
-
 def _heatmap(small: np.ndarray, cam: np.ndarray, label: str) -> str:
     return _png(overlay(small, cam, label=label, max_side=HEATMAP_SIDE))
 
@@ -406,7 +397,7 @@ async def _pictures(
     Encoded on worker threads side by side (PNG encoding releases the GIL): two heatmaps cost one's time."""
     jobs: dict[int | str, Any] = {}
     if scored.cams:
-        small = await anyio.to_thread.run_sync(_fit, upload.image, HEATMAP_SIDE, limiter=limiter)
+        small = await anyio.to_thread.run_sync(shrink, upload.image, HEATMAP_SIDE, limiter=limiter)  # once for all
         for k, cam in scored.cams.items():
             label = f'{served.class_names[k]} p={scored.probabilities[k]:.2f}'
             jobs[k] = partial(_heatmap, small, cam, label)
