@@ -1,5 +1,7 @@
 """Grad-CAM: follows a bright object, has the input's shape for every backbone family, overlays."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,22 @@ def test_heatmaps_computed_side_by_side_equal_those_computed_one_after_the_other
         torch.set_num_threads(threads)
     np.testing.assert_allclose(side_by_side, one_by_one, atol=1e-5)
     assert min(np.abs(one_by_one[i] - one_by_one[j]).max() for i in range(4) for j in range(i)) > 0.05  # in order
+
+
+def test_heatmaps_side_by_side_leave_later_threads_their_torch_threads():
+    """The workers run with one torch thread each; threads started afterwards must not inherit that."""
+    model = create_model('resnet18', num_classes=2, image_size=64).eval()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        grad_cam(model, torch.randn(3, 64, 64), [0, 1])
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert seen == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_overlay_keeps_the_image_size_and_shrinks_huge_ones():

@@ -116,11 +116,15 @@ def _side_by_side(fn: Callable[[int], torch.Tensor], items: list[int]) -> list[t
     """`fn` over `items`, several at once on CPU threads of one torch thread each. One image's backward pass is
     too small to keep several threads busy: two heatmaps of convnext_tiny at 224 px on 2 cores, forward pass
     included, take 183 ms side by side instead of 238 one after the other (three: 270 instead of 329)."""
-    workers = min(len(items), torch.get_num_threads())
+    threads = torch.get_num_threads()
+    workers = min(len(items), threads)
     if workers < 2:
         return [fn(c) for c in items]
-    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(fn, items))
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(fn, items))
+    finally:  # a thread's set_num_threads is also what threads started later get: give them this thread's again
+        torch.set_num_threads(threads)
 
 
 def _unit_max(maps: torch.Tensor) -> torch.Tensor:
