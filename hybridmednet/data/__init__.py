@@ -12,7 +12,7 @@ from hybridmednet.data.datasets import (
     positive_counts,
     resolve_data_dir,
 )
-from hybridmednet.data.io import read_image
+from hybridmednet.data.io import decode_image, read_image
 from hybridmednet.data.synthetic import generate_sample_dataset
 from hybridmednet.data.synthetic_volumes import generate_sample_volumes
 from hybridmednet.data.transforms import build_transforms
@@ -26,6 +26,7 @@ __all__ = [
     'build_datasets',
     'build_index',
     'build_transforms',
+    'decode_image',
     'compute_pos_weight',
     'generate_sample_dataset',
     'generate_sample_volumes',
