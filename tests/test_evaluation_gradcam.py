@@ -1,6 +1,8 @@
 """Grad-CAM: follows a bright object, has the input's shape for every backbone family, overlays."""
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 from torch import nn
 
 from hybridmednet import create_model
-from hybridmednet.evaluation.gradcam import grad_cam, overlay, volume_montage
+from hybridmednet.evaluation.gradcam import cams_of_row, forward_with_trunk, grad_cam, overlay, volume_montage
 
 
 class PooledImage(nn.Module):
@@ -90,37 +92,33 @@ def test_heatmap_shape_for_every_family(backbone, size):
     assert not any(p.grad is not None for p in model.parameters())  # no gradients left behind
 
 
-def test_heatmaps_computed_side_by_side_equal_those_computed_one_after_the_other():
-    """With 2 torch threads the classes' backward passes run on two threads at once (cams_of_row)."""
+def test_heatmaps_computed_side_by_side_on_a_pool_equal_those_computed_one_after_the_other():
+    """cams_of_row(pool=...) runs the classes' backward passes on the pool's threads at once."""
     torch.manual_seed(0)
     model = create_model('resnet18', num_classes=4, image_size=64).eval()
-    x = torch.randn(3, 64, 64)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one_by_one = grad_cam(model, x, [3, 0, 2, 1])
-        torch.set_num_threads(2)
-        side_by_side = grad_cam(model, x, [3, 0, 2, 1])
-    finally:
-        torch.set_num_threads(threads)
+    logits, maps = forward_with_trunk(model, model, torch.randn(1, 3, 64, 64))
+    threads_seen = set()
+    real_grad = torch.autograd.grad
+
+    def recording_grad(*args, **kwargs):
+        threads_seen.add(threading.get_ident())
+        return real_grad(*args, **kwargs)
+
+    one_by_one = cams_of_row(logits, maps, 0, [3, 0, 2, 1], (64, 64))
+    with ThreadPoolExecutor(2) as pool, mock.patch.object(torch.autograd, 'grad', recording_grad):
+        side_by_side = cams_of_row(logits, maps, 0, [3, 0, 2, 1], (64, 64), pool=pool)
     np.testing.assert_allclose(side_by_side, one_by_one, atol=1e-5)
     assert min(np.abs(one_by_one[i] - one_by_one[j]).max() for i in range(4) for j in range(i)) > 0.05  # in order
+    assert threading.get_ident() not in threads_seen and len(threads_seen) >= 1  # on the pool's threads
 
 
-def test_heatmaps_side_by_side_leave_later_threads_their_torch_threads():
-    """The workers run with one torch thread each; threads started afterwards must not inherit that."""
+def test_heatmaps_under_no_grad_behave_the_same_alone_and_side_by_side():
     model = create_model('resnet18', num_classes=2, image_size=64).eval()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        grad_cam(model, torch.randn(3, 64, 64), [0, 1])
-        seen = []
-        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        later.start()
-        later.join()
-        assert seen == [2] and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
+    logits, maps = forward_with_trunk(model, model, torch.randn(1, 3, 64, 64))
+    with torch.no_grad(), ThreadPoolExecutor(2) as pool:
+        alone = cams_of_row(logits, maps, 0, [1], (64, 64))
+        together = cams_of_row(logits, maps, 0, [0, 1], (64, 64), pool=pool)
+    np.testing.assert_allclose(together[1], alone[0], atol=1e-5)
 
 
 def test_overlay_keeps_the_image_size_and_shrinks_huge_ones():

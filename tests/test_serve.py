@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pydicom
@@ -176,6 +177,31 @@ def test_heatmaps_are_grad_cam_overlays_of_the_positive_findings(client, model_p
         assert got.format == 'PNG' and got.size == want.size
         difference = np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float))
         assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 4  # exact but for rounding
+
+
+def test_heatmaps_side_by_side_answer_the_same_and_leave_torch_threads_as_they_were(model_path):
+    """ServedModel keeps a pool of one-torch-thread workers when it measures faster; torch gives threads started
+    later the last count any thread set, so loading must leave that count as it found it."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        served = ServedModel.load(model_path)
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert seen == [2] and torch.get_num_threads() == 2
+        image = served.preprocess(xray(2))
+        served.heatmap_pool = None
+        alone = served.score([Request(image, True)])[0].cams
+        with ThreadPoolExecutor(2) as pool:
+            served.heatmap_pool = pool
+            together = served.score([Request(image, True)])[0].cams
+        assert sorted(alone) == sorted(together) == sorted(served.class_names.index(n) for n in POSITIVE)
+        for k in alone:
+            np.testing.assert_allclose(together[k], alone[k], atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_tta_scores_the_same_with_and_without_heatmaps(model_path):

@@ -24,7 +24,7 @@ measure, finds the same: 0.37 against 0.35).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -84,47 +84,39 @@ def cams_of_row(
     classes: Sequence[int],
     size: Sequence[int],
     scales: Sequence[int] | None = None,
+    pool: Executor | None = None,
 ) -> np.ndarray:
     """HiResCAM maps [len(classes), *size] of image `row` of a batch, from `forward_with_trunk`'s logits [B, K]
-    and trunk maps (the images of a batch do not mix in eval mode, so the other rows get no gradient)."""
+    and trunk maps (the images of a batch do not mix in eval mode, so the other rows get no gradient).
+
+    With `pool`, the classes' backward passes run on its threads side by side (autograd allows concurrent
+    passes over one retained graph); the server uses it where it measures faster (serve/inference.py)."""
     mode = 'bilinear' if len(size) == 2 else 'trilinear'
     if scales is None:
         scales = [i for i, m in enumerate(maps) if min(m.shape[2:]) >= MIN_SIDE] or [0]
     chosen = [maps[i] for i in scales]
 
     def cam_of(c: int) -> torch.Tensor:
-        grads = torch.autograd.grad(logits[row, c], chosen, retain_graph=True)
-        per_scale = torch.cat(
-            [
-                F.interpolate(
-                    F.relu((g[row : row + 1] * a[row : row + 1]).sum(1, keepdim=True)),
-                    size=list(size),
-                    mode=mode,
-                    align_corners=False,
-                )
-                for a, g in zip(chosen, grads)
-            ]
-        )[:, 0]
-        return _unit_max(per_scale).mean(0).detach()
+        with torch.enable_grad():  # the caller's grad mode is not a pool thread's: the same in both
+            target = logits[row, c]
+        grads = torch.autograd.grad(target, chosen, retain_graph=True)
+        with torch.no_grad():
+            per_scale = torch.cat(
+                [
+                    F.interpolate(
+                        F.relu((g[row : row + 1] * a[row : row + 1]).sum(1, keepdim=True)),
+                        size=list(size),
+                        mode=mode,
+                        align_corners=False,
+                    )
+                    for a, g in zip(chosen, grads)
+                ]
+            )[:, 0]
+            return _unit_max(per_scale).mean(0)
 
-    cams = _side_by_side(cam_of, list(classes)) if logits.device.type == 'cpu' else [cam_of(c) for c in classes]
+    cams = list(pool.map(cam_of, classes)) if pool is not None and len(classes) > 1 else [cam_of(c) for c in classes]
     out = torch.stack(cams) if cams else torch.zeros(0, *size)
-    return _unit_max(out).cpu().numpy()
-
-
-def _side_by_side(fn: Callable[[int], torch.Tensor], items: list[int]) -> list[torch.Tensor]:
-    """`fn` over `items`, several at once on CPU threads of one torch thread each. One image's backward pass is
-    too small to keep several threads busy: two heatmaps of convnext_tiny at 224 px on 2 cores, forward pass
-    included, take 183 ms side by side instead of 238 one after the other (three: 270 instead of 329)."""
-    threads = torch.get_num_threads()
-    workers = min(len(items), threads)
-    if workers < 2:
-        return [fn(c) for c in items]
-    try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            return list(pool.map(fn, items))
-    finally:  # a thread's set_num_threads is also what threads started later get: give them this thread's again
-        torch.set_num_threads(threads)
+    return _unit_max(out).detach().cpu().numpy()
 
 
 def _unit_max(maps: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,12 @@ heatmaps and the OOD score are not available and the answers say so.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
 from hybridmednet.serve import ServeError
 
+log = logging.getLogger(__name__)
 NO_OOD_STATISTICS = (
     'the model carries no out-of-distribution statistics, so nothing tells whether this image resembles '
     'the training images'
@@ -85,6 +89,7 @@ class ServedModel:
         self.torch_model = model if isinstance(model, HybridMedNet) else None
         self.ood, self.ood_note = self._ood_model()
         self.heatmaps_note = None if self.torch_model is not None else ONNX_NO_HEATMAPS
+        self.heatmap_pool = self._heatmap_pool()
 
     @classmethod
     def load(cls, path: str | Path, device: str = 'cpu') -> ServedModel:
@@ -120,6 +125,42 @@ class ServedModel:
         from hybridmednet.evaluation.ood import OodModel  # only models that carry OOD statistics need it
 
         return OodModel.from_state(state), None
+
+    def _heatmap_pool(self) -> ThreadPoolExecutor | None:
+        """Threads of one torch thread each that run a request's heatmap passes side by side, kept where they
+        measure faster than one pass after the other on this machine and model. One image's backward pass can
+        leave cores idle: two heatmaps of convnext_tiny at 224 px take 170 ms side by side against 204, but of
+        resnet18 128 against 113 (2 cores; docs/benchmarks.md, "Serving")."""
+        threads = torch.get_num_threads()
+        model = self.torch_model
+        if model is None or torch.device(self.device).type != 'cpu' or threads < 2 or len(self.class_names) < 2:
+            return None
+        started = threading.Barrier(threads + 1)
+
+        def one_thread() -> None:
+            torch.set_num_threads(1)
+            started.wait()
+
+        pool = ThreadPoolExecutor(threads, thread_name_prefix='hybridmednet-heatmap')
+        for _ in range(threads):  # each task blocks until all have started: one per thread
+            pool.submit(one_thread)
+        started.wait()
+        torch.set_num_threads(threads)  # torch gives threads started later the last count set: this one's again
+        x = self.preprocess(np.zeros((self.image_size, self.image_size), np.float32))[None].to(self.device)
+
+        def seconds(side_by_side: ThreadPoolExecutor | None) -> float:
+            (_, logits), maps = forward_with_trunk(model, lambda x: maps_and_logits(model, x), x)
+            start = time.perf_counter()
+            cams_of_row(logits, maps, 0, [0, 1], x.shape[2:], pool=side_by_side)
+            return time.perf_counter() - start
+
+        seconds(None), seconds(pool)  # warm-up
+        alone, together = min(seconds(None) for _ in range(2)), min(seconds(pool) for _ in range(2))
+        log.info('two heatmaps: %.0f ms one after the other, %.0f ms side by side', 1e3 * alone, 1e3 * together)
+        if together < alone:
+            return pool
+        pool.shutdown()
+        return None
 
     @property
     def image_size(self) -> int:
@@ -158,6 +199,7 @@ class ServedModel:
             cams: dict[int, np.ndarray] = {}
             if request.heatmaps and classes and for_cams is not None:
                 plain, trunk_maps = for_cams
-                cams = dict(zip(classes, cams_of_row(plain, trunk_maps, i, classes, x.shape[2:])))
+                maps = cams_of_row(plain, trunk_maps, i, classes, x.shape[2:], pool=self.heatmap_pool)
+                cams = dict(zip(classes, maps))
             out.append(Scored(p, positive, ood[i], cams))
         return out
