@@ -431,6 +431,17 @@ def test_413_decompression_bomb_refused_before_decoding(client, monkeypatch):
     assert post(client, bomb, name='x.jpg').status_code == 413
 
 
+def test_a_png_header_in_a_dicom_preamble_does_not_pass_the_pixel_limit_as_a_png(client, tmp_path, monkeypatch):
+    """The reader decodes a file with 'DICM' at byte 128 as DICOM, so the pixel limit must read it as one too."""
+    monkeypatch.setattr(uploads, 'MAX_PIXELS', 1000)
+    dicom = dicom_bytes(tmp_path, xray(0, (60, 40)))  # 2,400 pixels
+    tiny_png = uploads.PNG_SIGNATURE + _chunk(b'IHDR', np.array([1, 1], '>u4').tobytes() + b'\x08\x00\x00\x00\x00')
+    polyglot = tiny_png + dicom[len(tiny_png) :]
+    assert polyglot[128:132] == b'DICM'
+    r = post(client, polyglot)
+    assert r.status_code == 413 and 'DICOM' in r.json()['detail'] and '40 x 60' in r.json()['detail']
+
+
 def _chunk(kind, data):
     import zlib
 
@@ -503,6 +514,8 @@ def test_dicom_identifiers_never_leave_and_uploads_never_touch_the_disk(client, 
     monkeypatch.setattr(uploads, 'decode_image', recording)
     for maker in ('mkstemp', 'mkdtemp', 'NamedTemporaryFile', 'TemporaryFile'):  # TemporaryDirectory uses mkdtemp
         monkeypatch.setattr(tempfile, maker, no_files)
+    (tmp_path / 'tmp').mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))  # whatever else makes a temporary file
     good = dicom_bytes(tmp_path, xray(0), **IDENTIFIERS)
     frames = dicom_bytes(tmp_path, np.stack([xray(0), xray(1)]), name='f.dcm', NumberOfFrames=2, **IDENTIFIERS)
     with caplog.at_level(logging.DEBUG):
@@ -512,7 +525,7 @@ def test_dicom_identifiers_never_leave_and_uploads_never_touch_the_disk(client, 
     written = ' '.join(a.text for a in answers) + caplog.text + ''.join(capfd.readouterr())
     for value in IDENTIFIERS.values():
         assert value not in written and value.replace('^', ' ') not in written
-    assert seen == ['the uploaded DICOM'] * 2
+    assert seen == ['the uploaded DICOM'] * 2 and not any((tmp_path / 'tmp').iterdir())
 
 
 # -- the ONNX Runtime path (hybridmednet.deploy) ----------------------------------------------------

@@ -155,7 +155,7 @@ def test_the_server_answers_while_a_batch_is_scored(tmp_path):
 def test_the_default_batch_fits_the_cpu_caches_and_an_explicit_one_is_kept(tmp_path):
     """On a CPU a batch above about 4 x 224 x 224 pixels is slower per image (docs/benchmarks.md); a GPU gets 8."""
     assert [default_max_batch('cpu', size) for size in (64, 224, 256, 320, 512)] == [49, 4, 3, 1, 1]
-    assert default_max_batch('cuda:1', 512) == 8
+    assert default_max_batch('cuda:1', 512) == 8 and default_max_batch('cpu:0', 224) == 4
     path = write_model(tmp_path / 'm.pth', size=224)
     for settings, expected in [(Settings(str(path)), 4), (Settings(str(path), max_batch=2), 2)]:
         with TestClient(create_app(settings, ServedModel.load(path))) as c:

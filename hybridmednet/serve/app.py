@@ -61,7 +61,7 @@ STATIC = Path(__file__).parent / 'static'  # the web page: plain HTML, CSS and J
 SETTINGS_ENV = 'HYBRIDMEDNET_SERVE_SETTINGS'  # how `serve --workers N` hands the settings to each worker
 HEATMAP_SIDE = 512  # overlays: the heatmap itself is model-sized (224 px); 512 keeps encoding fast
 PREVIEW_SIDE = 1024
-DECODERS = 4  # uploads decoded at once, at least: a burst of large DICOMs cannot take all the memory
+DECODERS = 8  # uploads decoded at once, at least: a burst of large DICOMs cannot take all the memory
 PATHS = ('/', '/v1/predict', '/v1/model', '/healthz', '/readyz', '/metrics')  # metric labels; others: 'other'
 SECURITY_HEADERS = {
     'X-Content-Type-Options': 'nosniff',

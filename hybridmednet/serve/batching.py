@@ -30,7 +30,7 @@ GPU_MAX_BATCH = 8
 
 def default_max_batch(device: str, image_size: int) -> int:
     """The most images per forward pass when `--max-batch` is not given: on the CPU 4 at 224 px, 1 from 320 px."""
-    if device != 'cpu':
+    if device.split(':')[0] != 'cpu':
         return GPU_MAX_BATCH
     return max(1, CPU_BATCH_PIXELS // image_size**2)
 

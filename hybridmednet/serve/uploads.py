@@ -94,13 +94,14 @@ def file_field(body: bytes, content_type: str) -> bytes:
 
 
 def sniff(data: bytes) -> str | None:
-    """'png', 'jpeg' or 'dicom' from the file's own signature; None for anything else."""
+    """'png', 'jpeg' or 'dicom' from the file's own signature; None for anything else. DICOM first, as the reader
+    tells it: a PNG header hidden in a DICOM's 128-byte preamble must not pass the pixel limit as a PNG."""
+    if data[128:132] == b'DICM':
+        return 'dicom'
     if data.startswith(PNG_SIGNATURE):
         return 'png'
     if data.startswith(b'\xff\xd8\xff'):
         return 'jpeg'
-    if data[128:132] == b'DICM':
-        return 'dicom'
     return None
 
 
