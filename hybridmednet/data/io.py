@@ -49,7 +49,7 @@ def decode_image(data: bytes, name: str, *, intensity: str | int = 'auto') -> np
     _check_intensity(intensity)
     if not data:
         raise ImageReadError(f'{name}: file is empty')
-    return _decode(data, name, data[128:132] == b'DICM', intensity)
+    return _decode(data, name, has_dicom_marker(data), intensity)
 
 
 def _check_intensity(intensity: str | int) -> None:
@@ -71,9 +71,9 @@ def _decode(source: Path | bytes, name: str, dicom: bool, intensity: str | int) 
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
-def _binary(source: Path | bytes) -> Path | BinaryIO:
-    """What Pillow and pydicom open: the path itself, or the bytes as an in-memory file."""
-    return source if isinstance(source, Path) else io.BytesIO(source)
+def _open(source: Path | bytes) -> BinaryIO:
+    """The file, or the bytes as an in-memory file: what Pillow, pydicom and the PNG chunk walk read."""
+    return open(source, 'rb') if isinstance(source, Path) else io.BytesIO(source)
 
 
 def is_dicom(path: Path) -> bool:
@@ -81,8 +81,13 @@ def is_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     with open(path, 'rb') as f:
-        f.seek(128)
-        return f.read(4) == b'DICM'
+        return has_dicom_marker(f.read(132))
+
+
+def has_dicom_marker(head: bytes) -> bool:
+    """The 'DICM' marker after the 128-byte preamble: how a file without a suffix, or an upload, is told DICOM
+    (the server's sniffer asks the same, so its pixel limit reads a file as this reader does)."""
+    return head[128:132] == b'DICM'
 
 
 def stores_more_than_8_bits(path: str | Path) -> bool:
@@ -98,7 +103,7 @@ def stores_more_than_8_bits(path: str | Path) -> bool:
 
 def _read_pil(source: Path | bytes, name: str, intensity: str | int) -> np.ndarray:
     try:
-        with Image.open(_binary(source)) as opened:
+        with _open(source) as f, Image.open(f) as opened:
             opened.load()  # decode now: a truncated file fails here, not later in a worker
             img: Image.Image = opened
             if img.mode in SIXTEEN_BIT_MODES:
@@ -110,7 +115,7 @@ def _read_pil(source: Path | bytes, name: str, intensity: str | int) -> np.ndarr
                 if img.mode != 'L':
                     img = img.convert('L')  # RGB/RGBA/P/LA/1 -> luminance, alpha dropped
             arr = np.asarray(img, dtype=np.float32)
-            significant = _png_significant_bits(source) if opened.format == 'PNG' else None  # convert() clears format
+            significant = _png_significant_bits(f) if opened.format == 'PNG' else None  # convert() clears format
     except UnidentifiedImageError:
         raise ImageReadError(f'{name}: not a recognised image file') from None
     if intensity == 'minmax':
@@ -126,22 +131,22 @@ def _read_pil(source: Path | bytes, name: str, intensity: str | int) -> np.ndarr
     return np.clip(arr / full, 0.0, 1.0)
 
 
-def _png_significant_bits(source: Path | bytes) -> int | None:
-    """The bits the PNG sBIT chunk marks significant (grey, or the most of R, G, B); None without one.
-
-    Pillow reads the chunk but does not expose it, so the chunks before the image data are walked here.
+def _png_significant_bits(f: BinaryIO) -> int | None:
+    """The bits the PNG sBIT chunk of the open file `f` marks significant (grey, or the most of R, G, B); None
+    without one. Pillow reads the chunk but does not expose it, so the chunks before the image data are walked
+    here, from the start of the file Pillow has read.
     """
-    with open(source, 'rb') if isinstance(source, Path) else io.BytesIO(source) as f:
-        if f.read(8) != PNG_SIGNATURE:
+    f.seek(0)
+    if f.read(8) != PNG_SIGNATURE:
+        return None
+    while len(head := f.read(8)) == 8:
+        length, kind = struct.unpack('>I4s', head)
+        if kind == b'sBIT':
+            bits = f.read(length)
+            return max(bits[:3] if length >= 3 else bits[:1], default=0) or None  # alpha left out
+        if kind in (b'PLTE', b'IDAT'):  # sBIT comes before both
             return None
-        while len(head := f.read(8)) == 8:
-            length, kind = struct.unpack('>I4s', head)
-            if kind == b'sBIT':
-                bits = f.read(length)
-                return max(bits[:3] if length >= 3 else bits[:1], default=0) or None  # alpha left out
-            if kind in (b'PLTE', b'IDAT'):  # sBIT comes before both
-                return None
-            f.seek(length + 4, os.SEEK_CUR)  # the chunk's data and CRC
+        f.seek(length + 4, os.SEEK_CUR)  # the chunk's data and CRC
     return None
 
 
@@ -150,7 +155,8 @@ def _read_dicom(source: Path | bytes, name: str) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
     try:
-        ds = pydicom.dcmread(_binary(source))
+        with _open(source) as f:
+            ds = pydicom.dcmread(f)  # reads everything, pixel data included
     except Exception as exc:
         raise ImageReadError(f'{name}: not a readable DICOM file ({exc})') from None
     if 'PixelData' not in ds:

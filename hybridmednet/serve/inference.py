@@ -199,7 +199,7 @@ class ServedModel:
             cams: dict[int, np.ndarray] = {}
             if request.heatmaps and classes and for_cams is not None:
                 plain, trunk_maps = for_cams
-                maps = cams_of_row(plain, trunk_maps, i, classes, x.shape[2:], pool=self.heatmap_pool)
-                cams = dict(zip(classes, maps))
+                heat = cams_of_row(plain, trunk_maps, i, classes, x.shape[2:], pool=self.heatmap_pool)
+                cams = dict(zip(classes, heat))
             out.append(Scored(p, positive, ood[i], cams))
         return out

@@ -18,7 +18,7 @@ import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from hybridmednet.data.io import PNG_SIGNATURE, decode_image
+from hybridmednet.data.io import PNG_SIGNATURE, decode_image, has_dicom_marker
 from hybridmednet.errors import ImageReadError
 from hybridmednet.serve import ServeError
 
@@ -96,7 +96,7 @@ def file_field(body: bytes, content_type: str) -> bytes:
 def sniff(data: bytes) -> str | None:
     """'png', 'jpeg' or 'dicom' from the file's own signature; None for anything else. DICOM first, as the reader
     tells it: a PNG header hidden in a DICOM's 128-byte preamble must not pass the pixel limit as a PNG."""
-    if data[128:132] == b'DICM':
+    if has_dicom_marker(data):
         return 'dicom'
     if data.startswith(PNG_SIGNATURE):
         return 'png'
