@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -641,10 +642,11 @@ def stop_server(process):
 
 
 def test_command_serves_on_loopback(model_path):
-    process, url = start_server(model_path)
+    process, url = start_server(model_path, env={**os.environ, 'OMP_NUM_THREADS': '2'})  # 2: heatmaps timed
     try:
         r = httpx.post(f'{url}/v1/predict', files={'file': ('x.png', png_bytes(xray(0)))}, timeout=60)
         assert r.status_code == 200 and r.json()['positive_findings'] == list(POSITIVE)
     finally:
         output = stop_server(process)
     assert url + '/' in output and 'http://127.0.0.1:' in output
+    assert re.search(r'heatmaps computed (side by side|one after the other) \(two heatmaps \d+ ms', output)

@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             f'serving {served.name} ({backbone}, {served.runtime}, weights {served.weights_hash}) '
             f'on http://{args.host}:{args.port}/' + (' with a bearer token' if settings.token else '')
         )
+        if served.heatmap_timing:
+            mode = 'side by side' if served.heatmap_pool else 'one after the other'
+            print(f'heatmaps computed {mode} ({served.heatmap_timing}, measured at load)')
         if args.workers == 1:
             uvicorn.run(create_app(settings, served), host=args.host, port=args.port, log_level='info')
         else:
