@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from hybridmednet.checkpoint import load_model
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.synthetic import BOX_FILE
-from hybridmednet.evaluation.gradcam import MIN_SIDE, grad_cam, trunk
+from hybridmednet.evaluation.gradcam import grad_cam, trunk
 from hybridmednet.evaluation.localization import localization_scores, localization_table, read_boxes
+
+LEVEL_SIDE = 4  # the variants use every level at least this many cells across, their ring kept
 
 Cam = Callable[[torch.nn.Module, torch.Tensor, Sequence[int]], np.ndarray]
 
@@ -69,7 +71,7 @@ def pyramid_cam(
             logits = model.forward_head(attended)
             maps = attended if where == 'attended' else pyramid
         if levels is None:
-            levels = [i for i, m in enumerate(maps) if min(m.shape[-2:]) >= MIN_SIDE] or [0]
+            levels = [i for i, m in enumerate(maps) if min(m.shape[-2:]) >= LEVEL_SIDE] or [0]
         chosen = [maps[i] for i in levels]
         out = []
         for c in classes:
@@ -134,7 +136,10 @@ def resnet_stages(model: torch.nn.Module, stages: Sequence[int]) -> list[torch.n
 
 METHODS: dict[str, Cam] = {
     'before: Grad-CAM, attended pyramid, levels >= 4 cells': partial(pyramid_cam, where='attended', method='gradcam'),
-    'shipped: grad_cam (HiResCAM, trunk, levels >= 4 cells)': grad_cam,
+    'shipped: grad_cam (HiResCAM, trunk, levels >= 6 cells, outer ring of cells left out)': grad_cam,
+    'HiResCAM, trunk, levels >= 4 cells, ring kept (shipped before)': partial(
+        pyramid_cam, where='trunk', method='hirescam'
+    ),
     'HiResCAM, trunk, stride 4 only': partial(pyramid_cam, where='trunk', method='hirescam', levels=[0]),
     'HiResCAM, trunk, all 4 levels': partial(pyramid_cam, where='trunk', method='hirescam', levels=[0, 1, 2, 3]),
     'HiResCAM, trunk, levels weighted by evidence': partial(

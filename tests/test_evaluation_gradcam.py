@@ -48,6 +48,31 @@ class QuadrantNet(nn.Module):
         return torch.stack([top_left, bottom_right], 1)
 
 
+class PaddedMaps(nn.Module):
+    """PooledImage's maps with their outer ring of cells strongly active whatever the image, as zero padding
+    makes a convolution's border cells."""
+
+    def forward(self, x):
+        maps = []
+        for m in PooledImage()(x):
+            ring = torch.full_like(m, 4.0)
+            ring[:, :, 1:-1, 1:-1] = 0.0
+            maps.append(m + ring)
+        return maps
+
+
+class PaddedEdgeNet(nn.Module):
+    """Logit = the maps' mean: gradient times activation is largest on the ring, which says nothing about
+    where the object is; only the bright object moves the logit from image to image."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = PaddedMaps()
+
+    def forward(self, x):
+        return torch.stack([m.mean((1, 2, 3)) for m in self.backbone(x)], 1).sum(1, keepdim=True)
+
+
 def square_image(row: int, col: int, size: int = 128, side: int = 16) -> torch.Tensor:
     x = torch.zeros(3, size, size)
     x[:, row : row + side, col : col + side] = 1.0
@@ -66,6 +91,14 @@ def test_heatmap_follows_the_object():
         assert row - 8 <= r < row + 24 and col - 8 <= c < col + 24
         inside = cam[row : row + 16, col : col + 16].mean()
         assert inside > 3 * cam.mean()
+
+
+def test_heatmap_leaves_out_the_ring_of_cells_that_sees_the_padding():
+    for row, col in ((56, 56), (20, 90)):
+        cam = grad_cam(PaddedEdgeNet(), square_image(row, col), [0])[0]
+        r, c = peak(cam)
+        assert row <= r < row + 16 and col <= c < col + 16, (row, col, r, c)
+        assert cam[:4].max() == 0 and cam[:, -4:].max() == 0  # the finest level's ring: 4 px
 
 
 def test_each_class_heatmap_peaks_where_that_class_looks():
