@@ -6,6 +6,9 @@ same CSV dataset of PNG files: one runs the backbone every epoch on the unaugmen
 maps from the cache. Epochs alternate between the two, each with its own random streams swapped in, so a change
 in machine load hits both and the dropout masks are each run's own. An epoch is training plus validation, as in
 `Trainer.fit`. Prints seconds per epoch, the ratio, and the largest difference in validation metrics and weights.
+First it counts floating-point operations (torch.utils.flop_counter): what the cache removes (the backbone's
+forward pass) against what it cannot (attention, fusion and head, forward and backward), which bounds the
+ratio whatever the machine, unless the head runs at a higher FLOP rate than the backbone.
 
     python benchmarks/bench_feature_cache.py                         # 96 train / 32 val images, 3 epochs
     python benchmarks/bench_feature_cache.py --train 256 --epochs 4
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from hybridmednet.config import Config
 from hybridmednet.data.datasets import build_datasets
@@ -79,6 +83,34 @@ def make_config(data: Path, out: Path, cached: bool, batch_size: int, cbam_only:
     ).validate()
 
 
+def flop_bound(model: torch.nn.Module, n_train: int, n_val: int) -> str:
+    """The epoch's FLOPs without and with the cache, per image counted once on a 224 px input."""
+
+    def flops(step) -> int:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        return counter.get_total_flops()
+
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        maps = [m.detach() for m in model.backbone(x)]
+        backbone = flops(lambda: model.backbone(x))
+        head_eval = flops(lambda: model.forward_head(model.attention(maps)))
+    modes = {module: module.training for module in model.modules()}  # a frozen backbone stays in eval mode
+    model.train()
+    head_train = flops(lambda: model.forward_head(model.attention(maps)).sum().backward())
+    model.zero_grad(set_to_none=True)
+    for module, training in modes.items():
+        module.training = training
+    plain = n_train * (backbone + head_train) + n_val * (backbone + head_eval)
+    cached = n_train * head_train + n_val * head_eval
+    return (
+        f'FLOPs per image: backbone forward {backbone / 1e9:.2f} G (the cache removes it); attention + fusion + '
+        f'head {head_train / 1e9:.3f} G training, {head_eval / 1e9:.3f} G validating (it stays): an epoch is at '
+        f'most {plain / cached:.1f}x faster with the cache at equal FLOP rates'
+    )
+
+
 def trainer(data: Path, out: Path, cached: bool, batch_size: int, cbam_only: bool) -> Trainer:
     config = make_config(data, out, cached, batch_size, cbam_only)
     datasets = build_datasets(config)
@@ -129,6 +161,7 @@ def main() -> None:
             f'batch {args.batch_size}, '
             f'{args.train} train / {args.val} val images, {args.threads} threads'
         )
+        print(flop_bound(plain.model, args.train, args.val))
         print(f'cache build (backbone over {args.train + args.val} images, once): {build:.2f} s')
         print('epoch  without cache  with cache  ratio')
         last: dict[str, dict] = {}
