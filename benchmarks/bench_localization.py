@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from hybridmednet.checkpoint import load_model
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.synthetic import BOX_FILE
-from hybridmednet.evaluation.gradcam import grad_cam, trunk
+from hybridmednet.data.transforms import build_transforms
+from hybridmednet.evaluation.gradcam import grad_cam, reference_entry, trunk
 from hybridmednet.evaluation.localization import localization_scores, localization_table, read_boxes
 
 LEVEL_SIDE = 4  # the variants use every level at least this many cells across, their ring kept
@@ -114,6 +115,28 @@ def occlusion(
     return _unit(F.relu(heat / count.clamp_min(1))).numpy()
 
 
+def without_reference(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
+    """The shipped heatmap with the model's healthy reference detached: plain HiResCAM, ring left out."""
+    reference, model.heatmap_reference = model.heatmap_reference, None
+    try:
+        return grad_cam(model, image, classes)
+    finally:
+        model.heatmap_reference = reference
+
+
+def fit_reference(model: torch.nn.Module, config: Any) -> str:
+    """Attach a healthy reference computed as training stores one, for a checkpoint written before it was."""
+    train = build_datasets(config)['train']
+    train.transform, train.epoch_seed = build_transforms(config, train=False), None
+    batches = (
+        (torch.stack([train[j][0] for j in range(i, min(i + 16, len(train)))]), train.labels[i : i + 16])
+        for i in range(0, len(train), 16)
+    )
+    entry = reference_entry(model, ((x, torch.as_tensor(y)) for x, y in batches))
+    model.heatmap_reference = [entry[k] for k in sorted(k for k in entry if k.startswith('level_'))]
+    return f'{entry["n_images"]} training images ({entry["images"]})'
+
+
 def library_cam(kind: str, layers: Callable[[torch.nn.Module], list[torch.nn.Module]]) -> Cam:
     """pytorch-grad-cam's GradCAM / HiResCAM / GradCAMPlusPlus on the given layers (one pass per class)."""
     engines: dict[int, Any] = {}
@@ -136,7 +159,8 @@ def resnet_stages(model: torch.nn.Module, stages: Sequence[int]) -> list[torch.n
 
 METHODS: dict[str, Cam] = {
     'before: Grad-CAM, attended pyramid, levels >= 4 cells': partial(pyramid_cam, where='attended', method='gradcam'),
-    'shipped: grad_cam (HiResCAM, trunk, levels >= 6 cells, outer ring of cells left out)': grad_cam,
+    'shipped: grad_cam (HiResCAM relative to the healthy reference, trunk, levels >= 6 cells, ring left out)': grad_cam,
+    'HiResCAM, trunk, levels >= 6 cells, ring left out, no reference': without_reference,
     'HiResCAM, trunk, levels >= 4 cells, ring kept (shipped before)': partial(
         pyramid_cam, where='trunk', method='hirescam'
     ),
@@ -171,9 +195,18 @@ def main() -> None:
     p.add_argument('checkpoint')
     p.add_argument('--methods', nargs='*', help='prefixes of the method names to run (default: all)')
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument(
+        '--fit-reference',
+        action='store_true',
+        help='a checkpoint trained before the heatmap reference was stored: compute it as training does',
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, config, _ = load_model(args.checkpoint)
+    if args.fit_reference and model.heatmap_reference is None:
+        print(f'healthy reference fitted here: the mean trunk maps of {fit_reference(model, config)}')
+    elif model.heatmap_reference is None:
+        print('this checkpoint stores no healthy reference: the shipped heatmap is plain HiResCAM (--fit-reference)')
     test = build_datasets(config)['test']
     boxes = read_boxes(test.data_dir / BOX_FILE)
     tables = {}

@@ -7,9 +7,9 @@ A training checkpoint (.pth) holds only tensors and plain containers, so both
 weights are also exported as `.safetensors` with a `.json` sidecar (config, class names,
 preprocessing). What else describes the model is stored into these files here too, as entries of
 the checkpoint dict and of the sidecar: 'thresholds' (the operating point `evaluate` fits),
-'calibration' and 'ood' (fitted at the end of training). The tensors of an entry (the OOD model's
-mean and precision matrix) go into a second safetensors file beside the export,
-`<name>.<entry>.safetensors`, so the export itself stays a plain state dict.
+'calibration', 'ood' and 'heatmap_reference' (fitted at the end of training). The tensors of an entry
+(the OOD model's mean and precision matrix, the heatmaps' reference maps) go into a second safetensors
+file beside the export, `<name>.<entry>.safetensors`, so the export itself stays a plain state dict.
 
 A model package in the Hugging Face layout (deploy/hub.py) is the same export named `model.safetensors`
 with its sidecar named `config.json`; a folder holding the two loads like the file.
@@ -38,7 +38,7 @@ from hybridmednet.models.pruning import restore_pruning
 FORMAT = 'hybridmednet-checkpoint'
 EXPORT_FORMAT = 'hybridmednet-weights'
 PTH_SUFFIXES = ('.pth', '.pt', '.ckpt')
-MODEL_ENTRIES = ('thresholds', 'calibration', 'ood')  # stored with the model, None until fitted
+MODEL_ENTRIES = ('thresholds', 'calibration', 'ood', 'heatmap_reference')  # stored with the model, None until fitted
 PACKAGE_WEIGHTS, PACKAGE_CONFIG = 'model.safetensors', 'config.json'  # the Hugging Face layout's names
 
 
@@ -182,7 +182,8 @@ def load_model(
     """Rebuild the HybridMedNet a checkpoint was trained as; strict, and loud on any mismatch.
 
     Returns (model in eval mode, its Config, meta with class_names, preprocessing, and the entries
-    thresholds, calibration, ood: each None when the model was stored without it).
+    thresholds, calibration, ood, heatmap_reference: each None when the model was stored without it). The
+    heatmap reference's maps are attached to the model as `model.heatmap_reference` (evaluation/gradcam.py).
     Training checkpoints with EMA give the EMA weights (the ones that were validated).
     `num_classes`, when given, must match the checkpoint's (e.g. the classes of a dataset to score).
     """
@@ -207,12 +208,19 @@ def load_model(
             f'{path}: weights do not fit a {config.MODEL["backbone"]} HybridMedNet with {k} classes: {problems}'
         )
     model.load_state_dict(state_dict, strict=True)
+    model.heatmap_reference = _reference_maps(meta.get('heatmap_reference'), map_location)
     meta = {
         **meta,
         'class_names': names,
         'preprocessing': meta.get('preprocessing') or preprocessing(config),
     }
     return model.to(map_location).eval(), config, meta
+
+
+def _reference_maps(entry: dict[str, Any] | None, map_location) -> list[torch.Tensor] | None:
+    """The heatmap reference entry's maps, level by level ('level_0' ... 'level_3'), or None."""
+    levels = sorted((k for k in entry or {} if k.startswith('level_')), key=lambda k: int(k.split('_')[1]))
+    return [entry[k].to(map_location) for k in levels] if entry and levels else None
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from hybridmednet import create_model
-from hybridmednet.evaluation.gradcam import cams_of_row, forward_with_trunk, grad_cam, overlay, volume_montage
+from hybridmednet.evaluation.gradcam import (
+    cams_of_row,
+    forward_with_trunk,
+    grad_cam,
+    overlay,
+    reference_entry,
+    volume_montage,
+)
 
 
 class PooledImage(nn.Module):
@@ -99,6 +106,47 @@ def test_heatmap_leaves_out_the_ring_of_cells_that_sees_the_padding():
         r, c = peak(cam)
         assert row <= r < row + 16 and col <= c < col + 16, (row, col, r, c)
         assert cam[:4].max() == 0 and cam[:, -4:].max() == 0  # the finest level's ring: 4 px
+
+
+def film(lesion: tuple[int, int] | None, size: int = 128, noise: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """A 'film' whose anatomy (a brighter block every image has) outweighs the lesion, if any."""
+    x = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed)) * noise
+    x[:, 72:112, 72:112] += 2.0
+    if lesion is not None:
+        x[:, lesion[0] : lesion[0] + 16, lesion[1] : lesion[1] + 16] += 1.0
+    return x
+
+
+def test_heatmap_relative_to_the_healthy_reference_finds_what_a_normal_film_lacks():
+    model = PaddedEdgeNet()
+    x = film((24, 24))
+    r, c = peak(grad_cam(model, x, [0])[0])
+    assert 72 <= r < 112 and 72 <= c < 112  # gradient times activation: the anatomy outweighs the lesion
+    healthy = [film(None, noise=0.1, seed=i) for i in range(30)]
+    sick = [film((24, 90), noise=0.1, seed=100 + i) for i in range(10)]
+    images = torch.stack(healthy + sick)
+    target = torch.cat([torch.zeros(30, 2), torch.tensor([[0.0, 1.0]]).repeat(10, 1)])
+    entry = reference_entry(model, [(images[i : i + 8], target[i : i + 8]) for i in range(0, 40, 8)])
+    assert entry['n_images'] == 30 and entry['images'] == 'without a finding'
+    for level, m in enumerate(model.backbone(torch.stack(healthy))):
+        torch.testing.assert_close(entry[f'level_{level}'], m.mean(0, keepdim=True))
+    model.heatmap_reference = [entry[f'level_{i}'] for i in range(4)]
+    cam = grad_cam(model, x, [0])[0]
+    r, c = peak(cam)
+    assert 24 <= r < 40 and 24 <= c < 40, (r, c)
+    assert cam[72:112, 72:112].max() < 0.2  # what every film has is no evidence
+    with pytest.raises(ValueError, match='input size the model was trained at'):
+        grad_cam(model, film((24, 24), size=96), [0])
+
+
+def test_heatmap_reference_falls_back_to_all_images_when_few_are_healthy():
+    model = PaddedEdgeNet()
+    images = torch.stack([film((24, 24), seed=i) for i in range(20)])
+    target = torch.ones(20, 2)
+    target[:2] = 0  # 2 healthy of 20: fewer than a tenth of REFERENCE_IMAGES
+    entry = reference_entry(model, [(images, target)])
+    assert entry['n_images'] == 20 and entry['images'].startswith('all')
+    torch.testing.assert_close(entry['level_0'], model.backbone(images)[0].mean(0, keepdim=True))
 
 
 def test_each_class_heatmap_peaks_where_that_class_looks():

@@ -92,6 +92,7 @@ class CachedMaps(Dataset):
 
     def __init__(self, source: ChestXrayDataset, maps_file: Path, rows: np.ndarray):
         self.records, self.labels, self.mask = source.records, source.labels, source.mask
+        self.source = source  # the images themselves, for passes the maps cannot serve (the heatmap reference)
         self.class_names = source.class_names
         self.maps_file, self.rows = maps_file, rows
         self._maps: np.ndarray | None = None

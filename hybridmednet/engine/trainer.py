@@ -61,6 +61,7 @@ from hybridmednet.engine.runtime import (
 from hybridmednet.engine.schedule import build_schedule
 from hybridmednet.errors import ConfigError, TrainingError
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
+from hybridmednet.evaluation.gradcam import reference_entry
 from hybridmednet.evaluation.metrics import roc_auc
 from hybridmednet.evaluation.ood import OodModel, fit_ood, ood_features
 from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
@@ -645,7 +646,7 @@ class Trainer:
 
     def finish(self, best_path: Path) -> None:
         """On the best weights: training_curves.png, roc_curves.png on the validation set, and what is stored
-        with the model for inference: its calibration and (for a HybridMedNet) its OOD model."""
+        with the model for inference: its calibration and (for a HybridMedNet) its OOD model and heatmap reference."""
         self.dist.barrier()
         if not best_path.is_file():
             return
@@ -655,7 +656,9 @@ class Trainer:
         calibration = self.fit_calibration(val)
         ood = self.fit_ood(model) if isinstance(model, HybridMedNet) else None
         if self.dist.is_main:
-            write_model_entries(best_path, {'calibration': calibration.to_meta(), 'ood': ood and ood.to_state()})
+            reference = self.fit_heatmap_reference(model) if isinstance(model, HybridMedNet) else None
+            entries = {'calibration': calibration.to_meta(), 'ood': ood and ood.to_state()}
+            write_model_entries(best_path, {**entries, 'heatmap_reference': reference})
             plot_training_curves(self.progress.history, self.log_dir / 'training_curves.png')
             plot_roc_curves(
                 val['target'],
@@ -682,13 +685,17 @@ class Trainer:
         )
         return calibration
 
-    def fit_ood(self, model: HybridMedNet) -> OodModel:
-        """The OOD model: a Gaussian over the pooled features of the training images (as validation sees
-        them: no augmentation), its threshold from the validation images."""
-        train = self.datasets['train']
+    def unaugmented(self, train: Dataset) -> Dataset:
+        """The training images as validation sees them (no augmentation); cached maps stay as they are."""
         if isinstance(train, ChestXrayDataset):
             train = copy.copy(train)
             train.transform, train.epoch_seed = build_transforms(self.config, train=False), None
+        return train
+
+    def fit_ood(self, model: HybridMedNet) -> OodModel:
+        """The OOD model: a Gaussian over the pooled features of the training images (as validation sees
+        them: no augmentation), its threshold from the validation images."""
+        train = self.unaugmented(self.datasets['train'])
         if len(train) > OOD_MAX_TRAIN_IMAGES:
             train = Subset(train, np.linspace(0, len(train) - 1, OOD_MAX_TRAIN_IMAGES).round().astype(int).tolist())
         ood = fit_ood(
@@ -700,6 +707,19 @@ class Trainer:
             f'(the {ood.quantile:.0%} quantile of {ood.n_val} validation distances)'
         )
         return ood
+
+    @torch.no_grad()
+    def fit_heatmap_reference(self, model: HybridMedNet) -> dict[str, Any]:
+        """The heatmaps' healthy reference (evaluation/gradcam.py): the trunk's mean maps over unaugmented
+        training images without a finding, from the images even when training read cached maps."""
+        train = self.unaugmented(getattr(self.datasets['train'], 'source', self.datasets['train']))
+        model.eval()
+        batches = (
+            (images.to(self.device), target) for images, target, _ in self.loader(train, list(range(len(train))), False)
+        )
+        entry = reference_entry(model, batches)
+        self.log(f'heatmap reference: mean trunk maps of {entry["n_images"]} training images ({entry["images"]})')
+        return entry
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:

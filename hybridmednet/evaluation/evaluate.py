@@ -193,7 +193,8 @@ def localization_check(model: Any, data: ChestXrayDataset) -> dict[str, Any] | N
         return None
     model.eval()
     scores = localization_scores(model, data, boxes)
-    return {**scores, 'boxes': str(boxes)} if scores['n_images'] else None
+    relative = model.heatmap_reference is not None
+    return {**scores, 'boxes': str(boxes), 'relative_to_reference': relative} if scores['n_images'] else None
 
 
 def top1_accuracy(y: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> float | None:

@@ -268,7 +268,14 @@ def evaluation_sections(results: dict) -> list[Section]:
                     f'IoBB > t: share of boxes covered by a detected region (heatmap >= {loc["threshold"]:g} of its '
                     f'maximum) with intersection over the detected box above t (Wang et al. 2017). In brackets: '
                     f"the same for the class-blind map (the mean of all findings' maps); a heatmap that does not "
-                    f'beat it shows where something is abnormal, not which finding.'
+                    f'beat it shows where something is abnormal, not which finding. '
+                    + (
+                        'Heatmaps: HiResCAM on the backbone trunk, relative to its mean maps over healthy '
+                        'training images (stored with the model).'
+                        if loc.get('relative_to_reference')
+                        else 'Heatmaps: plain HiResCAM on the backbone trunk (the model file holds no heatmap '
+                        'reference; a model trained now stores one).'
+                    )
                 ],
                 [Table(head, rows)],
             )

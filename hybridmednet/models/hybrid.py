@@ -21,8 +21,13 @@ from hybridmednet.models.registry import get_backbone_spec
 
 
 class HybridMedNet(nn.Module):
+    # The backbone trunk's mean maps over healthy training images, which heatmaps are computed against
+    # (evaluation/gradcam.py); stored beside the weights, not in them, and attached by checkpoint.load_model.
+    heatmap_reference: list[torch.Tensor] | None
+
     def __init__(self, config: Config | None = None):
         super().__init__()
+        self.heatmap_reference = None
         config = (config or Config()).validate()
         m = config.MODEL
         self.config = config

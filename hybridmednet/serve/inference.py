@@ -24,7 +24,7 @@ import torch
 from hybridmednet.checkpoint import load_model, weights_hash
 from hybridmednet.config import Config
 from hybridmednet.data.transforms import build_transforms
-from hybridmednet.evaluation.gradcam import cams_of_row, forward_with_trunk
+from hybridmednet.evaluation.gradcam import cams_of_row, forward_with_trunk, reference_of
 from hybridmednet.evaluation.inference import batch_outputs, maps_and_logits, tta_mean
 from hybridmednet.evaluation.ood import pooled_features
 from hybridmednet.evaluation.operating_point import OperatingPoint
@@ -150,7 +150,7 @@ class ServedModel:
         def seconds(side_by_side: ThreadPoolExecutor | None) -> float:
             (_, logits), maps = forward_with_trunk(model, lambda x: maps_and_logits(model, x), x)
             start = time.perf_counter()
-            cams_of_row(logits, maps, 0, [0, 1], x.shape[2:], pool=side_by_side)
+            cams_of_row(logits, maps, 0, [0, 1], x.shape[2:], pool=side_by_side, reference=reference_of(model))
             return time.perf_counter() - start
 
         seconds(None), seconds(pool)  # warm-up
@@ -198,7 +198,15 @@ class ServedModel:
             cams: dict[int, np.ndarray] = {}
             if request.heatmaps and classes and for_cams is not None:
                 plain, trunk_maps = for_cams
-                heat = cams_of_row(plain, trunk_maps, i, classes, x.shape[2:], pool=self.heatmap_pool)
+                heat = cams_of_row(
+                    plain,
+                    trunk_maps,
+                    i,
+                    classes,
+                    x.shape[2:],
+                    pool=self.heatmap_pool,
+                    reference=reference_of(self.torch_model),
+                )
                 cams = dict(zip(classes, heat))
             out.append(Scored(p, positive, ood[i], cams))
         return out
