@@ -29,7 +29,7 @@ from hybridmednet.checkpoint import load_model
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.synthetic import BOX_FILE
 from hybridmednet.data.transforms import build_transforms
-from hybridmednet.evaluation.gradcam import grad_cam, reference_entry, trunk
+from hybridmednet.evaluation.gradcam import grad_cam, reference_entry, reference_rows, trunk
 from hybridmednet.evaluation.localization import localization_scores, localization_table, read_boxes
 
 LEVEL_SIDE = 4  # the variants use every level at least this many cells across, their ring kept
@@ -128,13 +128,11 @@ def fit_reference(model: torch.nn.Module, config: Any) -> str:
     """Attach a healthy reference computed as training stores one, for a checkpoint written before it was."""
     train = build_datasets(config)['train']
     train.transform, train.epoch_seed = build_transforms(config, train=False), None
-    batches = (
-        (torch.stack([train[j][0] for j in range(i, min(i + 16, len(train)))]), train.labels[i : i + 16])
-        for i in range(0, len(train), 16)
-    )
-    entry = reference_entry(model, ((x, torch.as_tensor(y)) for x, y in batches))
+    rows, what = reference_rows(train.labels, train.mask, train.class_names)
+    batches = (torch.stack([train[int(j)][0] for j in rows[i : i + 16]]) for i in range(0, len(rows), 16))
+    entry = reference_entry(model, batches, what)
     model.heatmap_reference = [entry[k] for k in sorted(k for k in entry if k.startswith('level_'))]
-    return f'{entry["n_images"]} training images ({entry["images"]})'
+    return f'{entry["n_images"]} training images ({what})'
 
 
 def library_cam(kind: str, layers: Callable[[torch.nn.Module], list[torch.nn.Module]]) -> Cam:

@@ -16,6 +16,8 @@ from hybridmednet.evaluation.gradcam import (
     grad_cam,
     overlay,
     reference_entry,
+    reference_fits,
+    reference_rows,
     volume_montage,
 )
 
@@ -122,15 +124,13 @@ def test_heatmap_relative_to_the_healthy_reference_finds_what_a_normal_film_lack
     x = film((24, 24))
     r, c = peak(grad_cam(model, x, [0])[0])
     assert 72 <= r < 112 and 72 <= c < 112  # gradient times activation: the anatomy outweighs the lesion
-    healthy = [film(None, noise=0.1, seed=i) for i in range(30)]
-    sick = [film((24, 90), noise=0.1, seed=100 + i) for i in range(10)]
-    images = torch.stack(healthy + sick)
-    target = torch.cat([torch.zeros(30, 2), torch.tensor([[0.0, 1.0]]).repeat(10, 1)])
-    entry = reference_entry(model, [(images[i : i + 8], target[i : i + 8]) for i in range(0, 40, 8)])
+    healthy = torch.stack([film(None, noise=0.1, seed=i) for i in range(30)])
+    entry = reference_entry(model, healthy.split(8), 'without a finding')
     assert entry['n_images'] == 30 and entry['images'] == 'without a finding'
-    for level, m in enumerate(model.backbone(torch.stack(healthy))):
+    for level, m in enumerate(model.backbone(healthy)):
         torch.testing.assert_close(entry[f'level_{level}'], m.mean(0, keepdim=True))
     model.heatmap_reference = [entry[f'level_{i}'] for i in range(4)]
+    assert reference_fits(model, x) and not reference_fits(model, film((24, 24), size=96))
     cam = grad_cam(model, x, [0])[0]
     r, c = peak(cam)
     assert 24 <= r < 40 and 24 <= c < 40, (r, c)
@@ -139,14 +139,21 @@ def test_heatmap_relative_to_the_healthy_reference_finds_what_a_normal_film_lack
         grad_cam(model, film((24, 24), size=96), [0])
 
 
-def test_heatmap_reference_falls_back_to_all_images_when_few_are_healthy():
-    model = PaddedEdgeNet()
-    images = torch.stack([film((24, 24), seed=i) for i in range(20)])
-    target = torch.ones(20, 2)
-    target[:2] = 0  # 2 healthy of 20: fewer than a tenth of REFERENCE_IMAGES
-    entry = reference_entry(model, [(images, target)])
-    assert entry['n_images'] == 20 and entry['images'].startswith('all')
-    torch.testing.assert_close(entry['level_0'], model.backbone(images)[0].mean(0, keepdim=True))
+def test_the_reference_averages_films_whose_every_finding_is_known_and_negative():
+    names = ['Effusion', 'No Finding', 'Mass']
+    labels = np.zeros((300, 3), np.float32)
+    mask = np.ones((300, 3), np.float32)
+    labels[:40, 0] = 1  # a finding
+    labels[40:80, 1] = 1  # 'No Finding' set: healthy
+    mask[80:120, 2] = 0  # Mass unknown (CheXpert U-Ignore): not known to be healthy
+    rows, what = reference_rows(labels, mask, names)
+    assert what == 'without a finding' and list(rows) == [*range(40, 80), *range(120, 300)]
+    labels[120:, 2] = 1  # 40 healthy films left: still at least a tenth of REFERENCE_IMAGES
+    rows, what = reference_rows(labels, mask, names)
+    assert what == 'without a finding' and list(rows) == list(range(40, 80))
+    labels[40:80, 0] = 1  # none healthy: as many of all the films, evenly spaced
+    rows, what = reference_rows(labels, mask, names)
+    assert what.startswith('all') and len(rows) == 256 and rows[0] == 0 and rows[-1] == 299
 
 
 def test_each_class_heatmap_peaks_where_that_class_looks():

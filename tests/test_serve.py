@@ -35,7 +35,7 @@ from hybridmednet.commands import serve as serve_command  # noqa: E402
 from hybridmednet.config import Config  # noqa: E402
 from hybridmednet.data.io import read_image  # noqa: E402
 from hybridmednet.data.transforms import build_transforms  # noqa: E402
-from hybridmednet.evaluation.gradcam import grad_cam, overlay  # noqa: E402
+from hybridmednet.evaluation.gradcam import grad_cam, overlay, reference_entry  # noqa: E402
 from hybridmednet.evaluation.inference import batch_logits  # noqa: E402
 from hybridmednet.evaluation.operating_point import OperatingPoint  # noqa: E402
 from hybridmednet.models.hybrid import HybridMedNet  # noqa: E402
@@ -56,13 +56,16 @@ IDENTIFIERS = {
 
 # -- models and images --------------------------------------------------------------------------
 def write_model(path, thresholds=True, ood=None, size=SIZE):
-    """A resnet18 checkpoint; `thresholds` makes POSITIVE the positive findings; `ood` an OOD state."""
+    """A resnet18 checkpoint with a heatmap reference; `thresholds` makes POSITIVE the positive findings; `ood` an
+    OOD state."""
     config = Config(
         MODEL={'backbone': 'resnet18', 'pretrained': False}, DATA={'image_size': size, 'num_workers': 0}
     ).validate()
     torch.manual_seed(0)
     model = HybridMedNet(config)
     state = {'model_state_dict': model.state_dict(), 'config': config.to_dict(), 'class_names': config.class_names}
+    # heatmaps relative to it differ from plain ones: the overlay test fails if the server leaves it out
+    state['heatmap_reference'] = reference_entry(model.eval(), [torch.rand(4, 3, size, size)], 'without a finding')
     if thresholds:
         values = np.array([0.0 if n in POSITIVE else 1.0 for n in config.class_names])
         temperatures = np.linspace(0.5, 2.0, len(values))  # so that probabilities are not the plain sigmoid

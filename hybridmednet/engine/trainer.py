@@ -61,7 +61,7 @@ from hybridmednet.engine.runtime import (
 from hybridmednet.engine.schedule import build_schedule
 from hybridmednet.errors import ConfigError, TrainingError
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
-from hybridmednet.evaluation.gradcam import reference_entry
+from hybridmednet.evaluation.gradcam import REFERENCE_IMAGES, reference_entry, reference_rows
 from hybridmednet.evaluation.metrics import roc_auc
 from hybridmednet.evaluation.ood import OodModel, fit_ood, ood_features
 from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
@@ -710,15 +710,22 @@ class Trainer:
 
     @torch.no_grad()
     def fit_heatmap_reference(self, model: HybridMedNet) -> dict[str, Any]:
-        """The heatmaps' healthy reference (evaluation/gradcam.py): the trunk's mean maps over unaugmented
-        training images without a finding, from the images even when training read cached maps."""
-        train = self.unaugmented(getattr(self.datasets['train'], 'source', self.datasets['train']))
+        """The heatmaps' healthy reference (evaluation/gradcam.py): the trunk's mean maps over up to 256
+        unaugmented training images without a finding, from the images even when training read cached maps."""
+        train = getattr(self.datasets['train'], 'source', self.datasets['train'])
+        if isinstance(train, ChestXrayDataset):
+            rows, what = reference_rows(train.labels, train.mask, train.class_names)
+        else:  # a dataset of your own (train(config, datasets=...)): its labels are not known up front
+            rows, what = (
+                np.arange(min(len(train), REFERENCE_IMAGES)),
+                'all (the first; a dataset without a label table)',
+            )
         model.eval()
         batches = (
-            (images.to(self.device), target) for images, target, _ in self.loader(train, list(range(len(train))), False)
+            images.to(self.device) for images, _, _ in self.loader(self.unaugmented(train), rows.tolist(), False)
         )
-        entry = reference_entry(model, batches)
-        self.log(f'heatmap reference: mean trunk maps of {entry["n_images"]} training images ({entry["images"]})')
+        entry = reference_entry(model, batches, what)
+        self.log(f'heatmap reference: mean trunk maps of {entry["n_images"]} training images ({what})')
         return entry
 
 

@@ -24,6 +24,7 @@ from hybridmednet.data.synthetic import BOX_FILE
 from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.evaluation import metrics
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
+from hybridmednet.evaluation.gradcam import reference_fits
 from hybridmednet.evaluation.inference import dataset_outputs
 from hybridmednet.evaluation.localization import localization_scores
 from hybridmednet.evaluation.ood import OodModel
@@ -192,9 +193,18 @@ def localization_check(model: Any, data: ChestXrayDataset) -> dict[str, Any] | N
     if not boxes.is_file() or not isinstance(model, HybridMedNet):
         return None
     model.eval()
-    scores = localization_scores(model, data, boxes)
-    relative = model.heatmap_reference is not None
-    return {**scores, 'boxes': str(boxes), 'relative_to_reference': relative} if scores['n_images'] else None
+    reference = model.heatmap_reference
+    if reference is None:
+        heatmaps = 'plain'
+    elif len(data) and not reference_fits(model, data[0][0]):
+        heatmaps, model.heatmap_reference = 'other size', None  # evaluated at another input size than trained
+    else:
+        heatmaps = 'relative'
+    try:
+        scores = localization_scores(model, data, boxes)
+    finally:
+        model.heatmap_reference = reference
+    return {**scores, 'boxes': str(boxes), 'heatmaps': heatmaps} if scores['n_images'] else None
 
 
 def top1_accuracy(y: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> float | None:

@@ -2,7 +2,7 @@
 
 Chosen by measurement against the sample's lesion boxes (evaluation/localization.py,
 benchmarks/bench_localization.py, docs/benchmarks.md). On the demo model the pointing game went from
-0.06 (Grad-CAM on the attended pyramid, which this replaces) to 0.38 (class-blind map 0.29).
+0.06 (Grad-CAM on the attended pyramid, which this replaces) to 0.37 (class-blind map 0.29).
 
 - The trunk's stage outputs, not the attended pyramid. The trained fusion puts almost all its weight on
   the stride-32 map (3 x 3 cells at 96 px), so the finer attended maps get near-zero gradients and their
@@ -20,7 +20,7 @@ benchmarks/bench_localization.py, docs/benchmarks.md). On the demo model the poi
   mean over training images without a finding (stored with the model at the end of training, `reference`),
   not times the activations themselves. Gradient times activation attributes the whole logit, and most
   of it lies in anatomy every film has (diaphragm, heart border); the difference keeps what this image
-  has that a normal one lacks. Pointing game 0.24 -> 0.38 on the demo model, 0.27 -> 0.39 on the
+  has that a normal one lacks. Pointing game 0.24 -> 0.37 on the demo model, 0.27 -> 0.39 on the
   CBAM-only one. A model stored without a reference gets plain HiResCAM.
 - The outer ring of cells of each level is left out. Those cells see the convolutions' zero padding,
   and their activations (and the evidence through them) are about the image as a whole, not a place:
@@ -74,42 +74,54 @@ def reference_of(model: torch.nn.Module | None) -> list[torch.Tensor] | None:
     return getattr(model, 'heatmap_reference', None)
 
 
+def reference_rows(labels: np.ndarray, mask: np.ndarray, class_names: Sequence[str]) -> tuple[np.ndarray, str]:
+    """Which images of a split ([N, K] labels and mask) the healthy reference averages, and what they are: up to
+    `REFERENCE_IMAGES` evenly spaced ones whose every finding is known and negative (a 'No Finding' class
+    aside), or, when fewer than a tenth of that are (every image has a class), as many of all images."""
+    findings = [k for k, name in enumerate(class_names) if name != 'No Finding']
+    healthy = np.flatnonzero((mask[:, findings] > 0).all(1) & (labels[:, findings] < 0.5).all(1))
+    rows, what = (
+        (healthy, 'without a finding')
+        if len(healthy) >= REFERENCE_IMAGES // 10
+        else (
+            np.arange(len(labels)),
+            'all (too few without a finding)',
+        )
+    )
+    if len(rows) > REFERENCE_IMAGES:
+        rows = rows[np.linspace(0, len(rows) - 1, REFERENCE_IMAGES).round().astype(int)]
+    return rows, what
+
+
 @torch.no_grad()
-def reference_entry(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    """The healthy reference to store with a model: its trunk maps averaged over up to `REFERENCE_IMAGES`
-    images of `batches` (images [B, C, *spatial], targets [B, K]) that have no finding, or over all of them
-    when fewer than a tenth of that have none (a dataset where every image has a class)."""
-
-    def add(total: list[torch.Tensor] | None, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        sums = [m.sum(0, keepdim=True) for m in maps]
-        return sums if total is None else [t + s for t, s in zip(total, sums)]
-
+def reference_entry(model: torch.nn.Module, batches: Iterable[torch.Tensor], what: str) -> dict[str, Any]:
+    """The healthy reference to store with a model: its trunk maps averaged over the images of `batches`
+    ([B, C, *spatial], as validation sees them: `reference_rows` picks which), `what` saying which they are."""
     captured: list[list[torch.Tensor]] = []
     hook = trunk(model).register_forward_hook(lambda module, args, out: captured.append([m.float() for m in out]))
-    normal = every = None
-    n_normal = n_every = 0
+    total: list[torch.Tensor] | None = None
+    n = 0
     try:
-        for images, target in batches:
+        for images in batches:
             model(images)
-            maps = captured.pop()
-            healthy = ((target > 0.5).sum(1) == 0).to(images.device)
-            if n_every < REFERENCE_IMAGES:
-                every, n_every = add(every, maps), n_every + len(images)
-            if healthy.any():
-                normal, n_normal = add(normal, [m[healthy] for m in maps]), n_normal + int(healthy.sum())
-            if n_normal >= REFERENCE_IMAGES:
-                break
+            sums = [m.sum(0, keepdim=True) for m in captured.pop()]
+            total, n = (sums if total is None else [t + m for t, m in zip(total, sums)]), n + len(images)
     finally:
         hook.remove()
-    use_normal = normal is not None and n_normal >= REFERENCE_IMAGES // 10
-    chosen, n = (normal, n_normal) if use_normal else (every, n_every)
-    if chosen is None:
+    if total is None:
         raise ValueError('the heatmap reference needs at least one image')
-    return {
-        **{f'level_{i}': (m / n).cpu() for i, m in enumerate(chosen)},
-        'n_images': n,
-        'images': 'without a finding' if use_normal else 'all (too few without a finding)',
-    }
+    return {**{f'level_{i}': (m / n).cpu() for i, m in enumerate(total)}, 'n_images': n, 'images': what}
+
+
+def reference_fits(model: torch.nn.Module, image: torch.Tensor) -> bool:
+    """Whether the model's healthy reference has the trunk maps of `image` [C, *spatial] (the input size it was
+    fitted at); True for a model without one."""
+    reference = reference_of(model)
+    if reference is None:
+        return True
+    with torch.no_grad():
+        _, maps = forward_with_trunk(model, model, image.unsqueeze(0))
+    return [tuple(r.shape[1:]) for r in reference] == [tuple(m.shape[1:]) for m in maps]
 
 
 def forward_with_trunk(
@@ -155,8 +167,8 @@ def cams_of_row(
             f'the heatmap reference has maps {[tuple(r.shape[1:]) for r in reference]} but this image gives '
             f'{[tuple(m.shape[1:]) for m in maps]}: heatmaps need the input size the model was trained at'
         )
-    activations = [
-        (m.detach() - reference[i].to(m.device, m.dtype)) if reference is not None else m.detach()
+    activations = [  # of this row only: a server calls this once per row of its batch
+        m[row : row + 1].detach() - (reference[i].to(m.device, m.dtype) if reference is not None else 0)
         for i, m in zip(scales, chosen)
     ]
     inner = [_inner_cells(m.shape[2:], m.device) if min(m.shape[2:]) >= MIN_SIDE else 1.0 for m in chosen]
@@ -169,7 +181,7 @@ def cams_of_row(
             per_scale = torch.cat(
                 [
                     F.interpolate(
-                        F.relu((g[row : row + 1] * a[row : row + 1]).sum(1, keepdim=True)) * ring,
+                        F.relu((g[row : row + 1] * a).sum(1, keepdim=True)) * ring,
                         size=list(size),
                         mode=mode,
                         align_corners=False,

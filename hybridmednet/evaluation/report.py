@@ -22,6 +22,17 @@ RATES = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1')
 RATE_LABELS = {'sensitivity': 'Sensitivity', 'specificity': 'Specificity', 'ppv': 'PPV', 'npv': 'NPV', 'f1': 'F1'}
 
 
+# What the localisation section says of the heatmaps it scored (evaluate.localization_check's 'heatmaps').
+HEATMAP_KINDS = {
+    'relative': 'Heatmaps: HiResCAM on the backbone trunk, relative to its mean maps over healthy training images '
+    '(stored with the model).',
+    'plain': 'Heatmaps: plain HiResCAM on the backbone trunk (the model file holds no heatmap reference; a model '
+    'trained now stores one).',
+    'other size': 'Heatmaps: plain HiResCAM on the backbone trunk (the images were evaluated at another input size '
+    'than the model was trained at, which its heatmap reference does not fit).',
+}
+
+
 def jsonable(obj: Any) -> Any:
     """Numpy values to plain Python; NaN and infinities to None (JSON has neither)."""
     if isinstance(obj, dict):
@@ -269,13 +280,7 @@ def evaluation_sections(results: dict) -> list[Section]:
                     f'maximum) with intersection over the detected box above t (Wang et al. 2017). In brackets: '
                     f"the same for the class-blind map (the mean of all findings' maps); a heatmap that does not "
                     f'beat it shows where something is abnormal, not which finding. '
-                    + (
-                        'Heatmaps: HiResCAM on the backbone trunk, relative to its mean maps over healthy '
-                        'training images (stored with the model).'
-                        if loc.get('relative_to_reference')
-                        else 'Heatmaps: plain HiResCAM on the backbone trunk (the model file holds no heatmap '
-                        'reference; a model trained now stores one).'
-                    )
+                    + HEATMAP_KINDS[loc.get('heatmaps', 'plain')]
                 ],
                 [Table(head, rows)],
             )
