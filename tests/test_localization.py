@@ -7,10 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
+from hybridmednet import create_model
 from hybridmednet.config import Config
 from hybridmednet.data.datasets import ChestXrayDataset, DataIndex
+from hybridmednet.data.synthetic import BOX_COLUMNS, BOX_FILE
 from hybridmednet.data.transforms import build_transforms
 from hybridmednet.errors import DataError
+from hybridmednet.evaluation.evaluate import localization_check
+from hybridmednet.evaluation.gradcam import reference_entry
 from hybridmednet.evaluation.localization import (
     boxes_in_square,
     detected_boxes,
@@ -130,3 +134,20 @@ def test_localization_scores_by_hand(tmp_path):
     assert pooled['class_blind']['iobb']['0.5'] == pytest.approx(2 / 3)
     table = localization_table(scores)
     assert '| c0 | 2 | 2 | 0.50 (0.00) | 1.00 (1.00) | 1.00 (1.00) | 0.50 (0.50) | 0.50 (0.50) |' in table
+
+
+def test_evaluate_says_which_heatmaps_it_scored_and_keeps_the_models_reference(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / 'a.png')
+    records = pd.DataFrame({'path': [str(tmp_path / 'a.png')], 'patient_id': [1], 'split': ['test']})
+    index = DataIndex(records, np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), ['c0', 'c1'], 'x', tmp_path)
+    config = Config()
+    config.DATA['image_size'] = 32
+    dataset = ChestXrayDataset(index, build_transforms(config, train=False))
+    pd.DataFrame([('a.png', 'c0', 4, 4, 8, 8)], columns=BOX_COLUMNS).to_csv(tmp_path / BOX_FILE, index=False)
+    model = create_model('resnet18', num_classes=2, image_size=32, class_names=['c0', 'c1']).eval()
+    assert localization_check(model, dataset)['heatmaps'] == 'plain'
+    for size, kind in ((32, 'relative'), (48, 'other size')):  # a reference fitted at 48 px does not fit 32 px maps
+        entry = reference_entry(model, [torch.rand(2, 3, size, size)], 'without a finding')
+        model.heatmap_reference = reference = [entry[f'level_{i}'] for i in range(4)]
+        assert localization_check(model, dataset)['heatmaps'] == kind
+        assert model.heatmap_reference is reference  # put back for whatever comes next
