@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybridmednet.checkpoint import load_model
+from hybridmednet.checkpoint import load_model, reference_maps
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.synthetic import BOX_FILE
 from hybridmednet.data.transforms import build_transforms
@@ -131,7 +131,7 @@ def fit_reference(model: torch.nn.Module, config: Any) -> str:
     rows, what = reference_rows(train.labels, train.mask, train.class_names)
     batches = (torch.stack([train[int(j)][0] for j in rows[i : i + 16]]) for i in range(0, len(rows), 16))
     entry = reference_entry(model, batches, what)
-    model.heatmap_reference = [entry[k] for k in sorted(k for k in entry if k.startswith('level_'))]
+    model.heatmap_reference = reference_maps(entry)
     return f'{entry["n_images"]} training images ({what})'
 
 

@@ -208,7 +208,7 @@ def load_model(
             f'{path}: weights do not fit a {config.MODEL["backbone"]} HybridMedNet with {k} classes: {problems}'
         )
     model.load_state_dict(state_dict, strict=True)
-    model.heatmap_reference = _reference_maps(meta.get('heatmap_reference'), map_location)
+    model.heatmap_reference = reference_maps(meta.get('heatmap_reference'), map_location)
     meta = {
         **meta,
         'class_names': names,
@@ -217,7 +217,7 @@ def load_model(
     return model.to(map_location).eval(), config, meta
 
 
-def _reference_maps(entry: dict[str, Any] | None, map_location) -> list[torch.Tensor] | None:
+def reference_maps(entry: dict[str, Any] | None, map_location: str | torch.device = 'cpu') -> list[torch.Tensor] | None:
     """The heatmap reference entry's maps, level by level ('level_0' ... 'level_3'), or None."""
     levels = sorted((k for k in entry or {} if k.startswith('level_')), key=lambda k: int(k.split('_')[1]))
     return [entry[k].to(map_location) for k in levels] if entry and levels else None

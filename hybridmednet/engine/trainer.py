@@ -708,7 +708,6 @@ class Trainer:
         )
         return ood
 
-    @torch.no_grad()
     def fit_heatmap_reference(self, model: HybridMedNet) -> dict[str, Any]:
         """The heatmaps' healthy reference (evaluation/gradcam.py): the trunk's mean maps over up to 256
         unaugmented training images without a finding, from the images even when training read cached maps."""

@@ -80,34 +80,23 @@ def reference_rows(labels: np.ndarray, mask: np.ndarray, class_names: Sequence[s
     aside), or, when fewer than a tenth of that are (every image has a class), as many of all images."""
     findings = [k for k, name in enumerate(class_names) if name != 'No Finding']
     healthy = np.flatnonzero((mask[:, findings] > 0).all(1) & (labels[:, findings] < 0.5).all(1))
-    rows, what = (
-        (healthy, 'without a finding')
-        if len(healthy) >= REFERENCE_IMAGES // 10
-        else (
-            np.arange(len(labels)),
-            'all (too few without a finding)',
-        )
-    )
+    if len(healthy) >= REFERENCE_IMAGES // 10:
+        rows, what = healthy, 'without a finding'
+    else:
+        rows, what = np.arange(len(labels)), 'all (too few without a finding)'
     if len(rows) > REFERENCE_IMAGES:
         rows = rows[np.linspace(0, len(rows) - 1, REFERENCE_IMAGES).round().astype(int)]
     return rows, what
 
 
-@torch.no_grad()
 def reference_entry(model: torch.nn.Module, batches: Iterable[torch.Tensor], what: str) -> dict[str, Any]:
     """The healthy reference to store with a model: its trunk maps averaged over the images of `batches`
     ([B, C, *spatial], as validation sees them: `reference_rows` picks which), `what` saying which they are."""
-    captured: list[list[torch.Tensor]] = []
-    hook = trunk(model).register_forward_hook(lambda module, args, out: captured.append([m.float() for m in out]))
     total: list[torch.Tensor] | None = None
     n = 0
-    try:
-        for images in batches:
-            model(images)
-            sums = [m.sum(0, keepdim=True) for m in captured.pop()]
-            total, n = (sums if total is None else [t + m for t, m in zip(total, sums)]), n + len(images)
-    finally:
-        hook.remove()
+    for images in batches:
+        sums = [m.float().sum(0, keepdim=True) for m in trunk_maps(model, images)]
+        total, n = (sums if total is None else [t + m for t, m in zip(total, sums)]), n + len(images)
     if total is None:
         raise ValueError('the heatmap reference needs at least one image')
     return {**{f'level_{i}': (m / n).cpu() for i, m in enumerate(total)}, 'n_images': n, 'images': what}
@@ -117,11 +106,12 @@ def reference_fits(model: torch.nn.Module, image: torch.Tensor) -> bool:
     """Whether the model's healthy reference has the trunk maps of `image` [C, *spatial] (the input size it was
     fitted at); True for a model without one."""
     reference = reference_of(model)
-    if reference is None:
-        return True
-    with torch.no_grad():
-        _, maps = forward_with_trunk(model, model, image.unsqueeze(0))
-    return [tuple(r.shape[1:]) for r in reference] == [tuple(m.shape[1:]) for m in maps]
+    return reference is None or _shapes(reference) == _shapes(trunk_maps(model, image.unsqueeze(0)))
+
+
+def _shapes(maps: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+    """Each map's shape but the batch dimension: what a reference and an image's trunk maps must share."""
+    return [tuple(m.shape[1:]) for m in maps]
 
 
 def forward_with_trunk(
@@ -129,13 +119,26 @@ def forward_with_trunk(
 ) -> tuple[Any, list[torch.Tensor]]:
     """`run(x)` with gradients on, and the trunk's maps it computed (with their graph): one pass that serves
     both the scores and the heatmaps of a batch."""
+    # An input that requires grad gives the maps a graph even when every weight is frozen.
+    with torch.enable_grad():
+        return _run_with_trunk(model, run, x.detach().requires_grad_(True))
+
+
+def trunk_maps(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The trunk's maps of inputs [B, C, *spatial], without gradients (the model runs whole: the trunk may be
+    a module inside its backbone)."""
+    with torch.no_grad():
+        return _run_with_trunk(model, model, x)[1]
+
+
+def _run_with_trunk(
+    model: torch.nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor
+) -> tuple[Any, list[torch.Tensor]]:
+    """`run(x)` and the maps the model's trunk output on the way."""
     captured: list[list[torch.Tensor]] = []
     hook = trunk(model).register_forward_hook(lambda module, args, out: captured.append(list(out)))
-    # An input that requires grad gives the maps a graph even when every weight is frozen.
-    x = x.detach().requires_grad_(True)
     try:
-        with torch.enable_grad():
-            out = run(x)
+        out = run(x)
     finally:
         hook.remove()
     return out, captured[0]
@@ -162,10 +165,10 @@ def cams_of_row(
     if scales is None:
         scales = [i for i, m in enumerate(maps) if min(m.shape[2:]) >= MIN_SIDE] or [0]
     chosen = [maps[i] for i in scales]
-    if reference is not None and [tuple(r.shape[1:]) for r in reference] != [tuple(m.shape[1:]) for m in maps]:
+    if reference is not None and _shapes(reference) != _shapes(maps):
         raise ValueError(
-            f'the heatmap reference has maps {[tuple(r.shape[1:]) for r in reference]} but this image gives '
-            f'{[tuple(m.shape[1:]) for m in maps]}: heatmaps need the input size the model was trained at'
+            f'the heatmap reference has maps {_shapes(reference)} but this image gives {_shapes(maps)}: '
+            'heatmaps need the input size the model was trained at'
         )
     activations = [  # of this row only: a server calls this once per row of its batch
         m[row : row + 1].detach() - (reference[i].to(m.device, m.dtype) if reference is not None else 0)
