@@ -8,9 +8,10 @@ Trains nothing: give it the demo model, trained once with
 Every method is scored by evaluation.localization.localization_scores on the test split's images that
 have a box (BBox_List_2017.csv, written by the sample generator): pointing game and IoBB accuracy per
 finding, each beside the class-blind map (the mean of all 14 classes' maps). Prints one line per
-method, then the per-finding tables of the heatmap shipped before (Grad-CAM on the attended pyramid),
-of the shipped one and of fine occlusion, the slow perturbation reference. The `lib-*` methods need
-pytorch-grad-cam (pip install grad-cam) and the demo's ResNet trunk.
+method, then the per-finding tables of the heatmap shipped first (Grad-CAM on the attended pyramid),
+of the shipped one and of fine occlusion, the slow perturbation reference. The integrated-gradients
+methods need the model's healthy reference image (stored by training; --fit-reference for an older
+one). The `lib-*` methods need pytorch-grad-cam (pip install grad-cam) and the demo's ResNet trunk.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybridmednet.checkpoint import load_model, reference_maps
+from hybridmednet.checkpoint import load_model
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.synthetic import BOX_FILE
 from hybridmednet.data.transforms import build_transforms
-from hybridmednet.evaluation.gradcam import grad_cam, reference_entry, reference_rows, trunk
+from hybridmednet.evaluation import gradcam
+from hybridmednet.evaluation.gradcam import grad_cam, integrated_gradients, reference_entry, reference_rows, trunk
 from hybridmednet.evaluation.localization import localization_scores, localization_table, read_boxes
 
 LEVEL_SIDE = 4  # the variants use every level at least this many cells across, their ring kept
@@ -116,12 +118,26 @@ def occlusion(
 
 
 def without_reference(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
-    """The shipped heatmap with the model's healthy reference detached: plain HiResCAM, ring left out."""
+    """The shipped heatmap with the model's healthy reference detached: HiResCAM on the trunk, ring left out."""
     reference, model.heatmap_reference = model.heatmap_reference, None
     try:
         return grad_cam(model, image, classes)
     finally:
         model.heatmap_reference = reference
+
+
+def integrated(steps: int, smoothing: float) -> Cam:
+    """The shipped integrated gradients with another number of steps or another smoothing."""
+
+    def cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
+        shipped = gradcam.STEPS, gradcam.SMOOTHING
+        gradcam.STEPS, gradcam.SMOOTHING = steps, smoothing
+        try:
+            return integrated_gradients(model, image, classes, model.heatmap_reference)
+        finally:
+            gradcam.STEPS, gradcam.SMOOTHING = shipped
+
+    return cam
 
 
 def fit_reference(model: torch.nn.Module, config: Any) -> str:
@@ -130,8 +146,8 @@ def fit_reference(model: torch.nn.Module, config: Any) -> str:
     train.transform, train.epoch_seed = build_transforms(config, train=False), None
     rows, what = reference_rows(train.labels, train.mask, train.class_names)
     batches = (torch.stack([train[int(j)][0] for j in rows[i : i + 16]]) for i in range(0, len(rows), 16))
-    entry = reference_entry(model, batches, what)
-    model.heatmap_reference = reference_maps(entry)
+    entry = reference_entry(batches, what)
+    model.heatmap_reference = entry['image']
     return f'{entry["n_images"]} training images ({what})'
 
 
@@ -157,8 +173,14 @@ def resnet_stages(model: torch.nn.Module, stages: Sequence[int]) -> list[torch.n
 
 METHODS: dict[str, Cam] = {
     'before: Grad-CAM, attended pyramid, levels >= 4 cells': partial(pyramid_cam, where='attended', method='gradcam'),
-    'shipped: grad_cam (HiResCAM relative to the healthy reference, trunk, levels >= 6 cells, ring left out)': grad_cam,
-    'HiResCAM, trunk, levels >= 6 cells, ring left out, no reference': without_reference,
+    'shipped: grad_cam (integrated gradients from the healthy mean image, 8 steps, smoothed)': grad_cam,
+    'integrated gradients, 1 step (the gradient at the image times its difference)': integrated(1, 1 / 48),
+    'integrated gradients, 24 steps': integrated(24, 1 / 48),
+    'integrated gradients, not smoothed': integrated(8, 0.0),
+    'integrated gradients, smoothed 2.5x more (sigma 5 px at 96)': integrated(8, 5 / 96),
+    'HiResCAM, trunk, levels >= 6 cells, ring left out (shipped for a model without a reference image)': (
+        without_reference
+    ),
     'HiResCAM, trunk, levels >= 4 cells, ring kept (shipped before)': partial(
         pyramid_cam, where='trunk', method='hirescam'
     ),
@@ -202,9 +224,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, config, _ = load_model(args.checkpoint)
     if args.fit_reference and model.heatmap_reference is None:
-        print(f'healthy reference fitted here: the mean trunk maps of {fit_reference(model, config)}')
+        print(f'healthy reference fitted here: the mean of {fit_reference(model, config)}')
     elif model.heatmap_reference is None:
-        print('this checkpoint stores no healthy reference: the shipped heatmap is plain HiResCAM (--fit-reference)')
+        print('this checkpoint stores no healthy reference image: the shipped heatmap is HiResCAM (--fit-reference)')
     test = build_datasets(config)['test']
     boxes = read_boxes(test.data_dir / BOX_FILE)
     tables = {}

@@ -8,7 +8,7 @@ weights are also exported as `.safetensors` with a `.json` sidecar (config, clas
 preprocessing). What else describes the model is stored into these files here too, as entries of
 the checkpoint dict and of the sidecar: 'thresholds' (the operating point `evaluate` fits),
 'calibration', 'ood' and 'heatmap_reference' (fitted at the end of training). The tensors of an entry
-(the OOD model's mean and precision matrix, the heatmaps' reference maps) go into a second safetensors
+(the OOD model's mean and precision matrix, the heatmaps' reference image) go into a second safetensors
 file beside the export, `<name>.<entry>.safetensors`, so the export itself stays a plain state dict.
 
 A model package in the Hugging Face layout (deploy/hub.py) is the same export named `model.safetensors`
@@ -183,7 +183,7 @@ def load_model(
 
     Returns (model in eval mode, its Config, meta with class_names, preprocessing, and the entries
     thresholds, calibration, ood, heatmap_reference: each None when the model was stored without it). The
-    heatmap reference's maps are attached to the model as `model.heatmap_reference` (evaluation/gradcam.py).
+    heatmap reference's image is attached to the model as `model.heatmap_reference` (evaluation/gradcam.py).
     Training checkpoints with EMA give the EMA weights (the ones that were validated).
     `num_classes`, when given, must match the checkpoint's (e.g. the classes of a dataset to score).
     """
@@ -208,7 +208,7 @@ def load_model(
             f'{path}: weights do not fit a {config.MODEL["backbone"]} HybridMedNet with {k} classes: {problems}'
         )
     model.load_state_dict(state_dict, strict=True)
-    model.heatmap_reference = reference_maps(meta.get('heatmap_reference'), map_location)
+    model.heatmap_reference = reference_image(meta.get('heatmap_reference'), map_location)
     meta = {
         **meta,
         'class_names': names,
@@ -217,10 +217,11 @@ def load_model(
     return model.to(map_location).eval(), config, meta
 
 
-def reference_maps(entry: dict[str, Any] | None, map_location: str | torch.device = 'cpu') -> list[torch.Tensor] | None:
-    """The heatmap reference entry's maps, level by level ('level_0' ... 'level_3'), or None."""
-    levels = sorted((k for k in entry or {} if k.startswith('level_')), key=lambda k: int(k.split('_')[1]))
-    return [entry[k].to(map_location) for k in levels] if entry and levels else None
+def reference_image(entry: dict[str, Any] | None, map_location: str | torch.device = 'cpu') -> torch.Tensor | None:
+    """The heatmap reference entry's image, or None (also for the trunk maps that models stored on 2026-11-30
+    hold instead: their heatmaps are plain HiResCAM)."""
+    image = (entry or {}).get('image')
+    return image.to(map_location) if image is not None else None
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:

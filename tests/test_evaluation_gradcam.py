@@ -1,4 +1,5 @@
-"""Grad-CAM: follows a bright object, has the input's shape for every backbone family, overlays."""
+"""Heatmaps (integrated gradients from a healthy reference, HiResCAM without one): follow a bright object, tell
+classes apart, have the input's shape for every backbone family, overlay."""
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -119,17 +120,16 @@ def film(lesion: tuple[int, int] | None, size: int = 128, noise: float = 0.0, se
     return x
 
 
-def test_heatmap_relative_to_the_healthy_reference_finds_what_a_normal_film_lacks():
+def test_heatmap_from_the_healthy_reference_finds_what_a_normal_film_lacks():
     model = PaddedEdgeNet()
     x = film((24, 24))
     r, c = peak(grad_cam(model, x, [0])[0])
-    assert 72 <= r < 112 and 72 <= c < 112  # gradient times activation: the anatomy outweighs the lesion
+    assert 72 <= r < 112 and 72 <= c < 112  # HiResCAM, gradient times activation: the anatomy outweighs the lesion
     healthy = torch.stack([film(None, noise=0.1, seed=i) for i in range(30)])
-    entry = reference_entry(model, healthy.split(8), 'without a finding')
+    entry = reference_entry(healthy.split(8), 'without a finding')
     assert entry['n_images'] == 30 and entry['images'] == 'without a finding'
-    for level, m in enumerate(model.backbone(healthy)):
-        torch.testing.assert_close(entry[f'level_{level}'], m.mean(0, keepdim=True))
-    model.heatmap_reference = [entry[f'level_{i}'] for i in range(4)]
+    torch.testing.assert_close(entry['image'], healthy.mean(0))
+    model.heatmap_reference = entry['image']
     assert reference_fits(model, x) and not reference_fits(model, film((24, 24), size=96))
     cam = grad_cam(model, x, [0])[0]
     r, c = peak(cam)
@@ -137,6 +137,42 @@ def test_heatmap_relative_to_the_healthy_reference_finds_what_a_normal_film_lack
     assert cam[72:112, 72:112].max() < 0.2  # what every film has is no evidence
     with pytest.raises(ValueError, match='input size the model was trained at'):
         grad_cam(model, film((24, 24), size=96), [0])
+
+
+class SaturatingNet(nn.Module):
+    """Logit = 10 min(mean of region A, 0.2) + mean of region B: A's evidence saturates. At the image (A and B
+    both 1) the gradient is zero on A, yet A moved the logit twice as much as B from the black reference."""
+
+    def forward(self, x):
+        a = x[:, 0, 8:24, 8:24].mean((1, 2))
+        b = x[:, 0, 40:56, 40:56].mean((1, 2))
+        return (10 * a.clamp(max=0.2) + b)[:, None]
+
+
+def test_heatmap_integrates_the_gradient_along_the_path_from_the_reference():
+    model = SaturatingNet()
+    model.heatmap_reference = torch.zeros(3, 64, 64)
+    x = torch.zeros(3, 64, 64)
+    x[:, 8:24, 8:24] = 1.0
+    x[:, 40:56, 40:56] = 1.0
+    cam = grad_cam(model, x, [0])[0]
+    r, c = peak(cam)
+    assert 8 <= r < 24 and 8 <= c < 24, (r, c)  # the gradient at the image alone would point at B
+    # midpoint sums over 8 steps: A gets 10 x 2/8 of its pixels' change, B 1, each spread over 256 pixels
+    assert cam[44:52, 44:52].mean() == pytest.approx(1 / 2.5, abs=0.02)
+
+
+def test_heatmaps_from_the_reference_are_the_same_on_a_pool_and_in_place():
+    torch.manual_seed(0)
+    model = create_model('resnet18', num_classes=3, image_size=64).eval()
+    model.heatmap_reference = torch.zeros(3, 64, 64)
+    x = torch.randn(3, 64, 64)
+    one_by_one = grad_cam(model, x, [2, 0, 1])
+    with ThreadPoolExecutor(2) as pool:
+        side_by_side = grad_cam(model, x, [2, 0, 1], pool=pool)
+    np.testing.assert_allclose(side_by_side, one_by_one, atol=1e-5)
+    assert min(np.abs(one_by_one[i] - one_by_one[j]).max() for i in range(3) for j in range(i)) > 0.05
+    assert not any(p.grad is not None for p in model.parameters())  # no gradients left behind
 
 
 def test_the_reference_averages_films_whose_every_finding_is_known_and_negative():
@@ -156,12 +192,15 @@ def test_the_reference_averages_films_whose_every_finding_is_known_and_negative(
     assert what.startswith('all') and len(rows) == 256 and rows[0] == 0 and rows[-1] == 299
 
 
-def test_each_class_heatmap_peaks_where_that_class_looks():
+@pytest.mark.parametrize('reference', [None, 'healthy'], ids=['HiResCAM', 'integrated gradients'])
+def test_each_class_heatmap_peaks_where_that_class_looks(reference):
+    model = QuadrantNet()
+    model.heatmap_reference = None if reference is None else torch.full((3, 128, 128), 0.1)
     for dim_corner in ('top_left', 'bottom_right'):  # the dimmer square is the one an activation map would miss
         x = torch.zeros(3, 128, 128)
         x[:, 16:40, 16:40] = 0.5 if dim_corner == 'top_left' else 1.0
         x[:, 88:112, 88:112] = 0.5 if dim_corner == 'bottom_right' else 1.0
-        top_left, bottom_right = grad_cam(QuadrantNet(), x, [0, 1])
+        top_left, bottom_right = grad_cam(model, x, [0, 1])
         r, c = peak(top_left)
         assert 16 <= r < 40 and 16 <= c < 40, (dim_corner, r, c)
         r, c = peak(bottom_right)
@@ -267,11 +306,14 @@ class BrightSpotNet3d(nn.Module):
         return torch.stack([front, back], 1)
 
 
-def test_volume_heatmaps_peak_at_each_class_object_and_the_montage_cuts_through_the_peak():
+@pytest.mark.parametrize('reference', [None, 'healthy'], ids=['HiResCAM', 'integrated gradients'])
+def test_volume_heatmaps_peak_at_each_class_object_and_the_montage_cuts_through_the_peak(reference):
     x = torch.zeros(1, 32, 32, 32)
     x[:, 4:10, 20:26, 6:12] = 1.0  # class 0's object (front half)
     x[:, 22:28, 4:10, 18:24] = 1.0  # class 1's object (back half)
-    front, back = grad_cam(BrightSpotNet3d(), x, [0, 1])
+    model = BrightSpotNet3d()
+    model.heatmap_reference = None if reference is None else torch.full_like(x, 0.1)
+    front, back = grad_cam(model, x, [0, 1])
     assert front.shape == (32, 32, 32)
     z, y, w = np.unravel_index(front.argmax(), front.shape)
     assert 4 <= z < 10 and 20 <= y < 26 and 6 <= w < 12

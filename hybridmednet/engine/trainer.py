@@ -656,7 +656,7 @@ class Trainer:
         calibration = self.fit_calibration(val)
         ood = self.fit_ood(model) if isinstance(model, HybridMedNet) else None
         if self.dist.is_main:
-            reference = self.fit_heatmap_reference(model) if isinstance(model, HybridMedNet) else None
+            reference = self.fit_heatmap_reference() if isinstance(model, HybridMedNet) else None
             entries = {'calibration': calibration.to_meta(), 'ood': ood and ood.to_state()}
             write_model_entries(best_path, {**entries, 'heatmap_reference': reference})
             plot_training_curves(self.progress.history, self.log_dir / 'training_curves.png')
@@ -708,9 +708,9 @@ class Trainer:
         )
         return ood
 
-    def fit_heatmap_reference(self, model: HybridMedNet) -> dict[str, Any]:
-        """The heatmaps' healthy reference (evaluation/gradcam.py): the trunk's mean maps over up to 256
-        unaugmented training images without a finding, from the images even when training read cached maps."""
+    def fit_heatmap_reference(self) -> dict[str, Any]:
+        """The heatmaps' healthy reference (evaluation/gradcam.py): the mean of up to 256 unaugmented training
+        images without a finding, from the images even when training read cached maps."""
         train = getattr(self.datasets['train'], 'source', self.datasets['train'])
         if isinstance(train, ChestXrayDataset):
             rows, what = reference_rows(train.labels, train.mask, train.class_names)
@@ -719,12 +719,9 @@ class Trainer:
                 np.arange(min(len(train), REFERENCE_IMAGES)),
                 'all (the first; a dataset without a label table)',
             )
-        model.eval()
-        batches = (
-            images.to(self.device) for images, _, _ in self.loader(self.unaugmented(train), rows.tolist(), False)
-        )
-        entry = reference_entry(model, batches, what)
-        self.log(f'heatmap reference: mean trunk maps of {entry["n_images"]} training images ({what})')
+        batches = (images for images, _, _ in self.loader(self.unaugmented(train), rows.tolist(), False))
+        entry = reference_entry(batches, what)
+        self.log(f'heatmap reference: the mean of {entry["n_images"]} training images ({what})')
         return entry
 
 

@@ -1,31 +1,31 @@
-"""Heatmaps of where a finding's evidence lies: HiResCAM on the backbone's trunk, for every backbone family.
+"""Heatmaps of where a finding's evidence lies: integrated gradients from a healthy reference image, for every
+backbone family; HiResCAM on the backbone's trunk for a model stored without one.
 
 Chosen by measurement against the sample's lesion boxes (evaluation/localization.py,
 benchmarks/bench_localization.py, docs/benchmarks.md). On the demo model the pointing game went from
-0.06 (Grad-CAM on the attended pyramid, which this replaces) to 0.37 (class-blind map 0.29).
+0.06 (Grad-CAM on the attended pyramid, shipped first) to 0.37 (HiResCAM on the trunk relative to healthy
+maps) to 0.79 (integrated gradients from the healthy image; class-blind map 0.62).
 
-- The trunk's stage outputs, not the attended pyramid. The trained fusion puts almost all its weight on
-  the stride-32 map (3 x 3 cells at 96 px), so the finer attended maps get near-zero gradients and their
-  heatmaps are noise that looked the same for every finding. The trunk's finer stages feed its coarser
-  ones, so their gradients carry the finding's evidence at fine resolution. The trunk is the ResNet
-  under the FPN (`backbone.body`), else the backbone's own pyramid (for CNNs, the stages' outputs).
-- HiResCAM (Draelos & Carin 2020): gradient times activation per location, summed over channels,
-  instead of Grad-CAM's gradient averaged over the map: the fusion max-pools each channel, so evidence
-  sits at particular places, and averaging the gradient spreads it over the whole map (Grad-CAM on the
-  same maps: 0.05).
-- Positive evidence only; each level is normalised to its maximum and the levels averaged (weighting
-  them by their summed evidence measured worse). Maps fewer than `MIN_SIDE` cells across cannot place
-  anything and are left out.
-- Evidence relative to a healthy reference: the gradient times the activations' difference from their
-  mean over training images without a finding (stored with the model at the end of training, `reference`),
-  not times the activations themselves. Gradient times activation attributes the whole logit, and most
-  of it lies in anatomy every film has (diaphragm, heart border); the difference keeps what this image
-  has that a normal one lacks. Pointing game 0.24 -> 0.37 on the demo model, 0.27 -> 0.39 on the
-  CBAM-only one. A model stored without a reference gets plain HiResCAM.
-- The outer ring of cells of each level is left out. Those cells see the convolutions' zero padding,
-  and their activations (and the evidence through them) are about the image as a whole, not a place:
-  on the demo model half of the heatmaps peaked on the image's edge (in its outer 4 px of 96), outside the body.
-  Leaving the ring out raised the pointing game from 0.17 to 0.24 (class-blind map 0.18).
+- Integrated gradients (Sundararajan et al. 2017) from the mean of up to 256 training images without a
+  finding, as the model sees them (the reference, fitted at the end of training and stored with the model):
+  the gradient averaged along the straight path from that image to this one, times their difference, per
+  pixel. The attributions add up to the logit's change from the healthy image to this one, so what every
+  normal film has counts for nothing and the evidence is credited to the pixels that differ where the model
+  responds to them. Gradient methods on feature maps could not do this: the maps' cells see most of a small
+  image, and the evidence gathered where the model stores it (below the diaphragm), not at the lesion.
+- `STEPS` points on the path, one batch through the model, one backward pass per finding.
+- Positive evidence only, smoothed by a Gaussian of `SMOOTHING` times the image's side (pixel attributions
+  sit on edges and speckle; the peak of the smoothed map sits on the region), each map scaled to its maximum.
+
+A model stored without a reference image (before 2026-12-01) gets plain HiResCAM on the trunk's maps:
+
+- The trunk's stage outputs (the ResNet under the FPN, `backbone.body`, else the backbone's own pyramid):
+  their gradients carry the evidence at fine resolution, unlike the attended pyramid, whose fusion weighs
+  almost only the stride-32 map.
+- HiResCAM (Draelos & Carin 2020): gradient times activation per location, summed over channels; each level
+  at least `MIN_SIDE` cells across scaled to its maximum, the levels averaged.
+- The outer ring of cells of each level is left out: those cells see the convolutions' zero padding, and on
+  the demo model half of the heatmaps peaked on the image's edge, outside the body.
 """
 
 from __future__ import annotations
@@ -40,37 +40,40 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
+from scipy.ndimage import gaussian_filter
 
 from hybridmednet.data.transforms import square_box
 
-MIN_SIDE = 6  # cells across a level must have to be used: 4 once the outer ring is left out
+MIN_SIDE = 6  # cells across a level must have to be used by HiResCAM: 4 once the outer ring is left out
 REFERENCE_IMAGES = 256  # training images without a finding averaged into the heatmaps' reference
+STEPS = 8  # points on the integration path (6 to 24 measured the same on the demo model)
+SMOOTHING = 1 / 48  # the heatmap's Gaussian sigma as a share of the image's side: 2 px at 96
 
 
 def trunk(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose output maps the heatmaps are computed on: the ResNet under an FPN, else the backbone."""
+    """The module whose output maps HiResCAM is computed on: the ResNet under an FPN, else the backbone."""
     backbone = model.get_submodule('backbone')
     return getattr(backbone, 'body', backbone)
 
 
 def grad_cam(
-    model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int], scales: Sequence[int] | None = None
+    model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int], pool: Executor | None = None
 ) -> np.ndarray:
-    """Heatmaps [len(classes), *spatial] in [0, 1] for one preprocessed image [C, H, W] or volume [C, D, H, W].
-
-    `scales` picks the trunk's levels (0 = stride 4 ... 3 = stride 32); by default every level at least
-    `MIN_SIDE` cells across, without its outer ring of cells (the finest, whole, when none is that large). A
-    class with no positive evidence gets an all-zero map. Relative to the model's `heatmap_reference` when it
-    has one (load_model attaches the stored one).
-    """
+    """Heatmaps [len(classes), *spatial] in [0, 1] for one preprocessed image [C, H, W] or volume [C, D, H, W]:
+    integrated gradients from the model's `heatmap_reference` when it has one (load_model attaches the stored
+    one), else HiResCAM on its trunk. A class with no positive evidence gets an all-zero map. With `pool`, the
+    classes' backward passes run on its threads side by side (the server uses it where it measures faster)."""
     if image.dim() not in (3, 4):
         raise ValueError(f'grad_cam takes one image [C, H, W] or volume [C, D, H, W], got shape {tuple(image.shape)}')
+    reference = reference_of(model)
+    if reference is not None:
+        return integrated_gradients(model, image, classes, reference, pool)
     logits, maps = forward_with_trunk(model, model, image.unsqueeze(0))
-    return cams_of_row(logits, maps, 0, classes, image.shape[1:], scales, reference=reference_of(model))
+    return cams_of_row(logits, maps, 0, classes, image.shape[1:], pool=pool)
 
 
-def reference_of(model: torch.nn.Module | None) -> list[torch.Tensor] | None:
-    """The trunk maps' healthy reference attached to `model` (checkpoint.load_model attaches the stored one)."""
+def reference_of(model: torch.nn.Module | None) -> torch.Tensor | None:
+    """The healthy reference image attached to `model` (checkpoint.load_model attaches the stored one)."""
     return getattr(model, 'heatmap_reference', None)
 
 
@@ -89,56 +92,73 @@ def reference_rows(labels: np.ndarray, mask: np.ndarray, class_names: Sequence[s
     return rows, what
 
 
-def reference_entry(model: torch.nn.Module, batches: Iterable[torch.Tensor], what: str) -> dict[str, Any]:
-    """The healthy reference to store with a model: its trunk maps averaged over the images of `batches`
-    ([B, C, *spatial], as validation sees them: `reference_rows` picks which), `what` saying which they are."""
-    total: list[torch.Tensor] | None = None
+def reference_entry(batches: Iterable[torch.Tensor], what: str) -> dict[str, Any]:
+    """The healthy reference to store with a model: the mean of the images of `batches` ([B, C, *spatial],
+    preprocessed as validation sees them: `reference_rows` picks which), `what` saying which they are."""
+    total: torch.Tensor | None = None
     n = 0
     for images in batches:
-        sums = [m.float().sum(0, keepdim=True) for m in trunk_maps(model, images)]
-        total, n = (sums if total is None else [t + m for t, m in zip(total, sums)]), n + len(images)
+        total, n = images.float().sum(0) + (0 if total is None else total), n + len(images)
     if total is None:
         raise ValueError('the heatmap reference needs at least one image')
-    return {**{f'level_{i}': (m / n).cpu() for i, m in enumerate(total)}, 'n_images': n, 'images': what}
+    return {'image': (total / n).cpu(), 'n_images': n, 'images': what}
 
 
 def reference_fits(model: torch.nn.Module, image: torch.Tensor) -> bool:
-    """Whether the model's healthy reference has the trunk maps of `image` [C, *spatial] (the input size it was
+    """Whether the model's healthy reference has the shape of `image` [C, *spatial] (the input size it was
     fitted at); True for a model without one."""
     reference = reference_of(model)
-    return reference is None or _shapes(reference) == _shapes(trunk_maps(model, image.unsqueeze(0)))
+    return reference is None or tuple(reference.shape) == tuple(image.shape)
 
 
-def _shapes(maps: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
-    """Each map's shape but the batch dimension: what a reference and an image's trunk maps must share."""
-    return [tuple(m.shape[1:]) for m in maps]
+def integrated_gradients(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    classes: Sequence[int],
+    reference: torch.Tensor,
+    pool: Executor | None = None,
+) -> np.ndarray:
+    """Heatmaps [len(classes), *spatial] of one image [C, *spatial]: integrated gradients from `reference` (same
+    shape), positive part, smoothed, each scaled to its maximum."""
+    if reference.shape != image.shape:
+        raise ValueError(
+            f'the heatmap reference has shape {tuple(reference.shape)} but the image {tuple(image.shape)}: '
+            'heatmaps need the input size the model was trained at'
+        )
+    start = reference.to(image.device, image.dtype)
+    delta = image.detach() - start
+    along = ((torch.arange(STEPS, device=image.device, dtype=image.dtype) + 0.5) / STEPS).view(-1, *[1] * image.dim())
+    with torch.enable_grad():
+        path = (start + along * delta).requires_grad_(True)  # midpoints of STEPS stretches from reference to image
+        logits = model(path)
+
+    def attribution(c: int) -> torch.Tensor:
+        with torch.enable_grad():  # the caller's grad mode is not a pool thread's: the same in both
+            target = logits[:, c].sum()  # the path's points do not mix in eval mode
+        (grad,) = torch.autograd.grad(target, path, retain_graph=True)
+        return (grad.mean(0) * delta).sum(0).detach()
+
+    if pool is not None and len(classes) > 1:
+        maps = list(pool.map(attribution, classes))
+    else:
+        maps = [attribution(c) for c in classes]
+    if not maps:
+        return np.zeros((0, *image.shape[1:]), np.float32)
+    positive = F.relu(torch.stack(maps)).cpu().numpy()
+    sigma = SMOOTHING * float(np.mean(image.shape[1:]))
+    smooth = gaussian_filter(positive.astype(np.float32), sigma=(0, *[sigma] * (image.dim() - 1)), mode='nearest')
+    return _unit_max(torch.from_numpy(smooth)).numpy()
 
 
 def forward_with_trunk(
     model: torch.nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor
 ) -> tuple[Any, list[torch.Tensor]]:
-    """`run(x)` with gradients on, and the trunk's maps it computed (with their graph): one pass that serves
-    both the scores and the heatmaps of a batch."""
-    # An input that requires grad gives the maps a graph even when every weight is frozen.
-    with torch.enable_grad():
-        return _run_with_trunk(model, run, x.detach().requires_grad_(True))
-
-
-def trunk_maps(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The trunk's maps of inputs [B, C, *spatial], without gradients (the model runs whole: the trunk may be
-    a module inside its backbone)."""
-    with torch.no_grad():
-        return _run_with_trunk(model, model, x)[1]
-
-
-def _run_with_trunk(
-    model: torch.nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor
-) -> tuple[Any, list[torch.Tensor]]:
-    """`run(x)` and the maps the model's trunk output on the way."""
+    """`run(x)` with gradients on, and the trunk's maps it computed (with their graph)."""
     captured: list[list[torch.Tensor]] = []
     hook = trunk(model).register_forward_hook(lambda module, args, out: captured.append(list(out)))
-    try:
-        out = run(x)
+    try:  # an input that requires grad gives the maps a graph even when every weight is frozen
+        with torch.enable_grad():
+            out = run(x.detach().requires_grad_(True))
     finally:
         hook.remove()
     return out, captured[0]
@@ -152,44 +172,30 @@ def cams_of_row(
     size: Sequence[int],
     scales: Sequence[int] | None = None,
     pool: Executor | None = None,
-    reference: Sequence[torch.Tensor] | None = None,
 ) -> np.ndarray:
     """HiResCAM maps [len(classes), *size] of image `row` of a batch, from `forward_with_trunk`'s logits [B, K]
     and trunk maps (the images of a batch do not mix in eval mode, so the other rows get no gradient).
-
-    With `pool`, the classes' backward passes run on its threads side by side (autograd allows concurrent
-    passes over one retained graph); the server uses it where it measures faster (serve/inference.py).
-    With `reference` (the trunk maps [1, C, *cells] of `reference_entry`), the gradient multiplies the
-    activations' difference from it."""
+    With `pool`, the classes' backward passes run on its threads side by side."""
     mode = 'bilinear' if len(size) == 2 else 'trilinear'
     if scales is None:
         scales = [i for i, m in enumerate(maps) if min(m.shape[2:]) >= MIN_SIDE] or [0]
     chosen = [maps[i] for i in scales]
-    if reference is not None and _shapes(reference) != _shapes(maps):
-        raise ValueError(
-            f'the heatmap reference has maps {_shapes(reference)} but this image gives {_shapes(maps)}: '
-            'heatmaps need the input size the model was trained at'
-        )
-    activations = [  # of this row only: a server calls this once per row of its batch
-        m[row : row + 1].detach() - (reference[i].to(m.device, m.dtype) if reference is not None else 0)
-        for i, m in zip(scales, chosen)
-    ]
     inner = [_inner_cells(m.shape[2:], m.device) if min(m.shape[2:]) >= MIN_SIDE else 1.0 for m in chosen]
 
     def cam_of(c: int) -> torch.Tensor:
-        with torch.enable_grad():  # the caller's grad mode is not a pool thread's: the same in both
+        with torch.enable_grad():
             target = logits[row, c]
         grads = torch.autograd.grad(target, chosen, retain_graph=True)
         with torch.no_grad():
             per_scale = torch.cat(
                 [
                     F.interpolate(
-                        F.relu((g[row : row + 1] * a).sum(1, keepdim=True)) * ring,
+                        F.relu((g[row : row + 1] * a[row : row + 1]).sum(1, keepdim=True)) * ring,
                         size=list(size),
                         mode=mode,
                         align_corners=False,
                     )
-                    for a, g, ring in zip(activations, grads, inner)
+                    for a, g, ring in zip(chosen, grads, inner)
                 ]
             )[:, 0]
             return _unit_max(per_scale).mean(0)

@@ -24,12 +24,12 @@ RATE_LABELS = {'sensitivity': 'Sensitivity', 'specificity': 'Specificity', 'ppv'
 
 # What the localisation section says of the heatmaps it scored (evaluate.localization_check's 'heatmaps').
 HEATMAP_KINDS = {
-    'relative': 'Heatmaps: HiResCAM on the backbone trunk, relative to its mean maps over healthy training images '
-    '(stored with the model).',
-    'plain': 'Heatmaps: plain HiResCAM on the backbone trunk (the model file holds no heatmap reference; a model '
+    'integrated': 'Heatmaps: integrated gradients from the mean of healthy training images (stored with the '
+    'model), smoothed.',
+    'plain': 'Heatmaps: HiResCAM on the backbone trunk (the model file holds no heatmap reference image; a model '
     'trained now stores one).',
-    'other size': 'Heatmaps: plain HiResCAM on the backbone trunk (the images were evaluated at another input size '
-    'than the model was trained at, which its heatmap reference does not fit).',
+    'other size': 'Heatmaps: HiResCAM on the backbone trunk (the images were evaluated at another input size '
+    'than the model was trained at, which its heatmap reference image does not fit).',
 }
 
 

@@ -21,9 +21,9 @@ from hybridmednet.models.registry import get_backbone_spec
 
 
 class HybridMedNet(nn.Module):
-    # The backbone trunk's mean maps over healthy training images, which heatmaps are computed against
+    # The mean of healthy training images as the model sees them, which heatmaps integrate gradients from
     # (evaluation/gradcam.py); stored beside the weights, not in them, and attached by checkpoint.load_model.
-    heatmap_reference: list[torch.Tensor] | None
+    heatmap_reference: torch.Tensor | None
 
     def __init__(self, config: Config | None = None):
         super().__init__()

@@ -2,7 +2,7 @@
 hash), and a `score` that takes a batch of preprocessed images.
 
 A training checkpoint or safetensors export is served through PyTorch: probabilities, the OOD score
-and Grad-CAM heatmaps. An exported ONNX folder is served through ONNX Runtime
+and heatmaps (evaluation/gradcam.py). An exported ONNX folder is served through ONNX Runtime
 (`hybridmednet.deploy.runtime`, the `deploy` extra): the exported graph gives logits only, so
 heatmaps and the OOD score are not available and the answers say so.
 """
@@ -24,9 +24,8 @@ import torch
 from hybridmednet.checkpoint import load_model, weights_hash
 from hybridmednet.config import Config
 from hybridmednet.data.transforms import build_transforms
-from hybridmednet.evaluation.gradcam import cams_of_row, forward_with_trunk, reference_of
-from hybridmednet.evaluation.inference import batch_outputs, maps_and_logits, tta_mean
-from hybridmednet.evaluation.ood import pooled_features
+from hybridmednet.evaluation.gradcam import grad_cam
+from hybridmednet.evaluation.inference import batch_outputs
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
 from hybridmednet.serve import ServeError
@@ -50,7 +49,7 @@ class Scored:
     probabilities: np.ndarray  # [K], calibrated as the thresholds expect
     positive: np.ndarray  # [K] bool
     ood_score: float | None
-    cams: dict[int, np.ndarray]  # finding index -> Grad-CAM [S, S], for the positive findings when asked
+    cams: dict[int, np.ndarray]  # finding index -> heatmap [S, S], for the positive findings when asked
 
 
 class ServedModel:
@@ -127,9 +126,8 @@ class ServedModel:
 
     def _heatmap_pool(self) -> ThreadPoolExecutor | None:
         """Threads of one torch thread each that run a request's heatmap passes side by side, kept where they
-        measure faster than one pass after the other on this machine and model. One image's backward pass can
-        leave cores idle: two heatmaps of convnext_tiny at 224 px take 170 ms side by side against 204, but of
-        resnet18 128 against 113 (2 cores; docs/benchmarks.md, "Serving")."""
+        measure faster than one pass after the other on this machine and model: a backward pass can leave cores
+        idle, by how much depends on the model (docs/benchmarks.md, "Serving")."""
         threads = torch.get_num_threads()
         model = self.torch_model
         if model is None or torch.device(self.device).type != 'cpu' or threads < 2 or len(self.class_names) < 2:
@@ -145,12 +143,11 @@ class ServedModel:
             pool.submit(one_thread)
         started.wait()
         torch.set_num_threads(threads)  # torch gives threads started later the last count set: this one's again
-        x = self.preprocess(np.zeros((self.image_size, self.image_size), np.float32))[None].to(self.device)
+        x = self.preprocess(np.zeros((self.image_size, self.image_size), np.float32)).to(self.device)
 
         def seconds(side_by_side: ThreadPoolExecutor | None) -> float:
-            (_, logits), maps = forward_with_trunk(model, lambda x: maps_and_logits(model, x), x)
             start = time.perf_counter()
-            cams_of_row(logits, maps, 0, [0, 1], x.shape[2:], pool=side_by_side, reference=reference_of(model))
+            grad_cam(model, x, [0, 1], pool=side_by_side)
             return time.perf_counter() - start
 
         seconds(None), seconds(pool)  # warm-up
@@ -168,25 +165,16 @@ class ServedModel:
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         return self.transform(image)
 
-    def _forward(
-        self, x: torch.Tensor, heatmaps: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, list[torch.Tensor]] | None]:
-        """(logits [B, K], the OOD model's features [B, D] when there is one, what the heatmaps need when asked):
-        the backbone runs once for all three."""
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B, K], the OOD model's features [B, D] when there is one): the backbone runs once for both."""
         if self.torch_model is None:
-            return torch.as_tensor(np.asarray(self.model(x), dtype=np.float32)), None, None
-        model = self.torch_model
-        if heatmaps:  # the same pass with gradients on, keeping the trunk's maps for HiResCAM
-            (maps, plain), trunk_maps = forward_with_trunk(model, lambda x: maps_and_logits(model, x), x)
-            logits = tta_mean(model, x, plain) if self.tta else plain.detach().float()
-            features = None if self.ood is None else pooled_features([m.detach() for m in maps])
-            return logits, features, (plain, trunk_maps)
-        return (*batch_outputs(model, x, self.tta, self.ood is not None), None)
+            return torch.as_tensor(np.asarray(self.model(x), dtype=np.float32)), None
+        return batch_outputs(self.torch_model, x, self.tta, self.ood is not None)
 
     def score(self, requests: Sequence[Request]) -> list[Scored]:
-        """Probabilities, decisions and OOD scores for a batch; HiResCAM per positive finding where asked."""
+        """Probabilities, decisions and OOD scores for a batch; a heatmap per positive finding where asked."""
         x = torch.stack([r.image for r in requests]).to(self.device)
-        logits, features, for_cams = self._forward(x, any(r.heatmaps for r in requests))
+        logits, features = self._forward(x)
         probs = self.op.probabilities(logits.cpu().numpy().astype(np.float64))
         ood: list[float | None] = [None] * len(requests)
         if features is not None and self.ood is not None:
@@ -196,17 +184,7 @@ class ServedModel:
             positive = self.op.positives(p)
             classes = np.flatnonzero(positive).tolist()
             cams: dict[int, np.ndarray] = {}
-            if request.heatmaps and classes and for_cams is not None:
-                plain, trunk_maps = for_cams
-                heat = cams_of_row(
-                    plain,
-                    trunk_maps,
-                    i,
-                    classes,
-                    x.shape[2:],
-                    pool=self.heatmap_pool,
-                    reference=reference_of(self.torch_model),
-                )
-                cams = dict(zip(classes, heat))
+            if request.heatmaps and classes and self.torch_model is not None:
+                cams = dict(zip(classes, grad_cam(self.torch_model, x[i], classes, pool=self.heatmap_pool)))
             out.append(Scored(p, positive, ood[i], cams))
         return out
