@@ -5,8 +5,8 @@ Trains nothing: give it the demo model, trained once with
     .venv/bin/hybridmednet train --config quickstart CHECKPOINT.dir=/tmp/loc/ckpt LOGGING.log_dir=/tmp/loc/logs
     .venv/bin/python benchmarks/bench_localization.py /tmp/loc/ckpt/best_model.pth [--methods ...]
 
-Every method is scored by evaluation.localization.localization_scores on the test split's images that
-have a box (BBox_List_2017.csv, written by the sample generator): pointing game and IoBB accuracy per
+Every method is scored by evaluation.localization.localization_scores on the test split's images
+(--split) that have a box (BBox_List_2017.csv, written by the sample generator): pointing game and IoBB accuracy per
 finding, each beside the class-blind map (the mean of all 14 classes' maps). Prints one line per
 method, then the per-finding tables of the heatmap shipped first (Grad-CAM on the attended pyramid),
 of the shipped one and of fine occlusion, the slow perturbation reference. The integrated-gradients
@@ -174,7 +174,9 @@ def resnet_stages(model: torch.nn.Module, stages: Sequence[int]) -> list[torch.n
 METHODS: dict[str, Cam] = {
     'before: Grad-CAM, attended pyramid, levels >= 4 cells': partial(pyramid_cam, where='attended', method='gradcam'),
     'shipped: grad_cam (integrated gradients from the healthy mean image, 8 steps, smoothed)': grad_cam,
-    'integrated gradients, 1 step (the gradient at the image times its difference)': integrated(1, 1 / 48),
+    'integrated gradients, 1 step (the gradient halfway times the difference)': integrated(1, 1 / 48),
+    'integrated gradients, 2 steps': integrated(2, 1 / 48),
+    'integrated gradients, 4 steps': integrated(4, 1 / 48),
     'integrated gradients, 24 steps': integrated(24, 1 / 48),
     'integrated gradients, not smoothed': integrated(8, 0.0),
     'integrated gradients, smoothed 2.5x more (sigma 5 px at 96)': integrated(8, 5 / 96),
@@ -215,6 +217,7 @@ def main() -> None:
     p.add_argument('checkpoint')
     p.add_argument('--methods', nargs='*', help='prefixes of the method names to run (default: all)')
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--split', default='test', choices=['train', 'val', 'test'], help='whose boxes (default test)')
     p.add_argument(
         '--fit-reference',
         action='store_true',
@@ -227,7 +230,7 @@ def main() -> None:
         print(f'healthy reference fitted here: the mean of {fit_reference(model, config)}')
     elif model.heatmap_reference is None:
         print('this checkpoint stores no healthy reference image: the shipped heatmap is HiResCAM (--fit-reference)')
-    test = build_datasets(config)['test']
+    test = build_datasets(config)[args.split]
     boxes = read_boxes(test.data_dir / BOX_FILE)
     tables = {}
     print('| method | pointing game (class-blind) | IoBB > 0.25 (class-blind) | IoBB > 0.5 (class-blind) | s / image |')
@@ -250,7 +253,7 @@ def main() -> None:
             flush=True,
         )
         if name.startswith(('before', 'shipped', 'occlusion 8')):
-            tables[name] = f'{scores["n_images"]} test images with boxes\n\n{localization_table(scores)}'
+            tables[name] = f'{scores["n_images"]} {args.split} images with boxes\n\n{localization_table(scores)}'
     for name, table in tables.items():
         print(f'\n{name}, {table}')
 
