@@ -5,7 +5,8 @@ images in the same run.
 Phases: in-process; 1 client; N clients (micro-batching); resident memory of the server over
 1,000 requests; one 2048 x 2048 DICOM with heatmaps=true, one client at a time. Every phase is
 bounded in time and in requests. The model is untrained (the weights do not change the cost); its
-thresholds are set so that the DICOM has `--positives` positive findings, each one a Grad-CAM.
+thresholds are set so that the DICOM has `--positives` positive findings, each one a heatmap (integrated
+gradients from a healthy reference image, which a trained model stores).
 
     .venv/bin/python benchmarks/bench_serve.py [--backbone convnext_tiny] [--image-size 224] [--seconds 20]
 """
@@ -33,6 +34,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from hybridmednet.checkpoint import save_checkpoint
 from hybridmednet.config import Config
 from hybridmednet.data.synthetic import generate_sample_dataset
+from hybridmednet.evaluation.gradcam import reference_entry
 from hybridmednet.evaluation.operating_point import OperatingPoint
 from hybridmednet.models.hybrid import HybridMedNet
 from hybridmednet.serve.inference import Request, ServedModel
@@ -179,7 +181,9 @@ def main() -> None:
     threshold = float(ranked[args.positives - 1] + ranked[args.positives]) / 2
     thresholds = np.full(len(probs), threshold)
     record = OperatingPoint(config.class_names, thresholds, method='youden', fitted_on={'split': 'bench'}).to_meta()
-    save_checkpoint(model_path, {**state, 'thresholds': record})
+    # a heatmap reference, as training stores one: heatmaps are integrated gradients from it (evaluation/gradcam.py)
+    reference = reference_entry([torch.stack([served.preprocess(read_upload(b).image) for b in images])], 'bench')
+    save_checkpoint(model_path, {**state, 'thresholds': record, 'heatmap_reference': reference})
     served = ServedModel.load(model_path)
     print(
         f'{args.backbone} at {args.image_size} px, {torch.get_num_threads()} threads, uploads: {len(images)} PNGs of '
