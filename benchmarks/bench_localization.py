@@ -238,6 +238,9 @@ def main() -> None:
     for name, cam in METHODS.items():
         if args.methods and not any(name.startswith(m) for m in args.methods):
             continue
+        if name.startswith('integrated') and model.heatmap_reference is None:
+            print(f'| {name} | not run: no reference image (--fit-reference) | | | |')
+            continue
         start = time.perf_counter()
         try:
             scores = localization_scores(model, test, boxes, cam=cam)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from hybridmednet import create_model
+from hybridmednet.checkpoint import load_model, save_checkpoint
 from hybridmednet.evaluation.gradcam import (
     cams_of_row,
     forward_with_trunk,
@@ -94,7 +95,7 @@ def peak(cam: np.ndarray) -> tuple[int, int]:
 
 
 def test_heatmap_follows_the_object():
-    model = BrightSpotNet()
+    model = BrightSpotNet().eval()
     for row, col in ((8, 8), (8, 100), (96, 40), (60, 60)):
         cam = grad_cam(model, square_image(row, col), [0])[0]
         r, c = peak(cam)
@@ -105,7 +106,7 @@ def test_heatmap_follows_the_object():
 
 def test_heatmap_leaves_out_the_ring_of_cells_that_sees_the_padding():
     for row, col in ((56, 56), (20, 90)):
-        cam = grad_cam(PaddedEdgeNet(), square_image(row, col), [0])[0]
+        cam = grad_cam(PaddedEdgeNet().eval(), square_image(row, col), [0])[0]
         r, c = peak(cam)
         assert row <= r < row + 16 and col <= c < col + 16, (row, col, r, c)
         assert cam[:4].max() == 0 and cam[:, -4:].max() == 0  # the finest level's ring: 4 px
@@ -121,7 +122,7 @@ def film(lesion: tuple[int, int] | None, size: int = 128, noise: float = 0.0, se
 
 
 def test_heatmap_from_the_healthy_reference_finds_what_a_normal_film_lacks():
-    model = PaddedEdgeNet()
+    model = PaddedEdgeNet().eval()
     x = film((24, 24))
     r, c = peak(grad_cam(model, x, [0])[0])
     assert 72 <= r < 112 and 72 <= c < 112  # HiResCAM, gradient times activation: the anatomy outweighs the lesion
@@ -150,7 +151,7 @@ class SaturatingNet(nn.Module):
 
 
 def test_heatmap_integrates_the_gradient_along_the_path_from_the_reference():
-    model = SaturatingNet()
+    model = SaturatingNet().eval()
     model.heatmap_reference = torch.zeros(3, 64, 64)
     x = torch.zeros(3, 64, 64)
     x[:, 8:24, 8:24] = 1.0
@@ -158,8 +159,28 @@ def test_heatmap_integrates_the_gradient_along_the_path_from_the_reference():
     cam = grad_cam(model, x, [0])[0]
     r, c = peak(cam)
     assert 8 <= r < 24 and 8 <= c < 24, (r, c)  # the gradient at the image alone would point at B
-    # midpoint sums over 8 steps: A gets 10 x 2/8 of its pixels' change, B 1, each spread over 256 pixels
+    # midpoint sums over 4 steps (or 8): A gets 10 x 1/4 (2/8) of its pixels' change, B 1, each over 256 pixels
     assert cam[44:52, 44:52].mean() == pytest.approx(1 / 2.5, abs=0.02)
+
+
+def test_heatmaps_refuse_a_model_in_training_mode():
+    model = SaturatingNet()
+    model.heatmap_reference = torch.zeros(3, 64, 64)
+    with pytest.raises(ValueError, match='eval mode'):
+        grad_cam(model, torch.ones(3, 64, 64), [0])
+
+
+def test_a_checkpoint_with_the_trunk_maps_stored_before_reference_images_gets_hirescam(tmp_path):
+    """Models stored on 2026-11-30 hold the trunk's mean maps as their heatmap reference, not an image."""
+    model = create_model('resnet18', num_classes=2, image_size=32, class_names=['a', 'b']).eval()
+    maps = {f'level_{i}': torch.rand(1, 64, 8 // 2**i or 1, 8 // 2**i or 1) for i in range(4)}
+    state = {'model_state_dict': model.state_dict(), 'config': model.config.to_dict(), 'class_names': ['a', 'b']}
+    save_checkpoint(tmp_path / 'old.pth', {**state, 'heatmap_reference': {**maps, 'n_images': 30, 'images': 'x'}})
+    loaded, _, meta = load_model(tmp_path / 'old.pth')
+    assert loaded.heatmap_reference is None and 'level_0' in meta['heatmap_reference']
+    x = torch.randn(3, 32, 32)
+    logits, trunk_maps = forward_with_trunk(loaded, x[None])
+    np.testing.assert_allclose(grad_cam(loaded, x, [0, 1]), cams_of_row(logits, trunk_maps, 0, [0, 1], (32, 32)))
 
 
 def test_heatmaps_from_the_reference_are_the_same_on_a_pool_and_in_place():
@@ -194,7 +215,7 @@ def test_the_reference_averages_films_whose_every_finding_is_known_and_negative(
 
 @pytest.mark.parametrize('reference', [None, 'healthy'], ids=['HiResCAM', 'integrated gradients'])
 def test_each_class_heatmap_peaks_where_that_class_looks(reference):
-    model = QuadrantNet()
+    model = QuadrantNet().eval()
     model.heatmap_reference = None if reference is None else torch.full((3, 128, 128), 0.1)
     for dim_corner in ('top_left', 'bottom_right'):  # the dimmer square is the one an activation map would miss
         x = torch.zeros(3, 128, 128)
@@ -223,7 +244,7 @@ def test_heatmaps_computed_side_by_side_on_a_pool_equal_those_computed_one_after
     """cams_of_row(pool=...) runs the classes' backward passes on the pool's threads at once."""
     torch.manual_seed(0)
     model = create_model('resnet18', num_classes=4, image_size=64).eval()
-    logits, maps = forward_with_trunk(model, model, torch.randn(1, 3, 64, 64))
+    logits, maps = forward_with_trunk(model, torch.randn(1, 3, 64, 64))
     threads_seen = set()
     real_grad = torch.autograd.grad
 
@@ -241,7 +262,7 @@ def test_heatmaps_computed_side_by_side_on_a_pool_equal_those_computed_one_after
 
 def test_heatmaps_under_no_grad_behave_the_same_alone_and_side_by_side():
     model = create_model('resnet18', num_classes=2, image_size=64).eval()
-    logits, maps = forward_with_trunk(model, model, torch.randn(1, 3, 64, 64))
+    logits, maps = forward_with_trunk(model, torch.randn(1, 3, 64, 64))
     with torch.no_grad(), ThreadPoolExecutor(2) as pool:
         alone = cams_of_row(logits, maps, 0, [1], (64, 64))
         together = cams_of_row(logits, maps, 0, [0, 1], (64, 64), pool=pool)
@@ -311,7 +332,7 @@ def test_volume_heatmaps_peak_at_each_class_object_and_the_montage_cuts_through_
     x = torch.zeros(1, 32, 32, 32)
     x[:, 4:10, 20:26, 6:12] = 1.0  # class 0's object (front half)
     x[:, 22:28, 4:10, 18:24] = 1.0  # class 1's object (back half)
-    model = BrightSpotNet3d()
+    model = BrightSpotNet3d().eval()
     model.heatmap_reference = None if reference is None else torch.full_like(x, 0.1)
     front, back = grad_cam(model, x, [0, 1])
     assert front.shape == (32, 32, 32)

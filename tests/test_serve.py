@@ -209,8 +209,8 @@ def test_heatmaps_side_by_side_answer_the_same_and_leave_torch_threads_as_they_w
 
 
 def test_tta_scores_the_same_with_and_without_heatmaps(model_path):
-    """With thresholds fitted on TTA outputs the server scores with TTA; the heatmap path reuses its own plain
-    pass as TTA's first view and must give the same numbers as the plain path and as batch_logits."""
+    """With thresholds fitted on TTA outputs the server scores with TTA, with or without heatmaps: the same
+    numbers as batch_logits."""
     served = ServedModel.load(model_path)
     served.tta = True
     x = served.preprocess(xray(3))

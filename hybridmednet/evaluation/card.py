@@ -46,7 +46,7 @@ LIMITS = [
     'or too few positives on another: re-fit them on local validation data (`hybridmednet evaluate`).',
     'Labels of public chest X-ray datasets are mined from reports and are noisy; the metrics inherit that noise.',
     'Findings with few positive test cases have wide intervals; rare findings may not have been learned.',
-    'Grad-CAM heatmaps show where the evidence for a score lies, coarsely; they are not segmentations and '
+    'Heatmaps show where the evidence for a score lies, coarsely; they are not segmentations and '
     'can highlight shortcuts (text markers, devices) rather than pathology.',
 ]
 

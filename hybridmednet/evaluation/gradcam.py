@@ -4,7 +4,7 @@ backbone family; HiResCAM on the backbone's trunk for a model stored without one
 Chosen by measurement against the sample's lesion boxes (evaluation/localization.py,
 benchmarks/bench_localization.py, docs/benchmarks.md). On the demo model the pointing game went from
 0.06 (Grad-CAM on the attended pyramid, shipped first) to 0.37 (HiResCAM on the trunk relative to healthy
-maps) to 0.79 (integrated gradients from the healthy image; class-blind map 0.62).
+maps) to 0.78 (integrated gradients from the healthy image; class-blind map 0.63).
 
 - Integrated gradients (Sundararajan et al. 2017) from the mean of up to 256 training images without a
   finding, as the model sees them (the reference, fitted at the end of training and stored with the model):
@@ -30,7 +30,7 @@ A model stored without a reference image (before 2026-12-01) gets plain HiResCAM
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -65,11 +65,13 @@ def grad_cam(
     classes' backward passes run on its threads side by side (the server uses it where it measures faster)."""
     if image.dim() not in (3, 4):
         raise ValueError(f'grad_cam takes one image [C, H, W] or volume [C, D, H, W], got shape {tuple(image.shape)}')
+    if model.training:  # batch statistics would mix the integration path's points, dropout would add noise
+        raise ValueError('heatmaps need the model in eval mode: call model.eval() first')
     reference = reference_of(model)
     if reference is not None:
         return integrated_gradients(model, image, classes, reference, pool)
-    logits, maps = forward_with_trunk(model, model, image.unsqueeze(0))
-    return cams_of_row(logits, maps, 0, classes, image.shape[1:], pool=pool)
+    logits, maps = forward_with_trunk(model, image.unsqueeze(0))
+    return cams_of_row(logits, maps, 0, classes, image.shape[1:], pool)
 
 
 def reference_of(model: torch.nn.Module | None) -> torch.Tensor | None:
@@ -125,6 +127,8 @@ def integrated_gradients(
             f'the heatmap reference has shape {tuple(reference.shape)} but the image {tuple(image.shape)}: '
             'heatmaps need the input size the model was trained at'
         )
+    if not classes:
+        return np.zeros((0, *image.shape[1:]), np.float32)
     start = reference.to(image.device, image.dtype)
     delta = image.detach() - start
     along = ((torch.arange(STEPS, device=image.device, dtype=image.dtype) + 0.5) / STEPS).view(-1, *[1] * image.dim())
@@ -142,23 +146,19 @@ def integrated_gradients(
         maps = list(pool.map(attribution, classes))
     else:
         maps = [attribution(c) for c in classes]
-    if not maps:
-        return np.zeros((0, *image.shape[1:]), np.float32)
-    positive = F.relu(torch.stack(maps)).cpu().numpy()
+    positive = F.relu(torch.stack(maps)).float().cpu().numpy()
     sigma = SMOOTHING * float(np.mean(image.shape[1:]))
     smooth = gaussian_filter(positive.astype(np.float32), sigma=(0, *[sigma] * (image.dim() - 1)), mode='nearest')
     return _unit_max(torch.from_numpy(smooth)).numpy()
 
 
-def forward_with_trunk(
-    model: torch.nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor
-) -> tuple[Any, list[torch.Tensor]]:
-    """`run(x)` with gradients on, and the trunk's maps it computed (with their graph)."""
+def forward_with_trunk(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits of `x` with gradients on, and the trunk's maps computed on the way (with their graph)."""
     captured: list[list[torch.Tensor]] = []
     hook = trunk(model).register_forward_hook(lambda module, args, out: captured.append(list(out)))
     try:  # an input that requires grad gives the maps a graph even when every weight is frozen
         with torch.enable_grad():
-            out = run(x.detach().requires_grad_(True))
+            out = model(x.detach().requires_grad_(True))
     finally:
         hook.remove()
     return out, captured[0]
@@ -170,16 +170,13 @@ def cams_of_row(
     row: int,
     classes: Sequence[int],
     size: Sequence[int],
-    scales: Sequence[int] | None = None,
     pool: Executor | None = None,
 ) -> np.ndarray:
     """HiResCAM maps [len(classes), *size] of image `row` of a batch, from `forward_with_trunk`'s logits [B, K]
     and trunk maps (the images of a batch do not mix in eval mode, so the other rows get no gradient).
     With `pool`, the classes' backward passes run on its threads side by side."""
     mode = 'bilinear' if len(size) == 2 else 'trilinear'
-    if scales is None:
-        scales = [i for i, m in enumerate(maps) if min(m.shape[2:]) >= MIN_SIDE] or [0]
-    chosen = [maps[i] for i in scales]
+    chosen = [m for m in maps if min(m.shape[2:]) >= MIN_SIDE] or maps[:1]
     inner = [_inner_cells(m.shape[2:], m.device) if min(m.shape[2:]) >= MIN_SIDE else 1.0 for m in chosen]
 
     def cam_of(c: int) -> torch.Tensor:

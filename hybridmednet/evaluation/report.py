@@ -30,6 +30,8 @@ HEATMAP_KINDS = {
     'trained now stores one).',
     'other size': 'Heatmaps: HiResCAM on the backbone trunk (the images were evaluated at another input size '
     'than the model was trained at, which its heatmap reference image does not fit).',
+    # results.json written before 2026-12-01, which a model card still reads
+    'relative': 'Heatmaps: HiResCAM on the backbone trunk, relative to its mean maps over healthy training images.',
 }
 
 
