@@ -86,5 +86,5 @@ def test_heatmaps_need_the_checkpoint(models, tmp_path, capsys):
     args = ['predict', '--image_path', str(image), '--model_path', str(models['export']), '--visualize']
     assert cli.main([*args, '--output_dir', str(tmp_path / 'out')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'Grad-CAM' in err[0] and str(models['export']) in err[0]
+    assert len(err) == 1 and 'heatmaps' in err[0] and str(models['export']) in err[0]
     assert not (tmp_path / 'out').exists()

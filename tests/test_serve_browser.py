@@ -137,7 +137,7 @@ def test_page_scores_an_upload_like_the_api(browser, server, files, tmp_path):
     assert image.get_attribute('src') == 'data:image/png;base64,' + by_name[POSITIVE[0]]['heatmap_png']
     assert (
         button.get_attribute('aria-pressed') == 'true'
-        and f'Grad-CAM: {POSITIVE[0]}' in browser.find_element(By.ID, 'caption').text
+        and f'heatmap: {POSITIVE[0]}' in browser.find_element(By.ID, 'caption').text
     )
     browser.save_screenshot(str(tmp_path / 'serve_page.png'))
     button.click()

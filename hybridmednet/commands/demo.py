@@ -1,7 +1,7 @@
 """`hybridmednet demo`: the main job on the built-in sample data, end to end and offline.
 
 train (the shipped quickstart config) -> evaluate on the test split (metrics with confidence
-intervals, thresholds fitted on validation) -> predict a few test images with Grad-CAM heatmaps.
+intervals, thresholds fitted on validation) -> predict a few test images with heatmaps.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate_model(best, out_dir=out / 'evaluation')
         print(summary_table(results))
 
-        print(f'\n[3/3] predicting {args.n_predict} test images with Grad-CAM heatmaps', flush=True)
+        print(f'\n[3/3] predicting {args.n_predict} test images with heatmaps', flush=True)
         records = build_index(config).records
         images = out / 'images'
         images.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument('--image_path', required=True, help='an image file or a folder (searched recursively)')
     add_model(p)
-    p.add_argument('--visualize', action='store_true', help='Grad-CAM overlay per positive finding')
+    p.add_argument('--visualize', action='store_true', help='a heatmap overlay per positive finding')
     p.add_argument(
         '--output_dir',
         '--save_dir',
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         model, config, meta = load_any_model(args.model_path, map_location=args.device)
         if args.visualize and not isinstance(model, HybridMedNet):
             raise DeployError(
-                f'{args.model_path} is an exported ONNX model, which has no Grad-CAM heatmaps; run --visualize '
+                f'{args.model_path} is an exported ONNX model, which gives no heatmaps; run --visualize '
                 f'with the checkpoint it was exported from'
             )
         op = OperatingPoint.of_model(meta)

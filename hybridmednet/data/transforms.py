@@ -76,7 +76,7 @@ def fit_volume(volume: torch.Tensor, size: list[int] | tuple[int, ...]) -> torch
 
 def square_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
     """(top, left, height, width) of an image inside its fit_square output: what to crop from a
-    model-sized map (Grad-CAM) to lay it back over the original image."""
+    model-sized map (a heatmap) to lay it back over the original image."""
     new_h, new_w = max(1, round(height * size / max(height, width))), max(1, round(width * size / max(height, width)))
     return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 

@@ -1,3 +1,3 @@
 """Evaluation: metrics with bootstrap intervals (metrics), calibration, operating points (operating_point),
-figures (plots), reports and model cards (report, card), Grad-CAM (gradcam), and scoring a checkpoint
+figures (plots), reports and model cards (report, card), heatmaps (gradcam), and scoring a checkpoint
 on a dataset (evaluate) or on image files (predict)."""

@@ -93,7 +93,7 @@ def predict_files(
     heatmap_dir: Path | None = None,
     ood: OodModel | None = None,
 ) -> Predictions:
-    """Score `files` in batches; with `heatmap_dir`, one Grad-CAM overlay per positive finding; with `ood`
+    """Score `files` in batches; with `heatmap_dir`, one heatmap overlay per positive finding; with `ood`
     (a HybridMedNet's stored OOD model), each image's out-of-distribution score and flag."""
     transform = build_transforms(config, train=False)
     volumes = config.DATA['spatial_dims'] == 3

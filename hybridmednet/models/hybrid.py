@@ -71,7 +71,7 @@ class HybridMedNet(nn.Module):
         return isinstance(self.head, HierarchicalHead)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The 4 maps after attention, NCHW (NCDHW for volumes): where Grad-CAM looks."""
+        """The 4 maps after attention, NCHW (NCDHW for volumes)."""
         if x.dim() != self.spatial_dims + 2:
             wanted = 'volumes [B, C, D, H, W]' if self.spatial_dims == 3 else 'images [B, C, H, W]'
             raise ValueError(f'{self.config.MODEL["backbone"]} takes {wanted}, got shape {tuple(x.shape)}')

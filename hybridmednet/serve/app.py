@@ -242,7 +242,7 @@ def create_app(settings: Settings, model: ServedModel | None = None) -> FastAPI:
 
     app = FastAPI(
         title='HybridMedNet',
-        summary='Chest X-ray findings with calibrated thresholds, out-of-distribution check and Grad-CAM heatmaps',
+        summary='Chest X-ray findings with calibrated thresholds, out-of-distribution check and heatmaps',
         description=intended_use(),  # the server reads 2D images
         version=_version(),
         lifespan=lifespan,
@@ -305,7 +305,7 @@ def create_app(settings: Settings, model: ServedModel | None = None) -> FastAPI:
     )
     async def predict(
         request: Request,
-        heatmaps: bool = Query(False, description='add a Grad-CAM overlay (base64 PNG) per positive finding'),
+        heatmaps: bool = Query(False, description='add a heatmap overlay (base64 PNG) per positive finding'),
         preview: bool = Query(False, description='add the image as read, as a base64 PNG (for DICOM viewers)'),
     ) -> schemas.PredictResponse:
         served, batcher = state.require()

@@ -40,7 +40,7 @@ class Finding(BaseModel):
     positive: bool = Field(description='probability >= threshold')
     heatmap_png: str | None = Field(
         None,
-        description='with ?heatmaps=true, for positive findings: Grad-CAM over the image, base64 PNG '
+        description='with ?heatmaps=true, for positive findings: the heatmap over the image, base64 PNG '
         '(at most 512 pixels on the longer side); null otherwise',
     )
 
@@ -100,7 +100,7 @@ class ModelResponse(BaseModel):
         description='what the server does to an image before the model sees it: image_size, mean, std, channels'
     )
     test_time_augmentation: bool = Field(description='whether logits are averaged over small zooms and shifts')
-    heatmaps_available: bool = Field(description='whether ?heatmaps=true can give Grad-CAM overlays')
+    heatmaps_available: bool = Field(description='whether ?heatmaps=true can give heatmap overlays')
     ood: OodInfo | None = Field(description='the OOD model stored with the model; null when it carries none')
     card: dict[str, Any] = Field(
         description='model card facts: architecture, classes, image size, epoch and validation AUC of the '

@@ -190,8 +190,8 @@ function toggleHeatmap(name) {
     button.setAttribute('aria-pressed', String(on));
     button.textContent = on ? 'Hide' : 'Show';
   }
-  const caption = $('caption').textContent.split(' · Grad-CAM')[0];
-  $('caption').textContent = finding ? `${caption} · Grad-CAM: ${name}` : caption;
+  const caption = $('caption').textContent.split(' · heatmap')[0];
+  $('caption').textContent = finding ? `${caption} · heatmap: ${name}` : caption;
 }
 
 $('open').addEventListener('click', () => $('file').click());
