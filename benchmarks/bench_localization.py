@@ -30,7 +30,6 @@ from hybridmednet.checkpoint import load_model
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.synthetic import BOX_FILE
 from hybridmednet.data.transforms import build_transforms
-from hybridmednet.evaluation import gradcam
 from hybridmednet.evaluation.gradcam import grad_cam, integrated_gradients, reference_entry, reference_rows, trunk
 from hybridmednet.evaluation.localization import localization_scores, localization_table, read_boxes
 
@@ -130,12 +129,7 @@ def integrated(steps: int, smoothing: float) -> Cam:
     """The shipped integrated gradients with another number of steps or another smoothing."""
 
     def cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
-        shipped = gradcam.STEPS, gradcam.SMOOTHING
-        gradcam.STEPS, gradcam.SMOOTHING = steps, smoothing
-        try:
-            return integrated_gradients(model, image, classes, model.heatmap_reference)
-        finally:
-            gradcam.STEPS, gradcam.SMOOTHING = shipped
+        return integrated_gradients(model, image, classes, model.heatmap_reference, steps=steps, smoothing=smoothing)
 
     return cam
 

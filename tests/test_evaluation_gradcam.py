@@ -13,9 +13,8 @@ from torch import nn
 from hybridmednet import create_model
 from hybridmednet.checkpoint import load_model, save_checkpoint
 from hybridmednet.evaluation.gradcam import (
-    cams_of_row,
-    forward_with_trunk,
     grad_cam,
+    hirescam,
     overlay,
     reference_entry,
     reference_fits,
@@ -179,8 +178,7 @@ def test_a_checkpoint_with_the_trunk_maps_stored_before_reference_images_gets_hi
     loaded, _, meta = load_model(tmp_path / 'old.pth')
     assert loaded.heatmap_reference is None and 'level_0' in meta['heatmap_reference']
     x = torch.randn(3, 32, 32)
-    logits, trunk_maps = forward_with_trunk(loaded, x[None])
-    np.testing.assert_allclose(grad_cam(loaded, x, [0, 1]), cams_of_row(logits, trunk_maps, 0, [0, 1], (32, 32)))
+    np.testing.assert_allclose(grad_cam(loaded, x, [0, 1]), hirescam(loaded, x, [0, 1]))
 
 
 def test_heatmaps_from_the_reference_are_the_same_on_a_pool_and_in_place():
@@ -241,10 +239,10 @@ def test_heatmap_shape_for_every_family(backbone, size):
 
 
 def test_heatmaps_computed_side_by_side_on_a_pool_equal_those_computed_one_after_the_other():
-    """cams_of_row(pool=...) runs the classes' backward passes on the pool's threads at once."""
+    """hirescam(pool=...) runs the classes' backward passes on the pool's threads at once."""
     torch.manual_seed(0)
     model = create_model('resnet18', num_classes=4, image_size=64).eval()
-    logits, maps = forward_with_trunk(model, torch.randn(1, 3, 64, 64))
+    x = torch.randn(3, 64, 64)
     threads_seen = set()
     real_grad = torch.autograd.grad
 
@@ -252,9 +250,9 @@ def test_heatmaps_computed_side_by_side_on_a_pool_equal_those_computed_one_after
         threads_seen.add(threading.get_ident())
         return real_grad(*args, **kwargs)
 
-    one_by_one = cams_of_row(logits, maps, 0, [3, 0, 2, 1], (64, 64))
+    one_by_one = hirescam(model, x, [3, 0, 2, 1])
     with ThreadPoolExecutor(2) as pool, mock.patch.object(torch.autograd, 'grad', recording_grad):
-        side_by_side = cams_of_row(logits, maps, 0, [3, 0, 2, 1], (64, 64), pool=pool)
+        side_by_side = hirescam(model, x, [3, 0, 2, 1], pool=pool)
     np.testing.assert_allclose(side_by_side, one_by_one, atol=1e-5)
     assert min(np.abs(one_by_one[i] - one_by_one[j]).max() for i in range(4) for j in range(i)) > 0.05  # in order
     assert threading.get_ident() not in threads_seen and len(threads_seen) >= 1  # on the pool's threads
@@ -262,10 +260,10 @@ def test_heatmaps_computed_side_by_side_on_a_pool_equal_those_computed_one_after
 
 def test_heatmaps_under_no_grad_behave_the_same_alone_and_side_by_side():
     model = create_model('resnet18', num_classes=2, image_size=64).eval()
-    logits, maps = forward_with_trunk(model, torch.randn(1, 3, 64, 64))
+    x = torch.randn(3, 64, 64)
     with torch.no_grad(), ThreadPoolExecutor(2) as pool:
-        alone = cams_of_row(logits, maps, 0, [1], (64, 64))
-        together = cams_of_row(logits, maps, 0, [0, 1], (64, 64), pool=pool)
+        alone = hirescam(model, x, [1])
+        together = hirescam(model, x, [0, 1], pool=pool)
     np.testing.assert_allclose(together[1], alone[0], atol=1e-5)
 
 

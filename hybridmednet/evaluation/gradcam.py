@@ -30,7 +30,7 @@ A model stored without a reference image (before 2026-12-01) gets plain HiResCAM
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -70,8 +70,7 @@ def grad_cam(
     reference = reference_of(model)
     if reference is not None:
         return integrated_gradients(model, image, classes, reference, pool)
-    logits, maps = forward_with_trunk(model, image.unsqueeze(0))
-    return cams_of_row(logits, maps, 0, classes, image.shape[1:], pool)
+    return hirescam(model, image, classes, pool)
 
 
 def reference_of(model: torch.nn.Module | None) -> torch.Tensor | None:
@@ -119,9 +118,12 @@ def integrated_gradients(
     classes: Sequence[int],
     reference: torch.Tensor,
     pool: Executor | None = None,
+    steps: int = STEPS,
+    smoothing: float = SMOOTHING,
 ) -> np.ndarray:
     """Heatmaps [len(classes), *spatial] of one image [C, *spatial]: integrated gradients from `reference` (same
-    shape), positive part, smoothed, each scaled to its maximum."""
+    shape) over `steps` midpoints, positive part, smoothed (sigma `smoothing` times the side), each scaled to
+    its maximum."""
     if reference.shape != image.shape:
         raise ValueError(
             f'the heatmap reference has shape {tuple(reference.shape)} but the image {tuple(image.shape)}: '
@@ -131,9 +133,9 @@ def integrated_gradients(
         return np.zeros((0, *image.shape[1:]), np.float32)
     start = reference.to(image.device, image.dtype)
     delta = image.detach() - start
-    along = ((torch.arange(STEPS, device=image.device, dtype=image.dtype) + 0.5) / STEPS).view(-1, *[1] * image.dim())
+    along = ((torch.arange(steps, device=image.device, dtype=image.dtype) + 0.5) / steps).view(-1, *[1] * image.dim())
     with torch.enable_grad():
-        path = (start + along * delta).requires_grad_(True)  # midpoints of STEPS stretches from reference to image
+        path = (start + along * delta).requires_grad_(True)  # midpoints of `steps` stretches from reference to image
         logits = model(path)
 
     def attribution(c: int) -> torch.Tensor:
@@ -142,64 +144,55 @@ def integrated_gradients(
         (grad,) = torch.autograd.grad(target, path, retain_graph=True)
         return (grad.mean(0) * delta).sum(0).detach()
 
-    if pool is not None and len(classes) > 1:
-        maps = list(pool.map(attribution, classes))
-    else:
-        maps = [attribution(c) for c in classes]
-    positive = F.relu(torch.stack(maps)).float().cpu().numpy()
-    sigma = SMOOTHING * float(np.mean(image.shape[1:]))
-    smooth = gaussian_filter(positive.astype(np.float32), sigma=(0, *[sigma] * (image.dim() - 1)), mode='nearest')
+    positive = F.relu(torch.stack(_per_class(attribution, classes, pool))).float().cpu().numpy()
+    sigma = smoothing * float(np.mean(image.shape[1:]))
+    smooth = gaussian_filter(positive, sigma=(0, *[sigma] * (image.dim() - 1)), mode='nearest')
     return _unit_max(torch.from_numpy(smooth)).numpy()
 
 
-def forward_with_trunk(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The logits of `x` with gradients on, and the trunk's maps computed on the way (with their graph)."""
+def hirescam(
+    model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int], pool: Executor | None = None
+) -> np.ndarray:
+    """HiResCAM maps [len(classes), *spatial] of one image [C, *spatial] on the model's trunk: its levels at least
+    `MIN_SIDE` cells across without their outer ring of cells (the finest, whole, when none is that large)."""
     captured: list[list[torch.Tensor]] = []
     hook = trunk(model).register_forward_hook(lambda module, args, out: captured.append(list(out)))
     try:  # an input that requires grad gives the maps a graph even when every weight is frozen
         with torch.enable_grad():
-            out = model(x.detach().requires_grad_(True))
+            logits = model(image.detach().unsqueeze(0).requires_grad_(True))
     finally:
         hook.remove()
-    return out, captured[0]
-
-
-def cams_of_row(
-    logits: torch.Tensor,
-    maps: list[torch.Tensor],
-    row: int,
-    classes: Sequence[int],
-    size: Sequence[int],
-    pool: Executor | None = None,
-) -> np.ndarray:
-    """HiResCAM maps [len(classes), *size] of image `row` of a batch, from `forward_with_trunk`'s logits [B, K]
-    and trunk maps (the images of a batch do not mix in eval mode, so the other rows get no gradient).
-    With `pool`, the classes' backward passes run on its threads side by side."""
+    size = list(image.shape[1:])
     mode = 'bilinear' if len(size) == 2 else 'trilinear'
-    chosen = [m for m in maps if min(m.shape[2:]) >= MIN_SIDE] or maps[:1]
+    chosen = [m for m in captured[0] if min(m.shape[2:]) >= MIN_SIDE] or captured[0][:1]
     inner = [_inner_cells(m.shape[2:], m.device) if min(m.shape[2:]) >= MIN_SIDE else 1.0 for m in chosen]
 
     def cam_of(c: int) -> torch.Tensor:
         with torch.enable_grad():
-            target = logits[row, c]
+            target = logits[0, c]
         grads = torch.autograd.grad(target, chosen, retain_graph=True)
         with torch.no_grad():
             per_scale = torch.cat(
                 [
                     F.interpolate(
-                        F.relu((g[row : row + 1] * a[row : row + 1]).sum(1, keepdim=True)) * ring,
-                        size=list(size),
-                        mode=mode,
-                        align_corners=False,
+                        F.relu((g * a).sum(1, keepdim=True)) * ring, size=size, mode=mode, align_corners=False
                     )
                     for a, g, ring in zip(chosen, grads, inner)
                 ]
             )[:, 0]
             return _unit_max(per_scale).mean(0)
 
-    cams = list(pool.map(cam_of, classes)) if pool is not None and len(classes) > 1 else [cam_of(c) for c in classes]
+    cams = _per_class(cam_of, classes, pool)
     out = torch.stack(cams) if cams else torch.zeros(0, *size)
     return _unit_max(out).detach().cpu().numpy()
+
+
+def _per_class(compute: Callable[[int], torch.Tensor], classes: Sequence[int], pool: Executor | None) -> list:
+    """`compute(c)` for each class, on the pool's threads side by side when there is a pool (autograd allows
+    concurrent backward passes over one retained graph), else one after the other."""
+    if pool is not None and len(classes) > 1:
+        return list(pool.map(compute, classes))
+    return [compute(c) for c in classes]
 
 
 def _inner_cells(cells: Sequence[int], device: torch.device) -> torch.Tensor:
