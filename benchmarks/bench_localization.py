@@ -10,8 +10,9 @@ Every method is scored by evaluation.localization.localization_scores on the tes
 finding, each beside the class-blind map (the mean of all 14 classes' maps). Prints one line per
 method, then the per-finding tables of the heatmap shipped first (Grad-CAM on the attended pyramid),
 of the shipped one and of fine occlusion, the slow perturbation reference. The integrated-gradients
-methods need the model's healthy reference image (stored by training; --fit-reference for an older
-one). The `lib-*` methods need pytorch-grad-cam (pip install grad-cam) and the demo's ResNet trunk.
+methods need the model's healthy reference images (stored by training; --fit-reference for an older
+model, or one storing only their mean). The `lib-*` methods need pytorch-grad-cam (pip install grad-cam)
+and the demo's ResNet trunk.
 """
 
 from __future__ import annotations
@@ -30,7 +31,19 @@ from hybridmednet.checkpoint import load_model
 from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.synthetic import BOX_FILE
 from hybridmednet.data.transforms import build_transforms
-from hybridmednet.evaluation.gradcam import grad_cam, integrated_gradients, reference_entry, reference_rows, trunk
+from hybridmednet.evaluation.gradcam import (
+    NEIGHBOURS,
+    REFERENCE_IMAGES,
+    SMOOTHING,
+    STEPS,
+    grad_cam,
+    integrated_gradients,
+    nearest_reference,
+    reference_entry,
+    reference_rows,
+    stored_images,
+    trunk,
+)
 from hybridmednet.evaluation.localization import localization_scores, localization_table, read_boxes
 
 LEVEL_SIDE = 4  # the variants use every level at least this many cells across, their ring kept
@@ -125,23 +138,25 @@ def without_reference(model: torch.nn.Module, image: torch.Tensor, classes: Sequ
         model.heatmap_reference = reference
 
 
-def integrated(steps: int, smoothing: float) -> Cam:
-    """The shipped integrated gradients with another number of steps or another smoothing."""
+def integrated(steps: int = STEPS, smoothing: float = SMOOTHING, neighbours: int = NEIGHBOURS) -> Cam:
+    """The shipped integrated gradients with another number of steps, smoothing or nearest healthy images
+    averaged into the reference (all of them: the mean healthy image, shipped in the morning of 2026-12-01)."""
 
     def cam(model: torch.nn.Module, image: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
-        return integrated_gradients(model, image, classes, model.heatmap_reference, steps=steps, smoothing=smoothing)
+        reference = nearest_reference(model.heatmap_reference, image, neighbours)
+        return integrated_gradients(model, image, classes, reference, steps=steps, smoothing=smoothing)
 
     return cam
 
 
 def fit_reference(model: torch.nn.Module, config: Any) -> str:
-    """Attach a healthy reference computed as training stores one, for a checkpoint written before it was."""
+    """Attach the healthy references computed as training stores them now, for a checkpoint written before."""
     train = build_datasets(config)['train']
     train.transform, train.epoch_seed = build_transforms(config, train=False), None
-    rows, what = reference_rows(train.labels, train.mask, train.class_names)
+    rows, what = reference_rows(train.labels, train.mask, train.class_names, stored_images(train[0][0].shape))
     batches = (torch.stack([train[int(j)][0] for j in rows[i : i + 16]]) for i in range(0, len(rows), 16))
     entry = reference_entry(batches, what)
-    model.heatmap_reference = entry['image']
+    model.heatmap_reference = entry['healthy_images']
     return f'{entry["n_images"]} training images ({what})'
 
 
@@ -167,13 +182,19 @@ def resnet_stages(model: torch.nn.Module, stages: Sequence[int]) -> list[torch.n
 
 METHODS: dict[str, Cam] = {
     'before: Grad-CAM, attended pyramid, levels >= 4 cells': partial(pyramid_cam, where='attended', method='gradcam'),
-    'shipped: grad_cam (integrated gradients from the healthy mean image, 4 steps, smoothed)': grad_cam,
-    'integrated gradients, 1 step (the gradient halfway times the difference)': integrated(1, 1 / 48),
-    'integrated gradients, 2 steps': integrated(2, 1 / 48),
-    'integrated gradients, 8 steps': integrated(8, 1 / 48),
-    'integrated gradients, 24 steps': integrated(24, 1 / 48),
-    'integrated gradients, not smoothed': integrated(4, 0.0),
-    'integrated gradients, smoothed 2.5x more (sigma 5 px at 96)': integrated(4, 5 / 96),
+    'shipped: grad_cam (integrated gradients from the 4 nearest healthy images, 4 steps, smoothed)': grad_cam,
+    'integrated gradients from the mean of all healthy images (shipped 2026-12-01 morning)': integrated(
+        neighbours=REFERENCE_IMAGES
+    ),
+    'integrated gradients from the nearest healthy image': integrated(neighbours=1),
+    'integrated gradients from the 8 nearest': integrated(neighbours=8),
+    'integrated gradients from the 16 nearest': integrated(neighbours=16),
+    'integrated gradients, 1 step (the gradient halfway times the difference)': integrated(steps=1),
+    'integrated gradients, 2 steps': integrated(steps=2),
+    'integrated gradients, 8 steps': integrated(steps=8),
+    'integrated gradients, 24 steps': integrated(steps=24),
+    'integrated gradients, not smoothed': integrated(smoothing=0.0),
+    'integrated gradients, smoothed 2.5x more (sigma 5 px at 96)': integrated(smoothing=5 / 96),
     'HiResCAM, trunk, levels >= 6 cells, ring left out (shipped for a model without a reference image)': (
         without_reference
     ),
@@ -215,15 +236,16 @@ def main() -> None:
     p.add_argument(
         '--fit-reference',
         action='store_true',
-        help='a checkpoint trained before the heatmap reference was stored: compute it as training does',
+        help='compute the healthy reference images as training stores them now (for a checkpoint stored without '
+        'them, or with their mean alone)',
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, config, _ = load_model(args.checkpoint)
-    if args.fit_reference and model.heatmap_reference is None:
-        print(f'healthy reference fitted here: the mean of {fit_reference(model, config)}')
+    if args.fit_reference:
+        print(f'healthy references fitted here: {fit_reference(model, config)}')
     elif model.heatmap_reference is None:
-        print('this checkpoint stores no healthy reference image: the shipped heatmap is HiResCAM (--fit-reference)')
+        print('this checkpoint stores no healthy reference images: the shipped heatmap is HiResCAM (--fit-reference)')
     test = build_datasets(config)[args.split]
     boxes = read_boxes(test.data_dir / BOX_FILE)
     tables = {}

@@ -183,7 +183,7 @@ def load_model(
 
     Returns (model in eval mode, its Config, meta with class_names, preprocessing, and the entries
     thresholds, calibration, ood, heatmap_reference: each None when the model was stored without it). The
-    heatmap reference's image is attached to the model as `model.heatmap_reference` (evaluation/gradcam.py).
+    heatmap reference's images are attached to the model as `model.heatmap_reference` (evaluation/gradcam.py).
     Training checkpoints with EMA give the EMA weights (the ones that were validated).
     `num_classes`, when given, must match the checkpoint's (e.g. the classes of a dataset to score).
     """
@@ -208,7 +208,7 @@ def load_model(
             f'{path}: weights do not fit a {config.MODEL["backbone"]} HybridMedNet with {k} classes: {problems}'
         )
     model.load_state_dict(state_dict, strict=True)
-    model.heatmap_reference = reference_image(meta.get('heatmap_reference'), map_location)
+    model.heatmap_reference = reference_images(meta.get('heatmap_reference'), map_location)
     meta = {
         **meta,
         'class_names': names,
@@ -217,11 +217,14 @@ def load_model(
     return model.to(map_location).eval(), config, meta
 
 
-def reference_image(entry: dict[str, Any] | None, map_location: str | torch.device = 'cpu') -> torch.Tensor | None:
-    """The heatmap reference entry's image, or None (also for the trunk maps that models stored on 2026-11-30
-    hold instead: their heatmaps are plain HiResCAM)."""
-    image = (entry or {}).get('image')
-    return image.to(map_location) if image is not None else None
+def reference_images(entry: dict[str, Any] | None, map_location: str | torch.device = 'cpu') -> torch.Tensor | None:
+    """The heatmap reference entry's healthy images [N, C, *spatial], or None. Models stored earlier on
+    2026-12-01 hold their mean alone ('image': one reference for every image); those stored on 2026-11-30 hold
+    trunk maps instead, and their heatmaps are plain HiResCAM."""
+    entry = entry or {}
+    if entry.get('healthy_images') is not None:
+        return entry['healthy_images'].to(map_location)
+    return entry['image'][None].to(map_location) if entry.get('image') is not None else None
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:

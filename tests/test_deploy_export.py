@@ -79,11 +79,16 @@ def store_entries(path, **entries):
 
 
 def test_model_json_describes_the_model(tmp_path):
-    ckpt = store_entries(make_checkpoint(tmp_path / 'best.pth'), thresholds=THRESHOLDS, ood=OOD)
+    healthy = {'healthy_images': torch.zeros(2, 3, 64, 64, dtype=torch.float16), 'n_images': 2, 'images': 'x'}
+    ckpt = store_entries(
+        make_checkpoint(tmp_path / 'best.pth'), thresholds=THRESHOLDS, ood=OOD, heatmap_reference=healthy
+    )
     assert cli.main(['export', '--model_path', str(ckpt)]) == 0
     out = tmp_path / 'best-onnx'  # the default: beside the checkpoint
+    # no heatmaps' healthy images: an ONNX model gives no heatmaps
     assert sorted(p.name for p in out.iterdir()) == ['model.json', 'model.onnx', 'model.ood.safetensors']
     meta = json.loads((out / 'model.json').read_text())
+    assert 'heatmap_reference' not in meta
     model, config, _ = load_model(ckpt)
     assert meta['class_names'] == CLASSES
     assert meta['thresholds'] == THRESHOLDS and meta['calibration'] is None

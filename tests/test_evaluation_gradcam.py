@@ -15,10 +15,13 @@ from hybridmednet.checkpoint import load_model, save_checkpoint
 from hybridmednet.evaluation.gradcam import (
     grad_cam,
     hirescam,
+    integrated_gradients,
+    nearest_reference,
     overlay,
     reference_entry,
     reference_fits,
     reference_rows,
+    stored_images,
     volume_montage,
 )
 
@@ -128,8 +131,8 @@ def test_heatmap_from_the_healthy_reference_finds_what_a_normal_film_lacks():
     healthy = torch.stack([film(None, noise=0.1, seed=i) for i in range(30)])
     entry = reference_entry(healthy.split(8), 'without a finding')
     assert entry['n_images'] == 30 and entry['images'] == 'without a finding'
-    torch.testing.assert_close(entry['image'], healthy.mean(0))
-    model.heatmap_reference = entry['image']
+    torch.testing.assert_close(entry['healthy_images'], healthy.half())  # stored in float16
+    model.heatmap_reference = entry['healthy_images']
     assert reference_fits(model, x) and not reference_fits(model, film((24, 24), size=96))
     cam = grad_cam(model, x, [0])[0]
     r, c = peak(cam)
@@ -137,6 +140,50 @@ def test_heatmap_from_the_healthy_reference_finds_what_a_normal_film_lacks():
     assert cam[72:112, 72:112].max() < 0.2  # what every film has is no evidence
     with pytest.raises(ValueError, match='input size the model was trained at'):
         grad_cam(model, film((24, 24), size=96), [0])
+
+
+def test_heatmap_starts_from_the_healthy_films_most_like_this_one():
+    """Patients of two builds: the anatomy block sits low on 4 healthy films and high on 26. From the mean of all
+    of them this low-build film differs most where its anatomy is; from the films like it, only at the lesion."""
+
+    def build(low: bool, seed: int, lesion: bool = False) -> torch.Tensor:
+        x = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(seed)) * 0.1
+        x[:, 72:112, 72:112] += 2.0 if low else 0.0
+        x[:, 8:48, 72:112] += 0.0 if low else 2.0
+        if lesion:
+            x[:, 24:40, 24:40] += 0.5  # fainter than the anatomy
+        return x
+
+    healthy = torch.stack([build(i < 4, i) for i in range(30)])
+    references = reference_entry([healthy], 'without a finding')['healthy_images']
+    x = build(True, 99, lesion=True)
+    torch.testing.assert_close(nearest_reference(references, x), healthy[:4].half().float().mean(0))
+    model = PaddedEdgeNet().eval()
+    r, c = peak(integrated_gradients(model, x, [0], references.float().mean(0))[0])
+    assert 72 <= r < 112 and 72 <= c < 112  # from the mean of all: the build outweighs the lesion
+    model.heatmap_reference = references
+    cam = grad_cam(model, x, [0])[0]
+    r, c = peak(cam)
+    assert 24 <= r < 40 and 24 <= c < 40, (r, c)
+    assert cam[76:108, 76:108].max() < 0.2
+
+
+def test_a_model_stores_fewer_healthy_films_when_they_are_large():
+    assert stored_images((3, 96, 96)) == 256  # 14 MiB in float16
+    assert stored_images((3, 512, 512)) == 10  # at most 2**23 values: 16 MiB
+    assert stored_images((1, 256, 256, 256)) == 1
+
+
+def test_a_checkpoint_with_the_mean_healthy_image_alone_starts_every_heatmap_from_it(tmp_path):
+    """Models stored in the morning of 2026-12-01 hold the mean of the healthy films, not the films."""
+    model = create_model('resnet18', num_classes=2, image_size=32, class_names=['a', 'b']).eval()
+    mean = torch.rand(3, 32, 32)
+    state = {'model_state_dict': model.state_dict(), 'config': model.config.to_dict(), 'class_names': ['a', 'b']}
+    save_checkpoint(tmp_path / 'm.pth', {**state, 'heatmap_reference': {'image': mean, 'n_images': 30, 'images': 'x'}})
+    loaded, _, _ = load_model(tmp_path / 'm.pth')
+    torch.testing.assert_close(loaded.heatmap_reference, mean[None])
+    x = torch.randn(3, 32, 32)
+    np.testing.assert_allclose(grad_cam(loaded, x, [0, 1]), integrated_gradients(loaded, x, [0, 1], mean), atol=1e-6)
 
 
 class SaturatingNet(nn.Module):
@@ -151,7 +198,7 @@ class SaturatingNet(nn.Module):
 
 def test_heatmap_integrates_the_gradient_along_the_path_from_the_reference():
     model = SaturatingNet().eval()
-    model.heatmap_reference = torch.zeros(3, 64, 64)
+    model.heatmap_reference = torch.zeros(1, 3, 64, 64)
     x = torch.zeros(3, 64, 64)
     x[:, 8:24, 8:24] = 1.0
     x[:, 40:56, 40:56] = 1.0
@@ -164,7 +211,7 @@ def test_heatmap_integrates_the_gradient_along_the_path_from_the_reference():
 
 def test_heatmaps_refuse_a_model_in_training_mode():
     model = SaturatingNet()
-    model.heatmap_reference = torch.zeros(3, 64, 64)
+    model.heatmap_reference = torch.zeros(1, 3, 64, 64)
     with pytest.raises(ValueError, match='eval mode'):
         grad_cam(model, torch.ones(3, 64, 64), [0])
 
@@ -184,7 +231,7 @@ def test_a_checkpoint_with_the_trunk_maps_stored_before_reference_images_gets_hi
 def test_heatmaps_from_the_reference_are_the_same_on_a_pool_and_in_place():
     torch.manual_seed(0)
     model = create_model('resnet18', num_classes=3, image_size=64).eval()
-    model.heatmap_reference = torch.zeros(3, 64, 64)
+    model.heatmap_reference = torch.zeros(1, 3, 64, 64)
     x = torch.randn(3, 64, 64)
     one_by_one = grad_cam(model, x, [2, 0, 1])
     with ThreadPoolExecutor(2) as pool:
@@ -214,7 +261,7 @@ def test_the_reference_averages_films_whose_every_finding_is_known_and_negative(
 @pytest.mark.parametrize('reference', [None, 'healthy'], ids=['HiResCAM', 'integrated gradients'])
 def test_each_class_heatmap_peaks_where_that_class_looks(reference):
     model = QuadrantNet().eval()
-    model.heatmap_reference = None if reference is None else torch.full((3, 128, 128), 0.1)
+    model.heatmap_reference = None if reference is None else torch.full((1, 3, 128, 128), 0.1)
     for dim_corner in ('top_left', 'bottom_right'):  # the dimmer square is the one an activation map would miss
         x = torch.zeros(3, 128, 128)
         x[:, 16:40, 16:40] = 0.5 if dim_corner == 'top_left' else 1.0
@@ -331,7 +378,7 @@ def test_volume_heatmaps_peak_at_each_class_object_and_the_montage_cuts_through_
     x[:, 4:10, 20:26, 6:12] = 1.0  # class 0's object (front half)
     x[:, 22:28, 4:10, 18:24] = 1.0  # class 1's object (back half)
     model = BrightSpotNet3d().eval()
-    model.heatmap_reference = None if reference is None else torch.full_like(x, 0.1)
+    model.heatmap_reference = None if reference is None else torch.full_like(x, 0.1)[None]
     front, back = grad_cam(model, x, [0, 1])
     assert front.shape == (32, 32, 32)
     z, y, w = np.unravel_index(front.argmax(), front.shape)

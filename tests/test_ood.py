@@ -126,7 +126,8 @@ def test_a_trained_model_flags_photographs_and_noise_but_not_held_out_x_rays(tmp
     assert meta['heatmap_reference']['images'] == 'without a finding' and meta['heatmap_reference']['n_images'] >= 25
     from_pth, _, _ = load_model(result['best_checkpoint'])
     side = config.DATA['image_size']
-    assert model.heatmap_reference is not None and model.heatmap_reference.shape == (3, side, side)
+    n = meta['heatmap_reference']['n_images']
+    assert model.heatmap_reference is not None and model.heatmap_reference.shape == (n, 3, side, side)
     torch.testing.assert_close(model.heatmap_reference, from_pth.heatmap_reference)
     test = build_datasets(config)['test']  # 145 images of patients the model never saw
     # About 1 % by construction; measured 3 of 145 (2.1 %; one image is 0.7 %). A threshold taken from the

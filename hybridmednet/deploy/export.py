@@ -190,8 +190,10 @@ def export_onnx(model_path: str | Path, output_dir: str | Path | None = None) ->
             'config': config.to_dict(),
         }
         write_meta(directory, record)
-        # thresholds, calibration, OOD model: as in a safetensors sidecar (tensors in model.<entry>.safetensors)
-        write_model_entries(directory / META_FILE, {key: meta.get(key) for key in MODEL_ENTRIES})
+        # thresholds, calibration, OOD model: as in a safetensors sidecar (tensors in model.<entry>.safetensors);
+        # not the heatmaps' healthy images (up to 16 MiB): an ONNX model has no gradients to draw heatmaps from
+        kept = [key for key in MODEL_ENTRIES if key != 'heatmap_reference']
+        write_model_entries(directory / META_FILE, {key: meta.get(key) for key in kept})
         return json.loads((directory / META_FILE).read_text())
 
     return {**write_directory(out, fill), 'output_dir': str(out)}

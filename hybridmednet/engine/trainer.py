@@ -61,7 +61,7 @@ from hybridmednet.engine.runtime import (
 from hybridmednet.engine.schedule import build_schedule
 from hybridmednet.errors import ConfigError, TrainingError
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
-from hybridmednet.evaluation.gradcam import REFERENCE_IMAGES, reference_entry, reference_rows
+from hybridmednet.evaluation.gradcam import NEIGHBOURS, reference_entry, reference_rows, stored_images
 from hybridmednet.evaluation.metrics import roc_auc
 from hybridmednet.evaluation.ood import OodModel, fit_ood, ood_features
 from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
@@ -709,19 +709,21 @@ class Trainer:
         return ood
 
     def fit_heatmap_reference(self) -> dict[str, Any]:
-        """The heatmaps' healthy reference (evaluation/gradcam.py): the mean of up to 256 unaugmented training
-        images without a finding, from the images even when training read cached maps."""
+        """The heatmaps' healthy references (evaluation/gradcam.py): up to 256 unaugmented training images
+        without a finding, from the images even when training read cached maps."""
         train = getattr(self.datasets['train'], 'source', self.datasets['train'])
+        unaugmented = self.unaugmented(train)
+        limit = stored_images(unaugmented[0][0].shape)
         if isinstance(train, ChestXrayDataset):
-            rows, what = reference_rows(train.labels, train.mask, train.class_names)
+            rows, what = reference_rows(train.labels, train.mask, train.class_names, limit)
         else:  # a dataset of your own (train(config, datasets=...)): its labels are not known up front
-            rows, what = (
-                np.arange(min(len(train), REFERENCE_IMAGES)),
-                'all (the first; a dataset without a label table)',
-            )
-        batches = (images for images, _, _ in self.loader(self.unaugmented(train), rows.tolist(), False))
+            rows, what = np.arange(min(len(train), limit)), 'all (the first; a dataset without a label table)'
+        batches = (images for images, _, _ in self.loader(unaugmented, rows.tolist(), False))
         entry = reference_entry(batches, what)
-        self.log(f'heatmap reference: the mean of {entry["n_images"]} training images ({what})')
+        self.log(
+            f'heatmap reference: {entry["n_images"]} training images ({what}); each heatmap starts from the mean '
+            f'of the {NEIGHBOURS} nearest to its image'
+        )
         return entry
 
 

@@ -24,6 +24,8 @@ RATE_LABELS = {'sensitivity': 'Sensitivity', 'specificity': 'Specificity', 'ppv'
 
 # What the localisation section says of the heatmaps it scored (evaluate.localization_check's 'heatmaps').
 HEATMAP_KINDS = {
+    'nearest': 'Heatmaps: integrated gradients from the mean of the healthy training images nearest to each '
+    'image (stored with the model), smoothed.',
     'integrated': 'Heatmaps: integrated gradients from the mean of healthy training images (stored with the '
     'model), smoothed.',
     'plain': 'Heatmaps: HiResCAM on the backbone trunk (the model file holds no heatmap reference image; a model '

@@ -21,8 +21,8 @@ from hybridmednet.models.registry import get_backbone_spec
 
 
 class HybridMedNet(nn.Module):
-    # The mean of healthy training images as the model sees them, which heatmaps integrate gradients from
-    # (evaluation/gradcam.py); stored beside the weights, not in them, and attached by checkpoint.load_model.
+    # Healthy training images [N, C, *spatial] as the model sees them, from whose nearest to an image its heatmaps
+    # integrate gradients (evaluation/gradcam.py); stored beside the weights, attached by checkpoint.load_model.
     heatmap_reference: torch.Tensor | None
 
     def __init__(self, config: Config | None = None):
