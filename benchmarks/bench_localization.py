@@ -149,15 +149,18 @@ def integrated(steps: int = STEPS, smoothing: float = SMOOTHING, neighbours: int
     return cam
 
 
-def fit_reference(model: torch.nn.Module, config: Any) -> str:
-    """Attach the healthy references computed as training stores them now, for a checkpoint written before."""
+def fit_reference(model: torch.nn.Module, config: Any, films: int | None = None) -> str:
+    """Attach the healthy references computed as training stores them now, for a checkpoint written before:
+    as many films as training stores, or `films` of them (0: their mean alone)."""
     train = build_datasets(config)['train']
     train.transform, train.epoch_seed = build_transforms(config, train=False), None
-    rows, what = reference_rows(train.labels, train.mask, train.class_names, stored_images(train[0][0].shape))
+    films = stored_images(train[0][0].shape) if films is None else films
+    rows, what = reference_rows(train.labels, train.mask, train.class_names, films or REFERENCE_IMAGES)
     batches = (torch.stack([train[int(j)][0] for j in rows[i : i + 16]]) for i in range(0, len(rows), 16))
-    entry = reference_entry(batches, what)
+    entry = reference_entry(batches, what, mean=not films)
     model.heatmap_reference = entry['healthy_images']
-    return f'{entry["n_images"]} training images ({what})'
+    kept = f'{len(entry["healthy_images"])} films kept' if films else 'their mean kept'
+    return f'{entry["n_images"]} training images ({what}), {kept}'
 
 
 def library_cam(kind: str, layers: Callable[[torch.nn.Module], list[torch.nn.Module]]) -> Cam:
@@ -239,11 +242,17 @@ def main() -> None:
         help='compute the healthy reference images as training stores them now (for a checkpoint stored without '
         'them, or with their mean alone)',
     )
+    p.add_argument(
+        '--films',
+        type=int,
+        help='with --fit-reference: keep this many healthy films, evenly spaced (default: as many as training '
+        'stores; 0: their mean alone)',
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, config, _ = load_model(args.checkpoint)
     if args.fit_reference:
-        print(f'healthy references fitted here: {fit_reference(model, config)}')
+        print(f'healthy references fitted here: {fit_reference(model, config, args.films)}')
     elif model.heatmap_reference is None:
         print('this checkpoint stores no healthy reference images: the shipped heatmap is HiResCAM (--fit-reference)')
     test = build_datasets(config)[args.split]

@@ -8,7 +8,7 @@ weights are also exported as `.safetensors` with a `.json` sidecar (config, clas
 preprocessing). What else describes the model is stored into these files here too, as entries of
 the checkpoint dict and of the sidecar: 'thresholds' (the operating point `evaluate` fits),
 'calibration', 'ood' and 'heatmap_reference' (fitted at the end of training). The tensors of an entry
-(the OOD model's mean and precision matrix, the heatmaps' reference image) go into a second safetensors
+(the OOD model's mean and precision matrix, the heatmaps' healthy reference films) go into a second safetensors
 file beside the export, `<name>.<entry>.safetensors`, so the export itself stays a plain state dict.
 
 A model package in the Hugging Face layout (deploy/hub.py) is the same export named `model.safetensors`

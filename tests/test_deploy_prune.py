@@ -13,6 +13,7 @@ from hybridmednet.data.synthetic import generate_sample_dataset
 from hybridmednet.deploy.export import export_onnx
 from hybridmednet.deploy.prune import cost, prune_backbone
 from hybridmednet.deploy.runtime import OnnxModel
+from hybridmednet.evaluation.gradcam import reference_entry
 from hybridmednet.models.summary import count_parameters
 
 pytest.importorskip('torch_pruning')
@@ -53,6 +54,8 @@ def test_a_pruned_checkpoint_loads_back_with_the_same_outputs(tmp_path, backbone
 
 def test_prune_without_fine_tuning_reports_and_exports(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / 'model.pth')
+    films = reference_entry([torch.rand(5, 3, 64, 64)], 'without a finding')
+    save_checkpoint(ckpt, {**torch.load(ckpt, weights_only=True), 'heatmap_reference': films})
     assert cli.main(['prune', '--model_path', str(ckpt), '--ratio', '0.5', '--epochs', '0']) == 0
     out = capsys.readouterr().out
     assert 'macs' in out and 'latency_ms' in out and 'params' in out
@@ -61,6 +64,7 @@ def test_prune_without_fine_tuning_reports_and_exports(tmp_path, capsys):
     assert record['ratio'] == 0.5 and record['macs']['after'] < 0.5 * record['macs']['before']
     model, _, _ = load_model(path)
     assert cost(model)['macs'] == record['macs']['after']
+    assert torch.equal(model.heatmap_reference, films['healthy_images'])  # inputs: as valid for the pruned model
     again = tmp_path / 'again'  # a pruned checkpoint pruned again: both histories replay in order
     assert (
         cli.main(['prune', '--model_path', str(path), '--ratio', '0.5', '--epochs', '0', '--output_dir', str(again)])

@@ -168,10 +168,25 @@ def test_heatmap_starts_from_the_healthy_films_most_like_this_one():
     assert cam[76:108, 76:108].max() < 0.2
 
 
-def test_a_model_stores_fewer_healthy_films_when_they_are_large():
-    assert stored_images((3, 96, 96)) == 256  # 14 MiB in float16
-    assert stored_images((3, 512, 512)) == 10  # at most 2**23 values: 16 MiB
-    assert stored_images((1, 256, 256, 256)) == 1
+def test_a_model_stores_fewer_healthy_films_when_they_are_large_and_their_mean_when_too_few_fit():
+    assert stored_images((3, 96, 96)) == 256  # 13.5 MiB in float16
+    assert stored_images((3, 224, 224)) == 55  # at most 2**23 values: 16 MiB
+    assert stored_images((1, 64, 64, 64)) == 32
+    assert stored_images((3, 512, 512)) == 0  # 10 would fit: fewer than MIN_FILMS, so their mean alone
+    films = torch.rand(6, 1, 8, 8, 8)
+    entry = reference_entry(films.split(4), 'without a finding', mean=True)
+    assert entry['n_images'] == 6 and entry['healthy_images'].shape == (1, 1, 8, 8, 8)
+    torch.testing.assert_close(entry['healthy_images'].float(), films.mean(0, keepdim=True), atol=1e-3, rtol=0)
+    raw = reference_entry([torch.full((2, 1, 4, 4), 7e4)], 'raw intensities')['healthy_images']
+    assert raw.dtype == torch.float32 and raw.max() == 7e4  # beyond float16: kept in float32, not inf
+
+
+def test_nearest_reference_of_volumes_and_of_one_image_set_by_hand():
+    volumes = torch.stack([torch.full((1, 8, 8, 8), float(v)) for v in (0, 1, 2, 3, 10, 11)])
+    x = torch.full((1, 8, 8, 8), 10.5)
+    torch.testing.assert_close(nearest_reference(volumes, x), torch.full_like(x, 6.5))  # 2, 3, 10, 11
+    one = torch.rand(3, 16, 16)
+    assert torch.equal(nearest_reference(one, torch.rand(3, 16, 16)), one)
 
 
 def test_a_checkpoint_with_the_mean_healthy_image_alone_starts_every_heatmap_from_it(tmp_path):
@@ -183,7 +198,11 @@ def test_a_checkpoint_with_the_mean_healthy_image_alone_starts_every_heatmap_fro
     loaded, _, _ = load_model(tmp_path / 'm.pth')
     torch.testing.assert_close(loaded.heatmap_reference, mean[None])
     x = torch.randn(3, 32, 32)
-    np.testing.assert_allclose(grad_cam(loaded, x, [0, 1]), integrated_gradients(loaded, x, [0, 1], mean), atol=1e-6)
+    expected = integrated_gradients(loaded, x, [0, 1], mean)
+    np.testing.assert_allclose(grad_cam(loaded, x, [0, 1]), expected, atol=1e-6)
+    loaded.heatmap_reference = mean  # one image set by hand, as before the films were stored: the same
+    assert reference_fits(loaded, x)
+    np.testing.assert_allclose(grad_cam(loaded, x, [0, 1]), expected, atol=1e-6)
 
 
 class SaturatingNet(nn.Module):

@@ -14,8 +14,10 @@ from hybridmednet.data.datasets import build_datasets
 from hybridmednet.data.transforms import MEAN, STD, build_transforms
 from hybridmednet.engine import feature_cache
 from hybridmednet.engine.feature_cache import FeatureCache, cache_features
-from hybridmednet.engine.trainer import train
+from hybridmednet.engine.runtime import setup_device
+from hybridmednet.engine.trainer import Trainer, train
 from hybridmednet.errors import ConfigError
+from hybridmednet.evaluation import gradcam
 from hybridmednet.models.hybrid import HybridMedNet
 
 N_IMAGES = 24  # 2 in 3 train, 1 in 3 val
@@ -210,3 +212,22 @@ def test_a_killed_write_leaves_the_previous_cache_and_no_usable_half(tmp_path, d
     maps = cache_for(config, model)[0].maps_file
     maps.write_bytes(maps.read_bytes()[: maps.stat().st_size // 2])  # a torn file is no cache at all
     assert cache_for(config, model)[0].index == {}
+
+
+def test_training_stores_the_healthy_films_as_many_as_fit_or_their_mean(tmp_path, data, monkeypatch):
+    """The heatmaps' references are the training images themselves (not the cached maps), evenly spaced, as
+    many as `stored_images` allows; when fewer than MIN_FILMS would fit, their mean alone."""
+    config = make_config(tmp_path, data)
+    trainer = Trainer(config, *setup_device(config))
+    images = torch.stack([trainer.unaugmented(trainer.datasets['train'].source)[i][0] for i in range(16)])
+    entry = trainer.fit_heatmap_reference()  # 16 training images, too few healthy ones: all of them
+    assert entry['n_images'] == 16 and entry['images'].startswith('all')
+    torch.testing.assert_close(entry['healthy_images'], images.half())
+    monkeypatch.setattr(gradcam, 'MIN_FILMS', 2)
+    monkeypatch.setattr(gradcam, 'REFERENCE_VALUES', 5 * images[0].numel())  # room for 5 films
+    entry = trainer.fit_heatmap_reference()
+    torch.testing.assert_close(entry['healthy_images'], images[[0, 4, 8, 11, 15]].half())  # evenly spaced
+    monkeypatch.setattr(gradcam, 'MIN_FILMS', 6)  # 5 are too few: the mean of all 16
+    entry = trainer.fit_heatmap_reference()
+    assert entry['n_images'] == 16 and entry['healthy_images'].shape == (1, *images[0].shape)
+    torch.testing.assert_close(entry['healthy_images'].float(), images.mean(0, keepdim=True), atol=2e-3, rtol=0)

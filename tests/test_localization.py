@@ -153,3 +153,5 @@ def test_evaluate_says_which_heatmaps_it_scored_and_keeps_the_models_reference(t
         ]
         assert localization_check(model, dataset)['heatmaps'] == kind
         assert model.heatmap_reference is reference  # put back for whatever comes next
+    model.heatmap_reference = torch.rand(3, 32, 32)  # one image set by hand
+    assert localization_check(model, dataset)['heatmaps'] == 'integrated'

@@ -65,7 +65,7 @@ def write_model(path, thresholds=True, ood=None, size=SIZE):
     model = HybridMedNet(config)
     state = {'model_state_dict': model.state_dict(), 'config': config.to_dict(), 'class_names': config.class_names}
     # heatmaps from it differ from HiResCAM's: the overlay test fails if the server leaves it out
-    state['heatmap_reference'] = reference_entry([torch.rand(4, 3, size, size)], 'without a finding')
+    state['heatmap_reference'] = reference_entry([torch.rand(6, 3, size, size)], 'without a finding')  # > NEIGHBOURS
     if thresholds:
         values = np.array([0.0 if n in POSITIVE else 1.0 for n in config.class_names])
         temperatures = np.linspace(0.5, 2.0, len(values))  # so that probabilities are not the plain sigmoid

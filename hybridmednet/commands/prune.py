@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                     'class_names': config.class_names,
                     'preprocessing': preprocessing(config),
                     'pruning': record,
+                    # the heatmaps' healthy films are inputs, as valid for the pruned model; what was fitted
+                    # on the outputs (thresholds, calibration, OOD model) is not
+                    'heatmap_reference': meta.get('heatmap_reference'),
                 },
             )
             print(f'pruned model (not fine-tuned; thresholds are fitted again by evaluate): {path}')

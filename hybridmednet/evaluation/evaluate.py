@@ -24,7 +24,7 @@ from hybridmednet.data.synthetic import BOX_FILE
 from hybridmednet.errors import ConfigError, DataError
 from hybridmednet.evaluation import metrics
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
-from hybridmednet.evaluation.gradcam import reference_fits
+from hybridmednet.evaluation.gradcam import heatmap_kind
 from hybridmednet.evaluation.inference import dataset_outputs
 from hybridmednet.evaluation.localization import localization_scores
 from hybridmednet.evaluation.ood import OodModel
@@ -194,12 +194,9 @@ def localization_check(model: Any, data: ChestXrayDataset) -> dict[str, Any] | N
         return None
     model.eval()
     reference = model.heatmap_reference
-    if reference is None:
-        heatmaps = 'plain'
-    elif len(data) and not reference_fits(model, data[0][0]):
-        heatmaps, model.heatmap_reference = 'other size', None  # evaluated at another input size than trained
-    else:
-        heatmaps = 'nearest' if len(reference) > 1 else 'integrated'  # one: a model storing the mean alone
+    heatmaps = heatmap_kind(model, data[0][0]) if len(data) else 'plain'
+    if heatmaps == 'other size':
+        model.heatmap_reference = None  # evaluated at another input size than trained: HiResCAM
     try:
         scores = localization_scores(model, data, boxes)
     finally:

@@ -17,7 +17,8 @@ to each image; class-blind map 0.64).
   difference) among up to 256 training images without a finding, stored with the model as the model sees
   them (fitted at the end of training). A film like this one, not the mean of all, leaves less of the
   patient's own build, position and exposure in the difference: on the demo model's validation boxes the
-  pointing game rose from 0.76 to 0.81.
+  pointing game rose from 0.76 to 0.81. Inputs so large that fewer than `MIN_FILMS` films fit in
+  `REFERENCE_VALUES` values get the mean of up to 256 films, one reference for every image (measured 0.78).
 - `STEPS` points on the path, one batch through the model, one backward pass per finding.
 - Positive evidence only, smoothed by a Gaussian of `SMOOTHING` times the image's side (pixel attributions
   sit on edges and speckle; the peak of the smoothed map sits on the region), each map scaled to its maximum.
@@ -52,6 +53,7 @@ from hybridmednet.data.transforms import square_box
 MIN_SIDE = 6  # cells across a level must have to be used by HiResCAM: 4 once the outer ring is left out
 REFERENCE_IMAGES = 256  # training images without a finding stored with the model for the heatmaps' reference
 REFERENCE_VALUES = 2**23  # at most this many values of them (16 MiB in float16): fewer images when they are large
+MIN_FILMS = 32  # fewer fit: the model stores their mean alone (the nearest of 32 or 55 point about as well as it)
 NEIGHBOURS = 4  # an image's reference is the mean of this many stored healthy images nearest to it
 STEPS = 4  # points on the integration path: the pointing game 0.78 as with 8 or 24 on the demo model, 0.76 with 1
 SMOOTHING = 1 / 48  # the heatmap's Gaussian sigma as a share of the image's side: 2 px at 96
@@ -89,9 +91,10 @@ def reference_of(model: torch.nn.Module | None) -> torch.Tensor | None:
 
 def nearest_reference(references: torch.Tensor, image: torch.Tensor, neighbours: int = NEIGHBOURS) -> torch.Tensor:
     """The reference [C, *spatial] for one image: the mean of the `neighbours` images of `references`
-    [N, C, *spatial] nearest to it in mean squared difference (all of them when there are no more)."""
-    _check_reference(references.shape[1:], image)
-    stored = references.to(image.device)
+    [N, C, *spatial] nearest to it in mean squared difference (all of them when there are no more; one image
+    [C, *spatial] is the reference itself)."""
+    stored = _stacked(references, image).to(image.device)
+    _check_reference(stored.shape[1:], image)
     distance = torch.stack([(r.float() - image.float()).square().mean() for r in stored])
     nearest = distance.topk(min(neighbours, len(stored)), largest=False).indices
     return stored[nearest].float().mean(0).to(image.dtype)
@@ -99,8 +102,9 @@ def nearest_reference(references: torch.Tensor, image: torch.Tensor, neighbours:
 
 def stored_images(shape: Sequence[int]) -> int:
     """How many healthy images of `shape` [C, *spatial] a model stores: `REFERENCE_IMAGES`, fewer when they
-    would hold more than `REFERENCE_VALUES` values (at least 1)."""
-    return max(1, min(REFERENCE_IMAGES, REFERENCE_VALUES // int(np.prod(shape))))
+    would hold more than `REFERENCE_VALUES` values; 0 when fewer than `MIN_FILMS` fit (it stores their mean)."""
+    fit = min(REFERENCE_IMAGES, REFERENCE_VALUES // int(np.prod(shape)))
+    return fit if fit >= MIN_FILMS else 0
 
 
 def reference_rows(
@@ -120,21 +124,44 @@ def reference_rows(
     return rows, what
 
 
-def reference_entry(batches: Iterable[torch.Tensor], what: str) -> dict[str, Any]:
+def reference_entry(batches: Iterable[torch.Tensor], what: str, mean: bool = False) -> dict[str, Any]:
     """The healthy references to store with a model: the images of `batches` ([B, C, *spatial], preprocessed
-    as validation sees them: `reference_rows` picks which) in float16, `what` saying which they are."""
-    images = [batch.detach().to('cpu', torch.float16) for batch in batches]
-    if not images or not sum(len(batch) for batch in images):
+    as validation sees them: `reference_rows` picks which), or with `mean` their mean alone; in float16 unless
+    their values do not fit it. `what` says which images they are, 'n_images' how many."""
+    kept: list[torch.Tensor] = []
+    total: torch.Tensor | None = None
+    n = 0
+    for batch in batches:
+        batch = batch.detach().to('cpu', torch.float32)
+        n += len(batch)
+        if mean:
+            total = batch.sum(0) + (0 if total is None else total)
+        else:
+            kept.append(batch)
+    if n == 0:
         raise ValueError('the heatmap reference needs at least one image')
-    stacked = torch.cat(images)
-    return {'healthy_images': stacked, 'n_images': len(stacked), 'images': what}
+    images = (total / n)[None] if total is not None else torch.cat(kept)
+    half = images.half()
+    return {'healthy_images': half if torch.isfinite(half).all() else images, 'n_images': n, 'images': what}
 
 
 def reference_fits(model: torch.nn.Module, image: torch.Tensor) -> bool:
     """Whether the model's healthy references have the shape of `image` [C, *spatial] (the input size they
     were stored at); True for a model without them."""
     references = reference_of(model)
-    return references is None or tuple(references.shape[1:]) == tuple(image.shape)
+    return references is None or tuple(_stacked(references, image).shape[1:]) == tuple(image.shape)
+
+
+def heatmap_kind(model: torch.nn.Module, image: torch.Tensor) -> str:
+    """Which heatmap `grad_cam` draws for images like `image`: 'nearest' (integrated gradients from the nearest
+    stored healthy films), 'integrated' (from their mean, one reference), 'plain' (HiResCAM: no references) or
+    'other size' (HiResCAM: the references were stored at another input size, so the caller detaches them)."""
+    references = reference_of(model)
+    if references is None:
+        return 'plain'
+    if not reference_fits(model, image):
+        return 'other size'
+    return 'nearest' if len(_stacked(references, image)) > 1 else 'integrated'
 
 
 def integrated_gradients(
@@ -206,6 +233,11 @@ def hirescam(
     cams = _per_class(cam_of, classes, pool)
     out = torch.stack(cams) if cams else torch.zeros(0, *size)
     return _unit_max(out).detach().cpu().numpy()
+
+
+def _stacked(references: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """References as [N, C, *spatial]: one image [C, *spatial] (set by hand) is one reference."""
+    return references[None] if references.dim() == image.dim() else references
 
 
 def _check_reference(shape: Sequence[int], image: torch.Tensor) -> None:
