@@ -40,8 +40,7 @@ from hybridmednet.evaluation.gradcam import (
     integrated_gradients,
     nearest_reference,
     reference_entry,
-    reference_rows,
-    stored_images,
+    select_references,
     trunk,
 )
 from hybridmednet.evaluation.localization import localization_scores, localization_table, read_boxes
@@ -154,12 +153,11 @@ def fit_reference(model: torch.nn.Module, config: Any, films: int | None = None)
     as many films as training stores, or `films` of them (0: their mean alone)."""
     train = build_datasets(config)['train']
     train.transform, train.epoch_seed = build_transforms(config, train=False), None
-    films = stored_images(train[0][0].shape) if films is None else films
-    rows, what = reference_rows(train.labels, train.mask, train.class_names, films or REFERENCE_IMAGES)
+    rows, what, mean = select_references(train, train[0][0].shape, films)
     batches = (torch.stack([train[int(j)][0] for j in rows[i : i + 16]]) for i in range(0, len(rows), 16))
-    entry = reference_entry(batches, what, mean=not films)
+    entry = reference_entry(batches, what, mean=mean)
     model.heatmap_reference = entry['healthy_images']
-    kept = f'{len(entry["healthy_images"])} films kept' if films else 'their mean kept'
+    kept = 'their mean kept' if mean else f'{len(entry["healthy_images"])} films kept'
     return f'{entry["n_images"]} training images ({what}), {kept}'
 
 

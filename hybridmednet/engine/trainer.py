@@ -61,13 +61,7 @@ from hybridmednet.engine.runtime import (
 from hybridmednet.engine.schedule import build_schedule
 from hybridmednet.errors import ConfigError, TrainingError
 from hybridmednet.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
-from hybridmednet.evaluation.gradcam import (
-    NEIGHBOURS,
-    REFERENCE_IMAGES,
-    reference_entry,
-    reference_rows,
-    stored_images,
-)
+from hybridmednet.evaluation.gradcam import NEIGHBOURS, reference_entry, select_references
 from hybridmednet.evaluation.metrics import roc_auc
 from hybridmednet.evaluation.ood import OodModel, fit_ood, ood_features
 from hybridmednet.evaluation.plots import plot_roc_curves, plot_training_curves
@@ -719,15 +713,10 @@ class Trainer:
         without a finding, from the images even when training read cached maps."""
         train = getattr(self.datasets['train'], 'source', self.datasets['train'])
         unaugmented = self.unaugmented(train)
-        films = stored_images(unaugmented[0][0].shape)  # 0: too large to store enough, their mean alone
-        limit = films or REFERENCE_IMAGES
-        if isinstance(train, ChestXrayDataset):
-            rows, what = reference_rows(train.labels, train.mask, train.class_names, limit)
-        else:  # a dataset of your own (train(config, datasets=...)): its labels are not known up front
-            rows, what = np.arange(min(len(train), limit)), 'all (the first; a dataset without a label table)'
+        rows, what, mean = select_references(train, unaugmented[0][0].shape)
         batches = (images for images, _, _ in self.loader(unaugmented, rows.tolist(), False))
-        entry = reference_entry(batches, what, mean=not films)
-        use = f'each heatmap starts from the mean of the {NEIGHBOURS} nearest to its image' if films else 'their mean'
+        entry = reference_entry(batches, what, mean=mean)
+        use = 'their mean' if mean else f'each heatmap starts from the mean of the {NEIGHBOURS} nearest to its image'
         self.log(f'heatmap reference: {entry["n_images"]} training images ({what}); {use}')
         return entry
 

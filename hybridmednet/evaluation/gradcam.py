@@ -48,6 +48,7 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
+from hybridmednet.data.datasets import ChestXrayDataset
 from hybridmednet.data.transforms import square_box
 
 MIN_SIDE = 6  # cells across a level must have to be used by HiResCAM: 4 once the outer ring is left out
@@ -93,11 +94,12 @@ def nearest_reference(references: torch.Tensor, image: torch.Tensor, neighbours:
     """The reference [C, *spatial] for one image: the mean of the `neighbours` images of `references`
     [N, C, *spatial] nearest to it in mean squared difference (all of them when there are no more; one image
     [C, *spatial] is the reference itself)."""
-    stored = _stacked(references, image).to(image.device)
+    stored = _stacked(references, image)
     _check_reference(stored.shape[1:], image)
-    distance = torch.stack([(r.float() - image.float()).square().mean() for r in stored])
+    probe = image.detach().to(stored.device, torch.float32)  # searched where the films are: only 4 of them move
+    distance = torch.stack([(r.float() - probe).square().mean() for r in stored])
     nearest = distance.topk(min(neighbours, len(stored)), largest=False).indices
-    return stored[nearest].float().mean(0).to(image.dtype)
+    return stored[nearest].float().mean(0).to(image.device, image.dtype)
 
 
 def stored_images(shape: Sequence[int]) -> int:
@@ -105,6 +107,19 @@ def stored_images(shape: Sequence[int]) -> int:
     would hold more than `REFERENCE_VALUES` values; 0 when fewer than `MIN_FILMS` fit (it stores their mean)."""
     fit = min(REFERENCE_IMAGES, REFERENCE_VALUES // int(np.prod(shape)))
     return fit if fit >= MIN_FILMS else 0
+
+
+def select_references(train: Any, shape: Sequence[int], films: int | None = None) -> tuple[np.ndarray, str, bool]:
+    """(rows, what they are, whether only their mean is stored) of the training images that become a model's
+    healthy references, for images of `shape` [C, *spatial]: as many films as `stored_images` allows (or
+    `films`; 0: their mean alone). A dataset without a label table (train(config, datasets=...)) gives its first."""
+    films = stored_images(shape) if films is None else films
+    limit = films or REFERENCE_IMAGES
+    if isinstance(train, ChestXrayDataset):
+        rows, what = reference_rows(train.labels, train.mask, train.class_names, limit)
+    else:
+        rows, what = np.arange(min(len(train), limit)), 'all (the first; a dataset without a label table)'
+    return rows, what, not films
 
 
 def reference_rows(
@@ -148,8 +163,7 @@ def reference_entry(batches: Iterable[torch.Tensor], what: str, mean: bool = Fal
 def reference_fits(model: torch.nn.Module, image: torch.Tensor) -> bool:
     """Whether the model's healthy references have the shape of `image` [C, *spatial] (the input size they
     were stored at); True for a model without them."""
-    references = reference_of(model)
-    return references is None or tuple(_stacked(references, image).shape[1:]) == tuple(image.shape)
+    return heatmap_kind(model, image) != 'other size'
 
 
 def heatmap_kind(model: torch.nn.Module, image: torch.Tensor) -> str:
@@ -159,9 +173,10 @@ def heatmap_kind(model: torch.nn.Module, image: torch.Tensor) -> str:
     references = reference_of(model)
     if references is None:
         return 'plain'
-    if not reference_fits(model, image):
+    stored = _stacked(references, image)
+    if tuple(stored.shape[1:]) != tuple(image.shape):
         return 'other size'
-    return 'nearest' if len(_stacked(references, image)) > 1 else 'integrated'
+    return 'nearest' if len(stored) > 1 else 'integrated'
 
 
 def integrated_gradients(

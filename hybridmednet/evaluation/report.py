@@ -28,10 +28,10 @@ HEATMAP_KINDS = {
     'image (stored with the model), smoothed.',
     'integrated': 'Heatmaps: integrated gradients from the mean of healthy training images (stored with the '
     'model), smoothed.',
-    'plain': 'Heatmaps: HiResCAM on the backbone trunk (the model file holds no heatmap reference image; a model '
-    'trained now stores one).',
+    'plain': 'Heatmaps: HiResCAM on the backbone trunk (the model file holds no healthy reference images; a model '
+    'trained now stores them).',
     'other size': 'Heatmaps: HiResCAM on the backbone trunk (the images were evaluated at another input size '
-    'than the model was trained at, which its heatmap reference image does not fit).',
+    'than the model was trained at, which its healthy reference images do not fit).',
     # results.json written before 2026-12-01, which a model card still reads
     'relative': 'Heatmaps: HiResCAM on the backbone trunk, relative to its mean maps over healthy training images.',
 }
