@@ -19,6 +19,7 @@ from hybridmednet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from hybridmednet.data.io import read_image
 from hybridmednet.data.synthetic import generate_sample_dataset
 from hybridmednet.data.transforms import build_transforms
+from hybridmednet.evaluation.operating_point import OperatingPoint
 
 webdriver = pytest.importorskip('selenium.webdriver', reason='selenium is not installed (the test extra)')
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -159,3 +160,25 @@ def test_page_scores_an_upload_like_the_api(browser, server, files, tmp_path):
     assert not browser.find_element(By.ID, 'findings').is_displayed()  # the last image's findings are gone
     assert not browser.find_element(By.ID, 'figure').is_displayed()
     browser.save_screenshot(str(tmp_path / 'serve_error.png'))
+
+
+def test_the_findings_table_fits_a_laptop_screen_when_every_finding_is_positive(browser, files, tmp_path):
+    """Long names with their POSITIVE tag (Pleural_Thickening) once widened the table past the panel, and the
+    heatmap buttons needed sideways scrolling at 1366 x 768."""
+    path = write_model(tmp_path / 'model.pth', thresholds=False, size=SIZE)
+    config = load_model(path)[1]
+    everything = OperatingPoint(config.class_names, np.zeros(len(config.class_names)), method='youden')
+    save_checkpoint(path, {**load_checkpoint(path), 'thresholds': everything.to_meta()})
+    process, url = start_server(path)
+    try:
+        browser.get(url + '/')
+        wait(browser, ready.text_to_be_present_in_element((By.ID, 'model'), 'resnet18'))
+        upload(browser, files['sample'])
+        wait(browser, ready.visibility_of_element_located((By.ID, 'findings')))
+        assert len(browser.find_elements(By.CSS_SELECTOR, '#findings tbody tr.positive')) == 14
+        width, visible = browser.execute_script(
+            "const p = document.querySelector('.panel'); return [p.scrollWidth, p.clientWidth];"
+        )
+        assert width <= visible, (width, visible)
+    finally:
+        stop_server(process)
