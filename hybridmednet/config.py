@@ -110,7 +110,7 @@ class Config:
         'precise_bn': False,  # recompute BatchNorm statistics on un-augmented training images after each epoch
         'early_stopping_patience': 10,
         'early_stopping_min_delta': 0.0,  # a val AUC gain below this is not an improvement
-        'max_bad_steps': 10,  # consecutive NaN/Inf losses before aborting
+        'max_bad_steps': 10,  # consecutive NaN/Inf losses or gradients before aborting
         'weighted_sampler': False,
         'seed': 42,
         'device': 'auto',  # auto | cpu | cuda | cuda:N

@@ -133,6 +133,33 @@ def test_nan_loss_skips_the_step_and_is_counted(tmp_path):
     assert math.isfinite(result['history'][-1]['train_loss'])
 
 
+class NonFiniteGradientNet(TinyNet):
+    """TinyNet plus the RMS of its feature maps: on a blank image the maps are all 0 (no bias), the logit and the
+    loss stay finite, and the square root's gradient there makes the convolution's gradient NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.fc(torch.relu(h).mean((2, 3))) + h.square().mean((1, 2, 3)).sqrt()[:, None]
+
+
+@pytest.mark.parametrize('clip', [1.0, 0.0], ids=['clipped', 'not clipped'])
+def test_a_nan_gradient_under_a_finite_loss_skips_the_step(tmp_path, clip):
+    data = tiny_datasets()
+    x, y, m = data['train'].tensors
+    x = x.clone()
+    x[5] = 0.0  # one blank image: one step per epoch with a NaN gradient
+    model = NonFiniteGradientNet()
+    datasets = {'train': TensorDataset(x, y, m), 'val': data['val']}
+    result = train(tiny_config(tmp_path, grad_clip_norm=clip), model=model, datasets=datasets)
+    assert result['bad_steps'] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.fc.weight, NonFiniteGradientNet().fc.weight)  # the other steps trained
+
+
 def test_nan_losses_in_a_row_abort_with_a_clear_message(tmp_path):
     data = tiny_datasets()
     x, y, m = data['train'].tensors

@@ -88,7 +88,7 @@ class Progress:
     epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count in the current epoch
     best_auc: float = -math.inf
     bad_epochs: int = 0  # epochs without a better val AUC (early stopping)
-    bad_steps: int = 0  # NaN/Inf losses skipped in all
+    bad_steps: int = 0  # steps with a NaN/Inf loss or gradient, skipped, in all
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -178,7 +178,7 @@ class Trainer:
         self.log_dir = Path(config.LOGGING['log_dir'])
         self.writer = None
         self.stop_requested = False
-        self.bad_in_a_row = 0  # consecutive NaN/Inf losses
+        self.bad_in_a_row = 0  # consecutive steps skipped for a NaN/Inf loss or gradient
 
     # -- building ----------------------------------------------------------------------------------
     def _build_datasets(self) -> dict[str, Dataset]:
@@ -418,35 +418,38 @@ class Trainer:
         return total / max(count, 1)
 
     def optimizer_step(self, ok: bool, known_labels: float) -> None:
-        """One optimizer step at the scheduled rate, or a counted skip when a loss was NaN/Inf.
+        """One optimizer step at the scheduled rate, or a counted skip when a loss was NaN/Inf, or, in full
+        precision, a gradient was (a finite loss can have one, e.g. through a square root at 0: stepped on, it
+        turns every weight NaN; with mixed precision the GradScaler skips such steps itself and lowers its scale).
 
         The gradients hold sums over labels; `known_labels` (per rank: DDP averages) turns them into the mean."""
         p, t = self.progress, self.config.TRAIN
         for group in self.optimizer.param_groups:
             group['lr'] = t['learning_rate'] * self.schedule.factor(p.step) * group.get('lr_scale', 1.0)
         p.step += 1
+        if ok:
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad.div_(max(known_labels, 1.0))
+            self.scaler.unscale_(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), t['grad_clip_norm'] or math.inf)
+            ok = self.scaler.is_enabled() or bool(torch.isfinite(norm))
         if not ok:
             self.optimizer.zero_grad(set_to_none=True)
             p.bad_steps += 1
             self.bad_in_a_row += 1
             self.log(
-                f'warning: NaN/Inf loss at step {p.step}: step skipped ({self.bad_in_a_row} in a row, '
+                f'warning: NaN/Inf loss or gradient at step {p.step}: step skipped ({self.bad_in_a_row} in a row, '
                 f'{p.bad_steps} in all)'
             )
             if self.bad_in_a_row >= t['max_bad_steps']:
                 raise TrainingError(
-                    f'{self.bad_in_a_row} steps in a row had a NaN/Inf loss (step {p.step}); the run is '
+                    f'{self.bad_in_a_row} steps in a row had a NaN/Inf loss or gradient (step {p.step}); the run is '
                     f'diverging. Lower TRAIN.learning_rate, keep TRAIN.grad_clip_norm > 0, or try '
                     f'TRAIN.mixed_precision=false, then resume from the last checkpoint.'
                 )
             return
         self.bad_in_a_row = 0
-        for param in self.model.parameters():
-            if param.grad is not None:
-                param.grad.div_(max(known_labels, 1.0))
-        if t['grad_clip_norm']:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), t['grad_clip_norm'])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
